@@ -1,0 +1,60 @@
+"""The backend protocol: what a 3D-native text-to-3D diffusion model must offer to be aligned.
+
+A backend bundles a frozen text encoder, a LoRA-adaptable denoiser, the diffusers scheduler it was
+trained with and a differentiable decoder from clean latents to :class:`~r2d3.render.Gaussians`.
+Samplers and alignment losses only talk to this protocol, never to a concrete model.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Protocol, Sequence, runtime_checkable
+
+from torch import Tensor, nn
+
+from r2d3.backends.text import PromptEmbeds
+from r2d3.render.gaussians import Gaussians
+
+
+class WeightsError(RuntimeError):
+    """Missing, unreadable or mismatching model weights; the message says which file and what to do."""
+
+
+@runtime_checkable
+class Backend(Protocol):
+    name: str
+    #: the module that LoRA adapts; its forward is ``denoiser(x, t, cond) -> raw network output``
+    denoiser: nn.Module
+    #: shape of one sample's latent, without the batch axis
+    latent_shape: tuple[int, ...]
+    #: module-name suffixes that LoRA may target (peft ``target_modules``)
+    lora_target_modules: list[str]
+    #: the diffusers scheduler config the model was trained with (``prediction_type`` included)
+    scheduler_config: dict[str, Any]
+
+    def encode_prompts(self, prompts: Sequence[str]) -> PromptEmbeds: ...
+
+    def denoise(self, x: Tensor, t: Tensor, cond: PromptEmbeds) -> Tensor: ...
+
+    def decode(self, latents: Tensor) -> Gaussians: ...
+
+
+_REGISTRY: dict[str, Callable[..., Backend]] = {}
+
+
+def register_backend(name: str) -> Callable[[Callable[..., Backend]], Callable[..., Backend]]:
+    def wrap(factory: Callable[..., Backend]) -> Callable[..., Backend]:
+        _REGISTRY[name] = factory
+        return factory
+
+    return wrap
+
+
+def available_backends() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def load_backend(name: str, **kwargs: Any) -> Backend:
+    """Build a backend by registry name (``tiny``, ...); unknown names list the valid ones."""
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown backend {name!r}; valid backends: {', '.join(available_backends())}")
+    return _REGISTRY[name](**kwargs)

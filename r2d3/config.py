@@ -1,0 +1,242 @@
+"""Typed configuration: dataclasses validated by OmegaConf, loaded from YAML files, overridden from the
+command line with ``section.key=value`` and saved next to every run.
+
+Each field's help text lives in its ``metadata["help"]``, so ``--help`` documents every option from
+the same source the code reads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence, TypeVar
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A bad configuration value or file; the message names the key or file."""
+
+
+def opt(default: Any, help: str, **kwargs: Any) -> Any:  # noqa: A002 - mirrors argparse's name
+    """A dataclass field with a help string (mutable defaults are copied per instance)."""
+    if isinstance(default, (dict, list)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help}, **kwargs)
+    return field(default=default, metadata={"help": help}, **kwargs)
+
+
+def section(cls: type, help: str) -> Any:  # noqa: A002
+    return field(default_factory=cls, metadata={"help": help})
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The alignment job
+
+
+@dataclass
+class RunConfig:
+    name: Optional[str] = opt(None, "run name; default: <algo>-<reward>-<timestamp>. Reusing a name resumes that run")
+    output_dir: str = opt("runs", "parent directory (local path or s3://bucket/prefix) of run directories")
+    seed: int = opt(0, "seed for sampling noise, prompts, cameras and LoRA init")
+    device: str = opt("auto", "auto | cpu | cuda | cuda:N")
+    resume: bool = opt(True, "continue from the latest checkpoint in the run directory if there is one")
+    checkpoint_every: int = opt(5, "save a checkpoint every N epochs (and always at the end)")
+    keep_checkpoints: int = opt(2, "how many recent checkpoints to keep")
+    wandb_mode: str = opt("offline", "wandb mode: offline | online | disabled")
+    wandb_project: str = opt("r2d3", "wandb project")
+    log_images_every: int = opt(5, "log multi-view renders every N epochs (0: never)")
+    progress: bool = opt(True, "show progress bars")
+
+
+@dataclass
+class ModelConfig:
+    backend: str = opt("tiny", "registered backend name (see r2d3.backends.available_backends())")
+    weights: Optional[str] = opt(None, "weights directory for the backend; default: the backend's own")
+    lora_rank: int = opt(8, "LoRA rank")
+    lora_alpha: Optional[float] = opt(None, "LoRA alpha; default: equal to the rank (scale 1)")
+    lora_targets: Optional[list[str]] = opt(None, "module-name suffixes LoRA adapts; default: the backend's list")
+
+
+@dataclass
+class SamplerConfig:
+    kind: str = opt("ddim", "ddim (eta-controlled DDIM) | dpmsolver_sde (1st-order SDE-DPM-Solver++)")
+    num_steps: int = opt(20, "sampling steps K")
+    eta: float = opt(1.0, "DDIM eta in [0, 1]; 1 is DDPM-like (needed: the losses need stochastic steps)")
+    guidance_scale: float = opt(3.0, "classifier-free guidance scale (1: no guidance)")
+
+
+@dataclass
+class RenderConfig:
+    num_views: int = opt(4, "views rendered per asset for the reward")
+    resolution: int = opt(64, "square render resolution in pixels")
+    fov_deg: float = opt(40.0, "vertical field of view")
+    distance: float = opt(2.5, "orbit radius of the cameras")
+    elevation_deg: float = opt(20.0, "camera elevation")
+    elevation_jitter_deg: float = opt(5.0, "uniform elevation jitter (+-) shared by an asset's views")
+    azimuth_jitter_deg: float = opt(10.0, "uniform azimuth jitter (+-) shared by an asset's views")
+    background: list[float] = opt([1.0, 1.0, 1.0], "background colour")
+
+
+@dataclass
+class AlgoConfig:
+    name: str = opt("nabla_gfn", "nabla_gfn | ddpo | refl | draft")
+    # Nabla-GFlowNet
+    beta: float = opt(2e4, "nabla_gfn: reward scale beta (target = score_ref + beta * w(t) * grad r)")
+    reward_weighting: str = opt("squared", "nabla_gfn: w(t) = alpha_bar ('squared') or sqrt(alpha_bar) ('sqrt')")
+    reg_scale: float = opt(1e2, "nabla_gfn: lambda, weight of the proximal term |eps_theta - eps_old|^2")
+    timestep_fraction: float = opt(0.4, "nabla_gfn/ddpo: fraction of each trajectory's transitions trained")
+    reward_grad_clip: Optional[float] = opt(None, "nabla_gfn: clip |beta * w * grad r| per sample (None: off)")
+    off_policy_lag: bool = opt(True, "nabla_gfn/ddpo: train on the previous epoch's samples (as the reference code)")
+    jacobian_free: bool = opt(False, "nabla_gfn: treat eps as constant in the reward gradient (cheaper)")
+    x0_timestep_shift: bool = opt(False, "nabla_gfn: the reference code's extra one-step shift of x0_hat's alpha_bar")
+    # DDPO
+    clip_range: float = opt(1e-4, "ddpo: importance-ratio clip range")
+    adv_clip: float = opt(5.0, "ddpo: advantage clip")
+    # ReFL
+    refl_min_step: int = opt(-5, "refl: earliest step (negative: counted from the end) for the reward")
+    # DRaFT-K
+    draft_k: int = opt(1, "draft: backpropagate the reward through the last K sampling steps")
+    reward_scale: float = opt(1.0, "refl/draft: multiplier of the reward in the loss")
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = opt(12, "epochs (one sampling phase + one training phase each)")
+    sample_batch_size: int = opt(8, "trajectories sampled per batch")
+    sample_batches_per_epoch: int = opt(1, "sampling batches per epoch")
+    train_batch_size: int = opt(4, "trajectories per backward pass")
+    grad_accum: int = opt(2, "train batches accumulated per optimizer step")
+    lr: float = opt(1e-3, "AdamW learning rate (LoRA parameters only)")
+    weight_decay: float = opt(1e-4, "AdamW weight decay")
+    adam_betas: list[float] = opt([0.9, 0.999], "AdamW betas")
+    adam_eps: float = opt(1e-8, "AdamW epsilon")
+    max_grad_norm: float = opt(1.0, "clip the LoRA gradient norm")
+    max_bad_batches: int = opt(5, "abort after this many batches with a NaN/inf loss or reward (skipped and counted)")
+
+
+@dataclass
+class DataConfig:
+    prompts: str = opt("procedural:train", "training prompts: procedural:<split>, a .txt file, or Parquet shards (dir/glob/s3://)")
+    heldout_prompts: str = opt("procedural:heldout", "held-out prompts for evaluation (same forms)")
+    prompt_column: str = opt("prompt", "column holding prompts in Parquet shards")
+
+
+@dataclass
+class EvalConfig:
+    num_prompts: int = opt(16, "held-out prompts evaluated before and after alignment")
+    seeds_per_prompt: int = opt(2, "samples per held-out prompt (same noise for every checkpoint)")
+    every: int = opt(0, "also evaluate every N epochs (0: only before and after)")
+
+
+@dataclass
+class ScaleConfig:
+    num_workers: int = opt(1, "Ray Train workers (data-parallel)")
+    use_gpu: str = opt("auto", "auto | true | false")
+    cpus_per_worker: float = opt(1.0, "CPUs reserved per training worker")
+    in_process: bool = opt(False, "run the worker loop in this process without Ray (debugging)")
+
+
+@dataclass
+class AlignConfig:
+    run: RunConfig = section(RunConfig, "run directory, seeds, checkpoints, logging")
+    model: ModelConfig = section(ModelConfig, "backend and LoRA")
+    sampler: SamplerConfig = section(SamplerConfig, "stochastic sampler")
+    render: RenderConfig = section(RenderConfig, "reward cameras and renders")
+    reward: Any = opt("clip_tiny", "reward name, or {name: weight, ...} for a weighted sum")
+    algo: AlgoConfig = section(AlgoConfig, "alignment algorithm and its hyperparameters")
+    train: TrainConfig = section(TrainConfig, "optimisation")
+    data: DataConfig = section(DataConfig, "prompts")
+    eval: EvalConfig = section(EvalConfig, "held-out evaluation")
+    scale: ScaleConfig = section(ScaleConfig, "Ray scale-out")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Loading, overriding, saving
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is typing.Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return f"{_type_name(args[0])} or null"
+    if origin is list:
+        return f"list[{_type_name(typing.get_args(tp)[0])}]"
+    return getattr(tp, "__name__", str(tp)).replace("typing.", "")
+
+
+def describe(cls: type, prefix: str = "") -> list[str]:
+    """One line per option: ``key  (type, default) help``."""
+    hints = typing.get_type_hints(cls)
+    lines: list[str] = []
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}{f.name}"
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            lines.append(f"\n[{key}] {f.metadata.get('help', '')}")
+            lines.extend(describe(tp, prefix=f"{key}."))
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        lines.append(f"  {key:<34} ({_type_name(tp)}, default {default!r})  {f.metadata.get('help', '')}")
+    return lines
+
+
+def build_config(cls: type[T], files: Sequence[str | Path] = (), overrides: Sequence[str] = ()) -> T:
+    """Defaults <- YAML files (in order) <- ``key=value`` overrides, validated against ``cls``."""
+    merged = OmegaConf.structured(cls)
+    for file in files:
+        path = Path(file)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            merged = OmegaConf.merge(merged, OmegaConf.load(path))
+        except OmegaConfBaseException as err:
+            raise ConfigError(f"invalid config file {path}: {err}") from None
+        except Exception as err:  # YAML syntax errors
+            raise ConfigError(f"cannot parse config file {path}: {err}") from None
+    bad = [o for o in overrides if "=" not in o]
+    if bad:
+        raise ConfigError(f"overrides must look like section.key=value, got: {' '.join(bad)}")
+    try:
+        merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
+        return OmegaConf.to_object(merged)  # type: ignore[return-value]
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"invalid override: {err}") from None
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    return OmegaConf.to_container(OmegaConf.structured(config), resolve=True)  # type: ignore[return-value]
+
+
+def to_yaml(config: Any) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(config))
+
+
+def from_dict(cls: type[T], data: dict[str, Any]) -> T:
+    return build_config(cls, overrides=()) if not data else OmegaConf.to_object(  # type: ignore[return-value]
+        OmegaConf.merge(OmegaConf.structured(cls), OmegaConf.create(data))
+    )
+
+
+def parse_cli(cls: type[T], description: str, argv: Sequence[str] | None = None,
+              extra: Sequence[tuple[tuple[str, ...], dict[str, Any]]] = ()) -> tuple[T, argparse.Namespace]:
+    """``prog [--config FILE ...] [section.key=value ...]``; ``--help`` lists every option."""
+    epilog = "options (override with section.key=value):" + "\n".join(describe(cls))
+    parser = argparse.ArgumentParser(description=description, epilog=epilog,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", action="append", default=[], help="YAML config file (repeatable, later wins)")
+    for names, kwargs in extra:
+        parser.add_argument(*names, **kwargs)
+    parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    args = parser.parse_args(sys.argv[1:] if argv is None else list(argv))
+    try:
+        return build_config(cls, args.config, args.overrides), args
+    except ConfigError as err:
+        parser.error(str(err))
+        raise  # unreachable: parser.error exits

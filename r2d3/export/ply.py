@@ -1,0 +1,151 @@
+"""Gaussian splats as ``.ply`` files in the standard 3D Gaussian Splatting layout.
+
+The layout is the one written by the original 3DGS code and read by common splat viewers
+(SuperSplat, antimatter15/splat, gsplat's viewer, ...): one ``vertex`` element, binary little endian,
+all properties ``float32``, in this order::
+
+    x y z                  position
+    nx ny nz               unused normals, written as zeros
+    f_dc_0 f_dc_1 f_dc_2   SH degree-0 colour coefficients: (color - 0.5) / SH_C0
+    opacity                logit of the opacity probability
+    scale_0 scale_1 scale_2  log of the linear standard deviations
+    rot_0 rot_1 rot_2 rot_3  unit quaternion (w, x, y, z)
+
+:class:`~r2d3.render.gaussians.Gaussians` stores the *activated* values (probabilities, linear
+scales, colours in [0, 1]); the conversions live here and nowhere else. One asset per file.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from plyfile import PlyData, PlyElement, PlyElementParseError, PlyHeaderParseError
+
+from r2d3.export._atomic import atomic_write_bytes
+from r2d3.render.gaussians import Gaussians, InvalidGaussiansError
+
+SH_C0 = 0.28209479177387814
+"""Degree-0 real spherical harmonic, 1 / (2 sqrt(pi)): colour = 0.5 + SH_C0 * f_dc."""
+
+PLY_PROPERTIES: tuple[str, ...] = (
+    "x", "y", "z",
+    "nx", "ny", "nz",
+    "f_dc_0", "f_dc_1", "f_dc_2",
+    "opacity",
+    "scale_0", "scale_1", "scale_2",
+    "rot_0", "rot_1", "rot_2", "rot_3",
+)  # fmt: skip
+
+# Opacities 0 and 1 have infinite logits; clamping by this much keeps the file finite and still
+# round-trips every probability to well within 1e-6.
+_OPACITY_EPS = 1e-7
+
+
+class PlyFormatError(ValueError):
+    """A ``.ply`` file that is not a readable 3DGS splat file (names the file and what is missing)."""
+
+
+def _single_asset(gaussians: Gaussians) -> Gaussians:
+    if not isinstance(gaussians, Gaussians):
+        raise TypeError(f"expected a Gaussians instance, got {type(gaussians).__name__}")
+    gaussians = gaussians.detach().validate()
+    if gaussians.batch_size != 1:
+        raise ValueError(
+            f"a .ply file holds one asset, got a batch of {gaussians.batch_size}; "
+            "write gaussians[i] for each asset to its own file"
+        )
+    return gaussians
+
+
+def gaussians_to_ply_array(gaussians: Gaussians) -> np.ndarray:
+    """The structured ``float32`` vertex array (fields :data:`PLY_PROPERTIES`) for one asset ``[1, N]``.
+
+    Raises :class:`~r2d3.render.gaussians.InvalidGaussiansError` for invalid values (NaN, scales <= 0,
+    wrong shapes) and ``ValueError`` for a batch of more than one asset.
+    """
+    g = _single_asset(gaussians).to(device="cpu", dtype=torch.float64)
+    means, scales, quats = g.means[0], g.scales[0], g.quats[0]
+    opacity = g.opacities[0].clamp(_OPACITY_EPS, 1.0 - _OPACITY_EPS)
+    columns = {
+        "x": means[:, 0], "y": means[:, 1], "z": means[:, 2],
+        "nx": torch.zeros_like(means[:, 0]), "ny": torch.zeros_like(means[:, 0]), "nz": torch.zeros_like(means[:, 0]),
+        **{f"f_dc_{i}": (g.colors[0, :, i] - 0.5) / SH_C0 for i in range(3)},
+        "opacity": torch.logit(opacity),
+        **{f"scale_{i}": scales[:, i].log() for i in range(3)},
+        **{f"rot_{i}": quats[:, i] for i in range(4)},
+    }  # fmt: skip
+    array = np.empty(g.num_gaussians, dtype=[(name, "<f4") for name in PLY_PROPERTIES])
+    for name in PLY_PROPERTIES:
+        array[name] = columns[name].numpy()
+    return array
+
+
+def encode_ply(gaussians: Gaussians) -> bytes:
+    """The bytes of a binary little-endian 3DGS ``.ply`` for one asset (for object stores such as s3)."""
+    element = PlyElement.describe(gaussians_to_ply_array(gaussians), "vertex")
+    buffer = io.BytesIO()
+    PlyData([element], text=False, byte_order="<").write(buffer)
+    return buffer.getvalue()
+
+
+def write_ply(gaussians: Gaussians, path: str | os.PathLike[str]) -> Path:
+    """Write one asset (``B == 1``; pass ``gaussians[i]`` for a batch) to ``path`` atomically.
+
+    The file appears complete or not at all. Parent directories are created. Raises
+    :class:`~r2d3.export.ExportPathError` naming ``path`` if it cannot be written, and the
+    :meth:`Gaussians.validate` error for invalid values (nothing is written then).
+    """
+    return atomic_write_bytes(path, encode_ply(gaussians))
+
+
+def _column(vertex, name: str) -> np.ndarray:
+    return np.asarray(vertex[name], dtype=np.float64)
+
+
+def read_ply(
+    path: str | os.PathLike[str], dtype: torch.dtype = torch.float32, clamp_colors: bool = True
+) -> Gaussians:
+    """Read a 3DGS ``.ply`` back into :class:`Gaussians` ``[1, N]`` (the inverse of :func:`write_ply`).
+
+    Properties are looked up by name, so files from other tools load too; higher-order SH
+    coefficients (``f_rest_*``) are ignored. Colours from SH degree 0 are clamped to [0, 1]
+    (``clamp_colors``) because trained 3DGS files routinely leave that range while the
+    :class:`Gaussians` convention does not. Raises ``FileNotFoundError`` / :class:`PlyFormatError`
+    naming the file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no such .ply file: {str(path)!r}")
+    try:
+        ply = PlyData.read(str(path))
+    except (PlyHeaderParseError, PlyElementParseError, ValueError, EOFError) as e:
+        raise PlyFormatError(f"{str(path)!r} is not a readable .ply file: {e}") from e
+    if "vertex" not in ply:
+        raise PlyFormatError(f"{str(path)!r} has no 'vertex' element (elements: {[e.name for e in ply.elements]})")
+    vertex = ply["vertex"]
+    present = {p.name for p in vertex.properties}
+    missing = [name for name in PLY_PROPERTIES[:3] + PLY_PROPERTIES[6:] if name not in present]
+    if missing:
+        raise PlyFormatError(f"{str(path)!r} is not a 3DGS splat file: missing vertex properties {missing}")
+
+    def stack(names: list[str]) -> torch.Tensor:
+        return torch.from_numpy(np.stack([_column(vertex, n) for n in names], axis=-1))
+
+    means = stack(["x", "y", "z"])
+    colors = stack([f"f_dc_{i}" for i in range(3)]) * SH_C0 + 0.5
+    if clamp_colors:
+        colors = colors.clamp(0.0, 1.0)
+    opacities = torch.sigmoid(torch.from_numpy(_column(vertex, "opacity")))
+    scales = stack([f"scale_{i}" for i in range(3)]).exp()
+    quats = stack([f"rot_{i}" for i in range(4)])
+    gaussians = Gaussians(
+        means=means[None], scales=scales[None], quats=quats[None], opacities=opacities[None], colors=colors[None]
+    ).to(dtype=dtype)
+    try:
+        return gaussians.validate()
+    except InvalidGaussiansError as e:
+        raise InvalidGaussiansError(f"{str(path)!r}: {e}") from e

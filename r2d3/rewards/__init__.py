@@ -1,0 +1,23 @@
+"""2D rewards on rendered views, one signature: ``reward(render, prompts) -> Tensor [B]``.
+
+Registered rewards (see :func:`available_rewards`): ``dnc`` (depth–normal consistency, geometry),
+``colorfulness`` (analytic image reward) and ``clip_tiny`` (a small image–text model trained in this
+repo). Build one, or a weighted sum, from a config spec with :func:`build_reward`.
+"""
+
+from r2d3.rewards.base import Reward, WeightedSum, available_rewards, build_reward, register_reward
+from r2d3.rewards.geometry import DepthNormalConsistency, depth_normal_consistency, depth_to_normal
+from r2d3.rewards.image import Colorfulness, colorfulness
+
+__all__ = [
+    "Colorfulness",
+    "DepthNormalConsistency",
+    "Reward",
+    "WeightedSum",
+    "available_rewards",
+    "build_reward",
+    "colorfulness",
+    "depth_normal_consistency",
+    "depth_to_normal",
+    "register_reward",
+]

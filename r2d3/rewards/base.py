@@ -1,0 +1,174 @@
+"""The reward registry: every 2D reward has one signature and is built from a config spec.
+
+Signature (the only one samplers, losses and logging rely on)::
+
+    reward(render: RenderOutput, prompts: Sequence[str]) -> Tensor [B]
+
+A reward scores each of the ``V`` rendered views of an asset and averages over views; the result is
+differentiable w.r.t. every tensor of the :class:`~r2d3.render.output.RenderOutput` it uses (learned
+rewards are frozen: their own parameters never receive gradients). ``reward.per_view(render, prompts)``
+returns the ``[B, V]`` scores before averaging, for logging.
+
+Specs accepted by :func:`build_reward` (YAML/omegaconf containers work too)::
+
+    "dnc"                                          # one reward, default options
+    {"dnc": 1.0, "clip_tiny": 0.5}                 # weighted sum
+    {"name": "dnc", "kwargs": {"detach_depth": False}}                 # one reward with options
+    [{"name": "dnc", "weight": 1.0}, {"name": "colorfulness", "weight": 0.1, "kwargs": {...}}]
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from collections.abc import Sequence as SequenceABC
+from typing import Any, Callable, Sequence
+
+from torch import Tensor, nn
+
+from r2d3.render.output import RenderOutput
+
+
+class Reward(nn.Module):
+    """Base class: subclasses implement :meth:`per_view`; calling the reward averages over views.
+
+    A reward is an ``nn.Module`` so that learned rewards move with ``.to(device)`` and their weights
+    are visible to ``state_dict``; analytic rewards simply have no parameters.
+    """
+
+    #: registry name, set by :func:`register_reward`
+    name: str = ""
+
+    def per_view(self, render: RenderOutput, prompts: Sequence[str]) -> Tensor:
+        """Per-view scores ``[B, V]``."""
+        raise NotImplementedError
+
+    def forward(self, render: RenderOutput, prompts: Sequence[str]) -> Tensor:
+        """Per-asset reward ``[B]``: the mean of :meth:`per_view` over the ``V`` views."""
+        return self.per_view(render, prompts).mean(dim=1)
+
+
+class WeightedSum(Reward):
+    """``sum_i w_i * reward_i`` (per view, hence also per asset); ``terms`` keeps the parts for logging."""
+
+    def __init__(self, terms: Sequence[tuple[str, float, Reward]]):
+        super().__init__()
+        if not terms:
+            raise ValueError("a weighted-sum reward needs at least one term")
+        self.term_names = [name for name, _, _ in terms]
+        self.weights = [float(weight) for _, weight, _ in terms]
+        self.rewards = nn.ModuleList(reward for _, _, reward in terms)
+        self.name = " + ".join(f"{w:g}*{n}" for n, w in zip(self.term_names, self.weights))
+
+    def components(self, render: RenderOutput, prompts: Sequence[str]) -> dict[str, Tensor]:
+        """Each term's unweighted per-view scores ``[B, V]``, keyed by its registry name."""
+        return {n: r.per_view(render, prompts) for n, r in zip(self.term_names, self.rewards)}
+
+    def per_view(self, render: RenderOutput, prompts: Sequence[str]) -> Tensor:
+        total: Tensor | None = None
+        for weight, reward in zip(self.weights, self.rewards):
+            part = weight * reward.per_view(render, prompts)
+            total = part if total is None else total + part
+        assert total is not None
+        return total
+
+
+_REGISTRY: dict[str, Callable[..., Reward]] = {}
+
+
+def register_reward(name: str) -> Callable[[Callable[..., Reward]], Callable[..., Reward]]:
+    """Decorator registering a reward class or factory under ``name`` (keyword options only)."""
+
+    def wrap(factory: Callable[..., Reward]) -> Callable[..., Reward]:
+        if name in _REGISTRY and _REGISTRY[name] is not factory:
+            raise ValueError(f"reward {name!r} is already registered")
+        _REGISTRY[name] = factory
+        return factory
+
+    return wrap
+
+
+def available_rewards() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def _check_weight(name: str, weight: Any) -> float:
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)):
+        raise ValueError(f"weight of reward {name!r} must be a number, got {weight!r}")
+    weight = float(weight)
+    if math.isnan(weight) or math.isinf(weight):
+        raise ValueError(f"weight of reward {name!r} must be finite, got {weight}")
+    if weight < 0:
+        raise ValueError(
+            f"weight of reward {name!r} must be >= 0, got {weight} (rewards are maximised; "
+            "to penalise a quantity register a reward that negates it)"
+        )
+    return weight
+
+
+def _make(name: Any, kwargs: Mapping[str, Any] | None = None) -> Reward:
+    if not isinstance(name, str) or name not in _REGISTRY:
+        raise ValueError(f"unknown reward {name!r}; valid rewards: {', '.join(available_rewards())}")
+    reward = _REGISTRY[name](**dict(kwargs or {}))
+    reward.name = name
+    return reward
+
+
+def _entry(item: Any) -> tuple[str, float, Reward]:
+    if not isinstance(item, Mapping) or "name" not in item:
+        raise ValueError(f"reward list entries must be mappings with 'name' (and optional 'weight', 'kwargs'), "
+                         f"got {item!r}")
+    unknown = set(item) - {"name", "weight", "kwargs"}
+    if unknown:
+        raise ValueError(f"reward entry {item!r} has unknown keys {sorted(unknown)}; "
+                         "allowed: 'name', 'weight', 'kwargs'")
+    name = item["name"]
+    weight = _check_weight(str(name), item.get("weight", 1.0))
+    return str(name), weight, _make(name, item.get("kwargs"))
+
+
+def build_reward(spec: str | Mapping[str, Any] | Sequence[Mapping[str, Any]] | Reward) -> Reward:
+    """Build a reward from a spec (see the module docstring); unknown names raise ``ValueError`` listing
+    the valid ones, negative / NaN / non-numeric weights raise ``ValueError`` naming the reward."""
+    if isinstance(spec, Reward):
+        return spec
+    if isinstance(spec, str):
+        return _make(spec)
+    if isinstance(spec, Mapping):
+        if "name" in spec:  # one reward with options: {"name": ..., "kwargs": ..., "weight": ...}
+            name, weight, reward = _entry(spec)
+            return reward if weight == 1.0 else WeightedSum([(name, weight, reward)])
+        terms = [(str(n), _check_weight(str(n), w), _make(n)) for n, w in spec.items()]
+        return WeightedSum(terms)
+    if isinstance(spec, SequenceABC):
+        return WeightedSum([_entry(item) for item in spec])
+    raise ValueError(f"cannot build a reward from {spec!r}: expected a name, a {{name: weight}} mapping or a "
+                     f"list of {{name, weight, kwargs}}; valid rewards: {', '.join(available_rewards())}")
+
+
+def views_as_batch(x: Tensor) -> Tensor:
+    """``[B, V, C, H, W]`` -> ``[B * V, C, H, W]`` (a view, no copy when contiguous)."""
+    if x.ndim != 5:
+        raise ValueError(f"expected a per-view image tensor [B, V, C, H, W], got shape {tuple(x.shape)}")
+    return x.reshape(x.shape[0] * x.shape[1], *x.shape[2:])
+
+
+def check_prompts(prompts: Sequence[str], batch_size: int, reward: str) -> list[str]:
+    """One prompt per asset (a single string is a mistake, not a batch of characters)."""
+    if isinstance(prompts, str):
+        raise TypeError(f"reward {reward!r}: prompts must be a sequence of strings, not one string")
+    prompts = list(prompts)
+    if len(prompts) != batch_size:
+        raise ValueError(f"reward {reward!r}: got {len(prompts)} prompts for {batch_size} rendered assets")
+    return prompts
+
+
+__all__ = [
+    "Reward",
+    "WeightedSum",
+    "available_rewards",
+    "build_reward",
+    "check_prompts",
+    "register_reward",
+    "views_as_batch",
+]
