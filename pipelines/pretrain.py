@@ -22,18 +22,31 @@ from tqdm import tqdm
 
 from r2d3.backends.text import TextEncoder
 from r2d3.backends.tiny import DEFAULT_SCHEDULER_CONFIG, TinySplatBackend, TinySplatDenoiser, default_weights_dir
-from r2d3.data.procedural import ProceduralShapes, vocabulary
+from r2d3.data.procedural import VOCABULARY, ProceduralShapes
+
+
+class _Stream(torch.utils.data.IterableDataset):
+    """Fresh procedural batches generated in a background worker while the model trains."""
+
+    def __init__(self, data: ProceduralShapes, batch_size: int, seed: int):
+        self.data, self.batch_size, self.seed = data, batch_size, seed
+
+    def __iter__(self):
+        gen = torch.Generator().manual_seed(self.seed + 1)
+        while True:
+            yield self.data.sample(self.batch_size, generator=gen)
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=default_weights_dir(), help="weights directory to write")
-    p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=5e-4)
-    p.add_argument("--num-gaussians", type=int, default=256)
-    p.add_argument("--dim", type=int, default=128)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--num-gaussians", type=int, default=128)
+    p.add_argument("--dim", type=int, default=64)
     p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--tangent-scale", type=float, default=0.065, help="decoder: tangential std of each Gaussian")
     p.add_argument("--cfg-dropout", type=float, default=0.1)
     p.add_argument("--ema", type=float, default=0.995)
     p.add_argument("--seed", type=int, default=0)
@@ -43,10 +56,10 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
 
-    text = TextEncoder(vocab=tuple(vocabulary()), dim=args.dim, num_layers=2, num_heads=4)
+    text = TextEncoder(vocab=VOCABULARY, dim=args.dim, num_layers=2, num_heads=4)
     denoiser = TinySplatDenoiser(num_gaussians=args.num_gaussians, dim=args.dim, num_layers=args.layers,
                                  num_heads=4, context_dim=args.dim)
-    backend = TinySplatBackend(denoiser, text)
+    backend = TinySplatBackend(denoiser, text, tangent_scale=args.tangent_scale)
     text.requires_grad_(True).train()
     scheduler = DDPMScheduler(**DEFAULT_SCHEDULER_CONFIG)
     alphas = scheduler.alphas_cumprod
@@ -56,11 +69,13 @@ def main(argv: list[str] | None = None) -> None:
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=args.steps, pct_start=0.05)
     ema = {"denoiser": copy.deepcopy(denoiser).requires_grad_(False), "text": copy.deepcopy(text).requires_grad_(False)}
     gen = torch.Generator().manual_seed(args.seed)
+    batches = iter(torch.utils.data.DataLoader(_Stream(data, args.batch_size, args.seed), batch_size=None,
+                                               num_workers=1, collate_fn=lambda b: b))
 
     start, losses = time.time(), []
     bar = tqdm(range(args.steps), desc="pretrain", dynamic_ncols=True)
     for step in bar:
-        gaussians, prompts, _ = data.sample(args.batch_size, generator=gen)
+        gaussians, prompts, _ = next(batches)
         x0 = backend.encode_gaussians(gaussians)
         drop = torch.rand(len(prompts), generator=gen) < args.cfg_dropout
         prompts = ["" if d else pr for pr, d in zip(prompts, drop.tolist())]
@@ -83,7 +98,7 @@ def main(argv: list[str] | None = None) -> None:
         if step % 20 == 0:
             bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.4f}")
 
-    final = TinySplatBackend(ema["denoiser"], ema["text"])
+    final = TinySplatBackend(ema["denoiser"], ema["text"], tangent_scale=args.tangent_scale)
     final.save_pretrained(args.out)
     record = {
         "command": "python pipelines/pretrain.py " + " ".join(argv if argv is not None else []),

@@ -66,7 +66,7 @@ class ModelConfig:
 
 @dataclass
 class SamplerConfig:
-    kind: str = opt("ddim", "ddim (eta-controlled DDIM) | dpmsolver_sde (1st-order SDE-DPM-Solver++)")
+    kind: str = opt("ddim", "ddim (eta-controlled DDIM) | sde-dpmsolver++ (1st-order SDE-DPM-Solver++)")
     num_steps: int = opt(20, "sampling steps K")
     eta: float = opt(1.0, "DDIM eta in [0, 1]; 1 is DDPM-like (needed: the losses need stochastic steps)")
     guidance_scale: float = opt(3.0, "classifier-free guidance scale (1: no guidance)")

@@ -38,6 +38,9 @@ DEFAULT_SCHEDULER_CONFIG: dict[str, Any] = {
     "num_train_timesteps": 1000,
     "beta_schedule": "squaredcos_cap_v2",
     "prediction_type": "epsilon",
+    # "trailing" starts at t = 999 and ends one stride above 0, so every step (the last one
+    # included) is stochastic; "leading" would end on a deterministic step from t = 0.
+    "timestep_spacing": "trailing",
 }
 
 

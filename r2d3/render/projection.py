@@ -12,7 +12,6 @@ forward); pixel coordinates are (x right, y down) with the centre of pixel (u, v
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -151,7 +150,3 @@ def project_gaussians(
         visible = in_depth & (opac_views >= ALPHA_MIN) & on_image & torch.isfinite(means2d).all(-1)
     return ProjectedGaussians(means2d, conics, z, normals, opac_views, extents, visible)
 
-
-def max_footprint_extent() -> float:
-    """Largest box half-width in units of standard deviation (a fully opaque Gaussian)."""
-    return math.sqrt(2.0 * math.log(1.0 / ALPHA_MIN))

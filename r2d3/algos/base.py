@@ -1,0 +1,149 @@
+"""What every alignment algorithm shares: the stored batch, the model/decoder/renderer/reward chain,
+transition subsampling, and the registry.
+
+An algorithm is a loss over stored trajectories: ``accumulate(ctx, batch, scale)`` back-propagates
+``scale`` times its loss on one train batch into the LoRA parameters and returns metrics. The loop that
+samples, calls it, clips and steps is shared (:mod:`r2d3.train.loop`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Protocol, Sequence
+
+import torch
+from torch import Tensor
+
+from r2d3.backends.base import Backend
+from r2d3.backends.text import PromptEmbeds
+from r2d3.config import AlgoConfig, RenderConfig
+from r2d3.diffusion import StochasticSampler, Trajectory, guided_model_fn
+from r2d3.render import render_gaussians
+from r2d3.render.cameras import Cameras, jittered_orbit_cameras
+from r2d3.render.output import RenderOutput
+
+
+@dataclass
+class SampleBatch:
+    """Trajectories sampled by one policy, with their prompts, text embeddings and final rewards."""
+
+    trajectory: Trajectory
+    prompts: list[str]
+    cond: PromptEmbeds
+    rewards: Tensor  # [B] reward of the final sample (logged; DDPO's advantage source)
+    advantages: Tensor | None = None  # [B], set by algorithms that need them (DDPO)
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def select(self, index: Tensor) -> "SampleBatch":
+        idx = index.tolist()
+        return SampleBatch(self.trajectory.select(index), [self.prompts[i] for i in idx],
+                           PromptEmbeds(self.cond.tokens[index], self.cond.mask[index]), self.rewards[index],
+                           None if self.advantages is None else self.advantages[index])
+
+    @staticmethod
+    def concat(batches: Sequence["SampleBatch"]) -> "SampleBatch":
+        return SampleBatch(Trajectory.concat([b.trajectory for b in batches]), sum((b.prompts for b in batches), []),
+                           PromptEmbeds.cat([b.cond for b in batches]), torch.cat([b.rewards for b in batches]))
+
+
+@dataclass
+class AlignContext:
+    """The frozen pieces of an alignment run on one worker."""
+
+    backend: Backend
+    sampler: StochasticSampler
+    reward_fn: Callable[[RenderOutput, Sequence[str]], Tensor]
+    render: RenderConfig
+    guidance_scale: float
+    uncond: PromptEmbeds  # the empty prompt, one row
+
+    def model_fn(self, cond: PromptEmbeds) -> Callable[[Tensor, Tensor], Tensor]:
+        """The guided network output ``f(x, t)`` for these prompts (differentiable)."""
+        both = PromptEmbeds.cat([cond, self.uncond])
+        cond, uncond = both[: len(cond)], both[len(cond):]
+
+        def denoise(x: Tensor, t: Tensor, c: dict[str, Tensor]) -> Tensor:
+            return self.backend.denoise(x, t, PromptEmbeds(c["tokens"], c["mask"]))
+
+        return guided_model_fn(denoise, {"tokens": cond.tokens, "mask": cond.mask},
+                               {"tokens": uncond.tokens, "mask": uncond.mask}, self.guidance_scale)
+
+    def cameras(self, batch_size: int, generator: torch.Generator | None, jitter: bool = True) -> Cameras:
+        r = self.render
+        cams = jittered_orbit_cameras(
+            r.num_views, batch_size, generator=generator, elevation_deg=r.elevation_deg,
+            elevation_jitter_deg=r.elevation_jitter_deg if jitter else 0.0,
+            azimuth_jitter_deg=r.azimuth_jitter_deg if jitter else 0.0,
+            distance=r.distance, fov_deg=r.fov_deg, width=r.resolution, height=r.resolution,
+        )
+        return cams.to(self.backend.device)
+
+    def render_latents(self, x0: Tensor, cameras: Cameras) -> RenderOutput:
+        return render_gaussians(self.backend.decode(x0), cameras, background=tuple(self.render.background))
+
+    def reward_of_latents(self, x0: Tensor, prompts: Sequence[str], cameras: Cameras) -> Tensor:
+        """Decode -> render -> reward averaged over views, ``[B]``; differentiable in ``x0``."""
+        return self.reward_fn(self.render_latents(x0, cameras), prompts)
+
+
+class Algorithm(Protocol):
+    name: str
+    #: train on the previous epoch's samples (off-policy lag) instead of this epoch's
+    uses_lag: bool
+
+    def accumulate(self, ctx: AlignContext, batch: SampleBatch, scale: float,
+                   generator: torch.Generator) -> dict[str, float]: ...
+
+
+def prepare_batch(algorithm: Algorithm, batch: SampleBatch) -> SampleBatch:
+    """Let an algorithm annotate a whole epoch's samples before training (DDPO's advantages)."""
+    prepare = getattr(algorithm, "prepare", None)
+    return prepare(batch) if prepare else batch
+
+
+def stratified_transitions(num_steps: int, fraction: float, generator: torch.Generator) -> list[int]:
+    """``ceil(fraction * K)`` distinct step indices: the last transition (into x_0) always, the rest one
+    uniform draw per equal-width block of the schedule ("low-variance subsampling")."""
+    if not 0 < fraction <= 1:
+        raise ValueError(f"timestep_fraction must be in (0, 1], got {fraction}")
+    count = max(1, min(num_steps, round(fraction * num_steps)))
+    if count == num_steps:
+        return list(range(num_steps))
+    rest = num_steps - 1  # steps 0..K-2 are split into count-1 blocks
+    edges = torch.linspace(0, rest, count).round().long().tolist()
+    picks = []
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        hi = max(hi, lo + 1)
+        picks.append(lo + int(torch.randint(hi - lo, (1,), generator=generator)))
+    return sorted(set(picks)) + [num_steps - 1]
+
+
+_REGISTRY: dict[str, Callable[[AlgoConfig, int], Algorithm]] = {}
+
+
+def register_algorithm(name: str):
+    def wrap(factory):
+        _REGISTRY[name] = factory
+        return factory
+
+    return wrap
+
+
+def available_algorithms() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def build_algorithm(config: AlgoConfig, num_steps: int) -> Algorithm:
+    """Validate the hyperparameters and build the named algorithm; unknown names list the valid ones."""
+    if config.name not in _REGISTRY:
+        raise ValueError(f"unknown algorithm {config.name!r}; valid algorithms: {', '.join(available_algorithms())}")
+    return _REGISTRY[config.name](config, num_steps)
+
+
+def as_dict(metrics: dict[str, Any]) -> dict[str, float]:
+    return {k: float(v.detach()) if isinstance(v, Tensor) else float(v) for k, v in metrics.items()}
+
+
+

@@ -1,0 +1,79 @@
+"""DDPO (Black et al. 2023): policy gradient with a clipped importance ratio on the same trajectories.
+
+Advantages are the final rewards normalised per prompt (mean/std over that prompt's samples in the
+epoch; prompts seen fewer than ``min_count`` times fall back to the batch statistics). The log-ratio
+is taken per latent element (log-probs divided by the latent size), as ddpo-pytorch does, so the clip
+range means the same thing for any latent size.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+
+from r2d3.algos.base import AlignContext, SampleBatch, as_dict, register_algorithm, stratified_transitions
+from r2d3.config import AlgoConfig
+
+
+def per_prompt_advantages(rewards: torch.Tensor, prompts: list[str], min_count: int = 2) -> torch.Tensor:
+    """(r - mean_prompt) / std_prompt, with the batch mean/std for prompts with < ``min_count`` samples."""
+    groups: dict[str, list[int]] = defaultdict(list)
+    for i, p in enumerate(prompts):
+        groups[p].append(i)
+    adv = torch.empty_like(rewards)
+    batch_mean, batch_std = rewards.mean(), rewards.std(unbiased=False) + 1e-6
+    for idx in groups.values():
+        r = rewards[idx]
+        mean, std = (r.mean(), r.std(unbiased=False) + 1e-6) if len(idx) >= min_count else (batch_mean, batch_std)
+        adv[idx] = (r - mean) / std
+    return adv
+
+
+class DDPO:
+    name = "ddpo"
+    uses_lag = False
+
+    def __init__(self, config: AlgoConfig, num_steps: int):
+        if config.clip_range <= 0:
+            raise ValueError(f"algo.clip_range must be > 0, got {config.clip_range}")
+        if not 0 < config.timestep_fraction <= 1:
+            raise ValueError(f"algo.timestep_fraction must be in (0, 1], got {config.timestep_fraction}")
+        self.config = config
+
+    def prepare(self, batch: SampleBatch) -> SampleBatch:
+        batch.advantages = per_prompt_advantages(batch.rewards, batch.prompts).clamp(
+            -self.config.adv_clip, self.config.adv_clip)
+        return batch
+
+    def accumulate(self, ctx: AlignContext, batch: SampleBatch, scale: float,
+                   generator: torch.Generator) -> dict[str, float]:
+        traj = batch.trajectory
+        if traj.log_probs is None:
+            raise ValueError("DDPO needs stochastic sampling steps (eta > 0) to have log-probabilities")
+        adv = batch.advantages if batch.advantages is not None else per_prompt_advantages(batch.rewards, batch.prompts)
+        steps = stratified_transitions(traj.num_steps, self.config.timestep_fraction, generator)
+        model_fn = ctx.model_fn(batch.cond)
+        size = traj.latents[0, 0].numel()
+        totals = {"loss": 0.0, "approx_kl": 0.0, "clip_frac": 0.0, "ratio_mean": 0.0}
+        for j in steps:
+            x_t, x_next = traj.latents[:, j], traj.latents[:, j + 1]
+            t = traj.timesteps[j].to(x_t.device).expand(x_t.shape[0])
+            mean, std = ctx.sampler.step_mean_std(x_t, model_fn(x_t, t), j)
+            log_prob = ctx.sampler.log_prob(x_next, mean, std)
+            log_ratio = (log_prob - traj.log_probs[:, j]) / size
+            ratio = log_ratio.exp()
+            unclipped = -adv * ratio
+            clipped = -adv * ratio.clamp(1 - self.config.clip_range, 1 + self.config.clip_range)
+            loss = torch.maximum(unclipped, clipped).mean()
+            (loss * scale / len(steps)).backward()
+            totals["loss"] += loss.item()
+            totals["approx_kl"] += 0.5 * log_ratio.detach().square().mean().item()
+            totals["clip_frac"] += ((ratio.detach() - 1).abs() > self.config.clip_range).float().mean().item()
+            totals["ratio_mean"] += ratio.detach().mean().item()
+        return as_dict({k: v / len(steps) for k, v in totals.items()} | {"transitions": len(steps)})
+
+
+@register_algorithm("ddpo")
+def _build(config: AlgoConfig, num_steps: int) -> DDPO:
+    return DDPO(config, num_steps)

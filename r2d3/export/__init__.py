@@ -1,0 +1,48 @@
+"""Exports for people and other tools: ``.ply`` splats (standard 3DGS layout) and previews
+(multi-view PNG grids, turntable GIF/MP4). Every writer is atomic: a file appears complete or not at all."""
+
+from r2d3.export._atomic import ExportPathError, atomic_path, atomic_write_bytes
+from r2d3.export.ply import (
+    PLY_PROPERTIES,
+    SH_C0,
+    PlyFormatError,
+    encode_ply,
+    gaussians_to_ply_array,
+    read_ply,
+    write_ply,
+)
+from r2d3.export.preview import (
+    VideoBackendUnavailableError,
+    encode_gif,
+    encode_png,
+    make_grid,
+    mp4_available,
+    render_output_images,
+    render_turntable,
+    save_preview_grid,
+    save_turntable,
+    to_uint8,
+)
+
+__all__ = [
+    "ExportPathError",
+    "PLY_PROPERTIES",
+    "PlyFormatError",
+    "SH_C0",
+    "VideoBackendUnavailableError",
+    "atomic_path",
+    "atomic_write_bytes",
+    "encode_gif",
+    "encode_ply",
+    "encode_png",
+    "gaussians_to_ply_array",
+    "make_grid",
+    "mp4_available",
+    "read_ply",
+    "render_output_images",
+    "render_turntable",
+    "save_preview_grid",
+    "save_turntable",
+    "to_uint8",
+    "write_ply",
+]

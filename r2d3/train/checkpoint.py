@@ -1,0 +1,151 @@
+"""One checkpoint format for every run: a directory holding
+
+    lora.safetensors       adapter weights, peft/diffusers keys (no DDP ``module.`` prefixes)
+    optimizer.pt           AdamW state (plain tensors/numbers; loaded with ``weights_only=True``)
+    rng.safetensors        the loop's torch.Generator state (so a resumed run draws the same numbers)
+    buffer.safetensors     the previous epoch's trajectories (the off-policy lag needs them to resume)
+    buffer.json            their prompts
+    state.json             counters (epoch, optimizer steps, skipped batches) and the config fingerprint
+    config.yaml            the resolved config
+
+Writes go to a temporary sibling directory renamed into place, so a crash mid-save never leaves a
+checkpoint that looks complete but is not.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from r2d3.config import AlignConfig, to_dict, to_yaml
+
+#: options that may change between a run and its resumption without changing what is trained
+RESUMABLE_KEYS = {"run.resume", "run.progress", "run.wandb_mode", "run.log_images_every", "run.output_dir",
+                  "run.checkpoint_every", "run.keep_checkpoints", "run.name", "train.epochs", "eval",
+                  "scale", "run.device"}
+
+
+class CheckpointMismatchError(ValueError):
+    """Resuming a run with a config that changes what is trained."""
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and k != "reward":
+            out.update(_flatten(v, f"{key}."))
+        else:
+            out[key] = v
+    return out
+
+
+def training_fingerprint(config: AlignConfig) -> dict[str, Any]:
+    """The config values that define the training trajectory (everything but logging/length/scale)."""
+    flat = _flatten(to_dict(config))
+    return {k: v for k, v in flat.items()
+            if k not in RESUMABLE_KEYS and k.split(".")[0] not in RESUMABLE_KEYS}
+
+
+def check_compatible(saved: dict[str, Any], config: AlignConfig) -> None:
+    current = training_fingerprint(config)
+    diffs = [f"{k}: checkpoint {saved.get(k)!r} vs now {current.get(k)!r}"
+             for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)]
+    if diffs:
+        raise CheckpointMismatchError(
+            "cannot resume: the checkpoint was written with a different config ("
+            + "; ".join(diffs[:5]) + "). Use a new run.name or set run.resume=false."
+        )
+
+
+@dataclass
+class TrainState:
+    epoch: int = 0  # epochs completed
+    optimizer_steps: int = 0
+    bad_batches: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def save_checkpoint(
+    path: str | os.PathLike,
+    config: AlignConfig,
+    lora: dict[str, torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    generator: torch.Generator,
+    state: TrainState,
+    buffer: dict[str, torch.Tensor] | None = None,
+    buffer_prompts: list[str] | None = None,
+) -> Path:
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file(lora, tmp / "lora.safetensors")
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    save_file({"generator": generator.get_state()}, tmp / "rng.safetensors")
+    if buffer is not None:
+        save_file({k: v.contiguous() for k, v in buffer.items()}, tmp / "buffer.safetensors")
+        (tmp / "buffer.json").write_text(json.dumps({"prompts": buffer_prompts or []}))
+    meta = {"epoch": state.epoch, "optimizer_steps": state.optimizer_steps, "bad_batches": state.bad_batches,
+            "history": state.history, "fingerprint": training_fingerprint(config)}
+    (tmp / "state.json").write_text(json.dumps(meta, indent=1))
+    (tmp / "config.yaml").write_text(to_yaml(config))
+    if path.exists():
+        shutil.rmtree(path)
+    os.replace(tmp, path)
+    return path
+
+
+@dataclass
+class LoadedCheckpoint:
+    lora: dict[str, torch.Tensor]
+    optimizer: dict[str, Any]
+    generator_state: torch.Tensor
+    state: TrainState
+    buffer: dict[str, torch.Tensor] | None
+    buffer_prompts: list[str] | None
+    fingerprint: dict[str, Any]
+
+
+def load_checkpoint(path: str | os.PathLike) -> LoadedCheckpoint:
+    path = Path(path)
+    needed = ["lora.safetensors", "optimizer.pt", "rng.safetensors", "state.json"]
+    missing = [n for n in needed if not (path / n).is_file()]
+    if missing:
+        raise FileNotFoundError(f"incomplete checkpoint {path}: missing {', '.join(missing)}")
+    meta = json.loads((path / "state.json").read_text())
+    has_buffer = (path / "buffer.safetensors").is_file()
+    return LoadedCheckpoint(
+        lora=load_file(path / "lora.safetensors"),
+        optimizer=torch.load(path / "optimizer.pt", weights_only=True),
+        generator_state=load_file(path / "rng.safetensors")["generator"],
+        state=TrainState(meta["epoch"], meta["optimizer_steps"], meta["bad_batches"], meta.get("history", [])),
+        buffer=load_file(path / "buffer.safetensors") if has_buffer else None,
+        buffer_prompts=json.loads((path / "buffer.json").read_text())["prompts"] if has_buffer else None,
+        fingerprint=meta["fingerprint"],
+    )
+
+
+def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
+    """The newest complete ``checkpoint_XXXXXX`` directory of a run, if any."""
+    ckpts = sorted(p for p in Path(run_dir).glob("checkpoint_*") if p.is_dir() and not p.name.endswith(".tmp")
+                   and (p / "state.json").is_file())
+    return ckpts[-1] if ckpts else None
+
+
+def prune_checkpoints(run_dir: str | os.PathLike, keep: int) -> None:
+    ckpts = sorted(p for p in Path(run_dir).glob("checkpoint_*") if p.is_dir() and not p.name.endswith(".tmp"))
+    for old in ckpts[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def config_digest(config: AlignConfig) -> str:
+    return hashlib.sha1(json.dumps(training_fingerprint(config), sort_keys=True).encode()).hexdigest()[:10]

@@ -1,0 +1,272 @@
+"""The per-worker alignment loop: sample with the current policy, train on stored trajectories, repeat.
+
+It is plain torch and runs in-process (tests, debugging) or inside a Ray Train worker; the runtime is
+behind :class:`~r2d3.train.session.Session`. Everything random draws from one ``torch.Generator`` whose
+state is checkpointed, so a resumed run continues exactly where the uninterrupted run would be.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from r2d3.algos import AlignContext, SampleBatch, build_algorithm
+from r2d3.algos.base import prepare_batch
+from r2d3.backends import load_backend
+from r2d3.config import AlignConfig, to_yaml
+from r2d3.data.prompts import load_prompts
+from r2d3.diffusion import StochasticSampler, scheduler_from_config
+from r2d3.rewards import build_reward
+from r2d3.train.checkpoint import check_compatible, load_checkpoint, save_checkpoint, TrainState
+from r2d3.train.lora import add_lora, load_lora_state_dict, lora_state_dict
+from r2d3.train.session import Session
+
+log = logging.getLogger(__name__)
+
+
+class TrainingAborted(RuntimeError):
+    """Too many batches with non-finite losses or rewards."""
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def validate(config: AlignConfig) -> None:
+    """Reject bad hyperparameters before any model is loaded, naming the key."""
+    t, s = config.train, config.sampler
+    checks = [
+        (s.num_steps >= 1, f"sampler.num_steps must be >= 1, got {s.num_steps}"),
+        (0 < s.eta <= 1, f"sampler.eta must be in (0, 1] (the losses need stochastic steps), got {s.eta}"),
+        (s.guidance_scale >= 1, f"sampler.guidance_scale must be >= 1, got {s.guidance_scale}"),
+        (t.epochs >= 1, f"train.epochs must be >= 1, got {t.epochs}"),
+        (t.lr > 0, f"train.lr must be > 0, got {t.lr}"),
+        (t.sample_batch_size >= 1 and t.sample_batches_per_epoch >= 1, "train.sample_batch_size and "
+         "train.sample_batches_per_epoch must be >= 1"),
+        (t.train_batch_size >= 1, f"train.train_batch_size must be >= 1, got {t.train_batch_size}"),
+        (t.grad_accum >= 1, f"train.grad_accum must be >= 1, got {t.grad_accum}"),
+        (t.max_grad_norm > 0, f"train.max_grad_norm must be > 0, got {t.max_grad_norm}"),
+        (config.render.num_views >= 1 and config.render.resolution >= 8, "render.num_views must be >= 1 and "
+         "render.resolution >= 8"),
+        (config.eval.num_prompts >= 0 and config.eval.seeds_per_prompt >= 1, "eval.num_prompts must be >= 0 "
+         "and eval.seeds_per_prompt >= 1"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(message)
+
+
+@dataclass
+class Worker:
+    """Everything a worker builds once: model with LoRA, sampler, reward, algorithm, optimizer."""
+
+    config: AlignConfig
+    ctx: AlignContext
+    algorithm: Any
+    params: list[torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    prompts: list[str]
+    device: torch.device
+
+
+def build_worker(config: AlignConfig, seed_offset: int = 0) -> Worker:
+    validate(config)
+    device = resolve_device(config.run.device)
+    torch.manual_seed(config.run.seed)  # LoRA init: identical on every worker
+    backend = load_backend(config.model.backend, weights=config.model.weights, device=str(device))
+    targets = config.model.lora_targets or backend.lora_target_modules
+    params = add_lora(backend.denoiser, config.model.lora_rank, config.model.lora_alpha, targets)
+    scheduler = scheduler_from_config(backend.scheduler_config, kind=config.sampler.kind)
+    sampler = StochasticSampler(scheduler, config.sampler.num_steps, eta=config.sampler.eta)
+    algorithm = build_algorithm(config.algo, config.sampler.num_steps)
+    reward_fn = build_reward(config.reward)
+    ctx = AlignContext(backend, sampler, reward_fn, config.render, config.sampler.guidance_scale,
+                       backend.encode_prompts([""]))
+    t = config.train
+    optimizer = torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.adam_betas), eps=t.adam_eps,
+                                  weight_decay=t.weight_decay)
+    prompts = load_prompts(config.data.prompts, config.data.prompt_column).prompts
+    return Worker(config, ctx, algorithm, params, optimizer, prompts, device)
+
+
+@torch.no_grad()
+def sample_batch(ctx: AlignContext, prompts: list[str], generator: torch.Generator,
+                 noise: torch.Tensor | None = None, jitter_cameras: bool = True) -> SampleBatch:
+    """Sample trajectories for ``prompts`` with the current policy and score their final samples.
+
+    Noise is drawn on the CPU generator (the same numbers on any device) unless given as
+    ``[B, 1 + K, *S]`` (x_T, then the K step noises)."""
+    device = ctx.backend.device
+    shape = (len(prompts), 1 + ctx.sampler.num_steps, *ctx.backend.latent_shape)
+    noise = torch.randn(shape, generator=generator) if noise is None else noise
+    noise = noise.to(device)
+    cond = ctx.backend.encode_prompts(prompts)
+    traj = ctx.sampler.sample(ctx.model_fn(cond), x_T=noise[:, 0], noises=noise[:, 1:])
+    cameras = ctx.cameras(len(prompts), generator if jitter_cameras else None, jitter=jitter_cameras)
+    rewards = ctx.reward_of_latents(traj.final, prompts, cameras)
+    return SampleBatch(traj, prompts, cond, rewards)
+
+
+def _finite_grads(params: list[torch.nn.Parameter]) -> bool:
+    return all(p.grad is None or torch.isfinite(p.grad).all() for p in params)
+
+
+def train_epoch(worker: Worker, samples: SampleBatch, generator: torch.Generator, session: Session,
+                state: TrainState, progress: bool = False) -> dict[str, float]:
+    """Optimizer steps over ``samples``: shuffled train batches, ``grad_accum`` per step."""
+    t = worker.config.train
+    samples = prepare_batch(worker.algorithm, samples)
+    order = torch.randperm(len(samples), generator=generator)
+    batches = [order[i: i + t.train_batch_size] for i in range(0, len(order), t.train_batch_size)]
+    sums: dict[str, float] = {}
+    count = 0
+    steps = math.ceil(len(batches) / t.grad_accum)
+    bar = tqdm(range(steps), desc="train", leave=False, disable=not progress)
+    for step in bar:
+        group = batches[step * t.grad_accum: (step + 1) * t.grad_accum]
+        worker.optimizer.zero_grad(set_to_none=True)
+        metrics: dict[str, float] = {}
+        for idx in group:
+            m = worker.algorithm.accumulate(worker.ctx, samples.select(idx.to(samples.rewards.device)),
+                                            1.0 / len(group), generator)
+            for k, v in m.items():
+                metrics[k] = metrics.get(k, 0.0) + v / len(group)
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in worker.params]
+        session.all_reduce_mean_(grads)
+        for p, g in zip(worker.params, grads):
+            p.grad = g
+        if not math.isfinite(metrics.get("loss", 0.0)) or not _finite_grads(worker.params):
+            state.bad_batches += 1
+            log.warning("non-finite loss or gradient: skipped optimizer step (%d so far)", state.bad_batches)
+            if state.bad_batches > t.max_bad_batches:
+                raise TrainingAborted(f"{state.bad_batches} batches had non-finite losses/gradients "
+                                      f"(train.max_bad_batches={t.max_bad_batches}); lower train.lr or algo.beta")
+            worker.optimizer.zero_grad(set_to_none=True)
+            continue
+        metrics["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(worker.params, t.max_grad_norm))
+        worker.optimizer.step()
+        state.optimizer_steps += 1
+        for k, v in metrics.items():
+            sums[k] = sums.get(k, 0.0) + v
+        count += 1
+    return {f"train/{k}": v / max(count, 1) for k, v in sums.items()}
+
+
+def _drop_nonfinite(batch: SampleBatch, state: TrainState, max_bad: int) -> SampleBatch:
+    ok = torch.isfinite(batch.rewards)
+    if ok.all():
+        return batch
+    state.bad_batches += 1
+    log.warning("%d samples with non-finite rewards dropped", int((~ok).sum()))
+    if state.bad_batches > max_bad or not ok.any():
+        raise TrainingAborted(f"non-finite rewards in {state.bad_batches} batches "
+                              f"(train.max_bad_batches={max_bad}); check the reward model")
+    return batch.select(ok.nonzero()[:, 0])
+
+
+def _buffer_tensors(batch: SampleBatch) -> dict[str, torch.Tensor]:
+    t = batch.trajectory
+    out = {"latents": t.latents, "model_outputs": t.model_outputs, "means": t.means, "noises": t.noises,
+           "rewards": batch.rewards, "cond_tokens": batch.cond.tokens, "cond_mask": batch.cond.mask}
+    if t.log_probs is not None:
+        out["log_probs"] = t.log_probs
+    return {k: v.detach().cpu() for k, v in out.items()}
+
+
+def _buffer_from_tensors(ctx: AlignContext, data: dict[str, torch.Tensor], prompts: list[str]) -> SampleBatch:
+    from r2d3.backends.text import PromptEmbeds
+    from r2d3.diffusion import Trajectory
+
+    dev = ctx.backend.device
+    s = ctx.sampler
+    traj = Trajectory(latents=data["latents"].to(dev), timesteps=s.timesteps.clone(),
+                      next_timesteps=s.next_timesteps.clone(), step_indices=s.step_indices.clone(),
+                      model_outputs=data["model_outputs"].to(dev), means=data["means"].to(dev),
+                      stds=s.stds.clone(), noises=data["noises"].to(dev),
+                      log_probs=data["log_probs"].to(dev) if "log_probs" in data else None)
+    cond = PromptEmbeds(data["cond_tokens"].to(dev), data["cond_mask"].to(dev))
+    return SampleBatch(traj, prompts, cond, data["rewards"].to(dev))
+
+
+def run(config: AlignConfig, session: Session, evaluate_fn=None, on_epoch=None) -> dict[str, Any]:
+    """Align for ``config.train.epochs`` epochs (resuming from the session's latest checkpoint).
+
+    ``evaluate_fn(worker, tag)`` (rank 0) returns held-out metrics before and after training;
+    ``on_epoch(worker, epoch, samples, metrics)`` is called on rank 0 after each epoch (logging hooks).
+    """
+    worker = build_worker(config)
+    generator = torch.Generator().manual_seed(config.run.seed * 1000 + session.rank)
+    state, buffer = TrainState(), None
+    ckpt_path = session.latest_checkpoint() if config.run.resume else None
+    if ckpt_path is not None:
+        ckpt = load_checkpoint(ckpt_path)
+        check_compatible(ckpt.fingerprint, config)
+        load_lora_state_dict(worker.ctx.backend.denoiser, {k: v.to(worker.device) for k, v in ckpt.lora.items()})
+        worker.optimizer.load_state_dict(ckpt.optimizer)
+        generator.set_state(ckpt.generator_state)
+        if session.rank:  # rank 0's saved stream, forked deterministically per rank
+            generator.manual_seed(int(torch.randint(2**62, (1,), generator=generator)) + session.rank)
+        state = ckpt.state
+        if ckpt.buffer is not None:
+            buffer = _buffer_from_tensors(worker.ctx, ckpt.buffer, ckpt.buffer_prompts or [])
+        log.info("resumed from %s at epoch %d", ckpt_path, state.epoch)
+    summary: dict[str, Any] = {}
+    if evaluate_fn is not None and session.rank == 0 and state.epoch == 0:
+        summary["before"] = evaluate_fn(worker, "before")
+    t = config.train
+    bar = tqdm(range(state.epoch, t.epochs), desc="align", disable=not (config.run.progress and session.rank == 0),
+               initial=state.epoch, total=t.epochs)
+    for epoch in bar:
+        start = time.time()
+        batches = []
+        for _ in range(t.sample_batches_per_epoch):
+            idx = torch.randint(len(worker.prompts), (t.sample_batch_size,), generator=generator)
+            batches.append(sample_batch(worker.ctx, [worker.prompts[i] for i in idx.tolist()], generator))
+        samples = _drop_nonfinite(SampleBatch.concat(batches), state, t.max_bad_batches)
+        sample_time = time.time() - start
+        train_on = buffer if worker.algorithm.uses_lag else samples
+        metrics: dict[str, float] = {}
+        if train_on is not None:
+            metrics = train_epoch(worker, train_on, generator, session, state,
+                                  progress=config.run.progress and session.rank == 0)
+        buffer = samples
+        state.epoch = epoch + 1
+        reward = samples.rewards.detach().float()
+        stats = torch.stack([reward.mean(), reward.std(unbiased=False)])
+        session.all_reduce_mean_([stats])
+        metrics.update({"epoch": state.epoch, "optimizer_steps": state.optimizer_steps,
+                        "reward_mean": float(stats[0]), "reward_std": float(stats[1]),
+                        "bad_batches": state.bad_batches, "time/sample_s": sample_time,
+                        "time/epoch_s": time.time() - start})
+        state.history.append({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+        bar.set_postfix(reward=f"{metrics['reward_mean']:.4f}")
+        last = state.epoch == t.epochs
+        checkpoint_dir = None
+        if last or state.epoch % max(config.run.checkpoint_every, 1) == 0:
+            if session.rank == 0:  # LoRA weights are identical on every rank (all-reduced gradients)
+                checkpoint_dir = session.checkpoint_path(state.epoch)
+                save_checkpoint(checkpoint_dir, config, lora_state_dict(worker.ctx.backend.denoiser),
+                                worker.optimizer, generator, state,
+                                _buffer_tensors(buffer) if worker.algorithm.uses_lag else None, buffer.prompts)
+        if on_epoch is not None and session.rank == 0:
+            on_epoch(worker, state.epoch, samples, metrics)
+        session.report(metrics, checkpoint_dir)
+    if evaluate_fn is not None and session.rank == 0:
+        summary["after"] = evaluate_fn(worker, "after")
+    summary["history"] = state.history
+    summary["worker"] = worker
+    return summary
+
+
+def save_resolved_config(config: AlignConfig, run_dir: Path) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(to_yaml(config))
