@@ -67,6 +67,29 @@ class NablaGFN:
             (grad,) = torch.autograd.grad(reward.sum(), x)
         return grad, reward.detach()
 
+    def transition(self, ctx: AlignContext, model_fn, traj, step: int, prompts, cameras) -> dict[str, Tensor]:
+        """All terms of one transition's loss for the whole batch (``loss`` carries the LoRA graph)."""
+        x_t, x_next = traj.latents[:, step], traj.latents[:, step + 1]
+        t = traj.timesteps[step].to(x_t.device).expand(x_t.shape[0])
+        grad, reward = self.reward_grad(ctx, model_fn, x_next, step, prompts, cameras)
+        drive = self.config.beta * self.reward_weight(ctx, step) * grad
+        if self.config.reward_grad_clip is not None:
+            norms = drive.flatten(1).norm(dim=1).clamp(min=1e-12)
+            factor = (self.config.reward_grad_clip / norms).clamp(max=1.0)
+            drive = drive * factor.view(-1, *[1] * (drive.ndim - 1))
+        with torch.no_grad(), adapters_disabled(ctx.backend.denoiser):
+            mean_ref, std = ctx.sampler.step_mean_std(x_t, model_fn(x_t, t), step)
+            score_ref = -(x_next - mean_ref) / std**2
+        out = model_fn(x_t, t)
+        mean, std = ctx.sampler.step_mean_std(x_t, out, step)
+        score = -(x_next - mean) / std**2
+        target = score_ref + drive
+        loss_score = (score - target).square().mean()
+        loss_reg = (out - traj.model_outputs[:, step]).square().mean()
+        return {"loss": loss_score + self.config.reg_scale * loss_reg, "loss_score": loss_score,
+                "loss_reg": loss_reg, "score": score, "score_ref": score_ref, "target": target, "drive": drive,
+                "reward_grad": grad, "reward": reward}
+
     def accumulate(self, ctx: AlignContext, batch: SampleBatch, scale: float,
                    generator: torch.Generator) -> dict[str, float]:
         traj = batch.trajectory
@@ -76,32 +99,16 @@ class NablaGFN:
         totals = {"loss": 0.0, "loss_score": 0.0, "loss_reg": 0.0, "score_residual_norm": 0.0,
                   "target_norm": 0.0, "reward_grad_norm": 0.0, "reward_at_x0hat": 0.0}
         for j in steps:
-            x_t, x_next = traj.latents[:, j], traj.latents[:, j + 1]
-            t = traj.timesteps[j].to(x_t.device).expand(x_t.shape[0])
-            grad, reward = self.reward_grad(ctx, model_fn, x_next, j, batch.prompts, cameras)
-            drive = self.config.beta * self.reward_weight(ctx, j) * grad
-            if self.config.reward_grad_clip is not None:
-                norms = drive.flatten(1).norm(dim=1).clamp(min=1e-12)
-                factor = (self.config.reward_grad_clip / norms).clamp(max=1.0)
-                drive = drive * factor.view(-1, *[1] * (drive.ndim - 1))
-            with torch.no_grad(), adapters_disabled(ctx.backend.denoiser):
-                mean_ref, std = ctx.sampler.step_mean_std(x_t, model_fn(x_t, t), j)
-                score_ref = -(x_next - mean_ref) / std**2
-            out = model_fn(x_t, t)
-            mean, std = ctx.sampler.step_mean_std(x_t, out, j)
-            score = -(x_next - mean) / std**2
-            target = score_ref + drive
-            loss_score = (score - target).square().mean()
-            loss_reg = (out - traj.model_outputs[:, j]).square().mean()
-            loss = loss_score + self.config.reg_scale * loss_reg
-            (loss * scale / len(steps)).backward()
-            totals["loss"] += loss.item()
-            totals["loss_score"] += loss_score.item()
-            totals["loss_reg"] += loss_reg.item()
-            totals["score_residual_norm"] += (score - score_ref).detach().flatten(1).norm(dim=1).mean().item()
-            totals["target_norm"] += drive.flatten(1).norm(dim=1).mean().item()
-            totals["reward_grad_norm"] += grad.flatten(1).norm(dim=1).mean().item()
-            totals["reward_at_x0hat"] += reward.mean().item()
+            terms = self.transition(ctx, model_fn, traj, j, batch.prompts, cameras)
+            (terms["loss"] * scale / len(steps)).backward()
+            norm = lambda x: x.detach().flatten(1).norm(dim=1).mean().item()  # noqa: E731
+            totals["loss"] += terms["loss"].item()
+            totals["loss_score"] += terms["loss_score"].item()
+            totals["loss_reg"] += terms["loss_reg"].item()
+            totals["score_residual_norm"] += norm(terms["score"] - terms["score_ref"])
+            totals["target_norm"] += norm(terms["drive"])
+            totals["reward_grad_norm"] += norm(terms["reward_grad"])
+            totals["reward_at_x0hat"] += terms["reward"].mean().item()
         return as_dict({k: v / len(steps) for k, v in totals.items()} | {"transitions": len(steps)})
 
 

@@ -140,7 +140,7 @@ class TinySplatDenoiser(ModelMixin, ConfigMixin, PeftAdapterMixin):
         t = t.expand(x.shape[0]) if t.ndim == 0 else t
         mask = cond.mask.to(x.device)
         pooled = (cond.tokens * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)
-        c = self.time_mlp(timestep_embedding(t.to(x.device), self.config.dim)) + self.text_pool(pooled)
+        c = self.time_mlp(timestep_embedding(t.to(x.device), self.config.dim).to(x.dtype)) + self.text_pool(pooled)
         h = self.proj_in(x)
         for block in self.blocks:
             h = block(h, c, cond.tokens, mask)

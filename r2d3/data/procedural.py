@@ -13,15 +13,18 @@ attributes as labels, so three things matter more than realism:
   over the analytic surface (a scrambled Sobol sequence, randomly shifted per object, so faces and
   caps are covered without clumps), each a flat disc tangent to the surface: its shortest axis
   (``scales[..., 2]``, third column of its rotation) is the outward unit normal, the tangential
-  standard deviation is ``tangent_scale * sqrt(area / N)`` and the normal one a tenth of that.
-  Opacities are in [0.9, 1.0).
+  standard deviation is ``tangent_scale * sqrt(area / N)`` (narrowed towards sharp edges so cubes
+  stay crisp) and the normal one a tenth of that. Opacities are in [0.9, 1.0). Colours are the
+  palette colours with a mild baked shading (:data:`SHADING`) so flat-shaded renders still read as 3D.
 - **Speed.** Generation is vectorised over objects of the same shape; ten thousand 512-Gaussian
   objects take a few seconds on a laptop CPU, so nothing is stored on disk.
 
 Geometry conventions follow :mod:`r2d3.render.gaussians`: y up, objects centred at the origin and
 inside ``[-HALF_EXTENT, HALF_EXTENT]^3`` for any yaw and tilts up to :data:`MAX_TILT_DEG`. Objects
-stand upright (random rotation about y, then a small tilt) so "tall" stays meaningful. White is
-only used for stripes: a white body would vanish on the white render background.
+stand upright (random rotation about y, then a small tilt) so "tall" stays meaningful; the torus
+stands on its rim (ring in a vertical plane) because a lying ring seen from the usual 15-20 degree
+camera elevation hides its hole. White is only used for stripes: a white body would vanish on the
+white render background.
 """
 
 from __future__ import annotations
@@ -73,13 +76,19 @@ SIZE_SCALES: dict[str, float] = {"small": 0.55, "medium": 0.78, "large": 1.0}
 
 ASPECTS: tuple[str, ...] = ("regular", "tall", "wide", "flat")
 """``regular`` is the unmarked default: its prompts carry no aspect word."""
+_UNMARKED = frozenset({"medium", "regular"})  # default size and aspect: never written in a prompt
 
 # Shape parameters per aspect, as ratios; shape_dimensions() scales them to fit the box. Meaning:
 # sphere (radius,), cube (half-extent x, y, z), cylinder/cone/capsule (radius, half-height of the
 # body along y), torus (ring radius, tube radius), pyramid (half-side of the square base, half-height).
 _RATIOS: dict[str, dict[str, tuple[float, ...]]] = {
     "sphere": {"regular": (1.0,)},
-    "cube": {"regular": (1.0, 1.0, 1.0), "tall": (1.0, 2.2, 1.0), "wide": (2.2, 1.0, 1.0), "flat": (1.0, 0.25, 1.0)},
+    "cube": {
+        "regular": (1.0, 1.0, 1.0),
+        "tall": (1.0, 2.2, 1.0),
+        "wide": (2.2, 1.0, 1.0),
+        "flat": (1.0, 0.25, 1.0),
+    },
     "cylinder": {"regular": (1.0, 1.0), "tall": (1.0, 2.5), "wide": (2.0, 1.0), "flat": (1.0, 0.15)},
     "cone": {"regular": (1.0, 1.0), "tall": (1.0, 2.2), "wide": (2.0, 0.8)},
     "torus": {"regular": (1.0, 0.4)},
@@ -181,7 +190,7 @@ class ShapeAttributes:
         Template 0: ``"a small tall blue cylinder with white stripes"``, ``"a red and yellow cube"``.
         Template 1: ``"small tall cylinder, blue with white stripes"``, ``"cube, red and yellow"``.
         """
-        modifiers = [w for w in (self.size, self.aspect) if w not in ("medium", "regular")]
+        modifiers = [w for w in (self.size, self.aspect) if w not in _UNMARKED]
         colors = [self.color] if self.pattern != "two-tone" else [self.color, "and", self.color2]
         stripes = ["with", self.color2, "stripes"] if self.pattern == "striped" else []
         if template == 0:
@@ -203,7 +212,7 @@ def _second_colors(color: str, pattern: str) -> tuple[str, ...]:
 
 
 VOCABULARY: tuple[str, ...] = tuple(
-    sorted({"a", "an", "and", "with", "stripes", *SHAPES, *COLOR_NAMES, "small", "large", "tall", "wide", "flat"})
+    sorted({"a", "an", "and", "with", "stripes", *SHAPES, *COLOR_NAMES, *SIZES, *ASPECTS} - _UNMARKED)
 )
 """Every word the grammar produces (for a learned-vocabulary text encoder); prompts also contain commas."""
 
@@ -237,7 +246,7 @@ HELDOUT_COMBOS: frozenset[tuple[str, str, str]] = _choose_heldout_combos()
 
 
 def split_combos(split: str) -> list[tuple[str, str, str]]:
-    """The (shape, color, pattern) combinations of ``split`` (``train``, ``heldout`` or ``all``), in a fixed order."""
+    """The (shape, color, pattern) combinations of ``split`` (train, heldout or all), in a fixed order."""
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
     combos = itertools.product(SHAPES, PRIMARY_COLORS, PATTERNS)
@@ -290,7 +299,8 @@ def parse_prompt(prompt: str) -> ShapeAttributes:
         else:
             raise PromptParseError(f"cannot parse {prompt!r}: unknown word {word!r}")
     if len(shapes) != 1:
-        raise PromptParseError(f"cannot parse {prompt!r}: expected exactly one shape word, found {shapes or 'none'}")
+        found = shapes or "none"
+        raise PromptParseError(f"cannot parse {prompt!r}: expected exactly one shape word, found {found}")
     if len(sizes) > 1 or len(aspects) > 1:
         raise PromptParseError(f"cannot parse {prompt!r}: more than one size or aspect word")
     if color2 is not None:
@@ -302,7 +312,8 @@ def parse_prompt(prompt: str) -> ShapeAttributes:
     elif len(colors) == 2:
         pattern, color2 = "two-tone", colors[1]
     else:
-        raise PromptParseError(f"cannot parse {prompt!r}: expected one or two colors, found {colors or 'none'}")
+        found = colors or "none"
+        raise PromptParseError(f"cannot parse {prompt!r}: expected one or two colors, found {found}")
     try:
         return ShapeAttributes(
             shape=shapes[0], color=colors[0], pattern=pattern, color2=color2,
@@ -340,8 +351,6 @@ def _bounding_cylinder(shape: str, dims: tuple[float, ...]) -> tuple[float, floa
 
 def _half_extents_xy(shape: str, dims: tuple[float, ...]) -> tuple[float, float]:
     """Half-extents of the upright shape along x and y (for placing two-tone halves and stripes)."""
-    if shape == "sphere":
-        return dims[0], dims[0]
     if shape == "cube":
         return dims[0], dims[1]
     rho, eta = _bounding_cylinder(shape, dims)
@@ -431,7 +440,8 @@ def _sample_cube(d: Tensor, u: Tensor) -> SurfaceSample:
     edge_sign = torch.where(first, a1, a2).sign()
     edge_dir = torch.zeros_like(u).scatter_(-1, edge_axis[..., None], edge_sign[..., None])
     normals = torch.zeros_like(u).scatter_(-1, axis[..., None], sign[..., None])
-    return SurfaceSample(unit * extents, normals, 2 * face_area.sum(-1), edge_dir, torch.minimum(dist1, dist2))
+    edge_dist = torch.minimum(dist1, dist2)
+    return SurfaceSample(unit * extents, normals, 2 * face_area.sum(-1), edge_dir, edge_dist)
 
 
 def _sample_cylinder(d: Tensor, u: Tensor) -> SurfaceSample:
@@ -530,7 +540,8 @@ def _sample_pyramid(d: Tensor, u: Tensor) -> SurfaceSample:
     # In-plane outward normals of each triangle's edges (v_i -> v_{i+1}); the base's diagonal is no
     # edge of the solid, so its distance is infinite.
     starts, ends = verts, verts.roll(-1, dims=2)
-    edge_out = torch.nn.functional.normalize(torch.linalg.cross(ends - starts, face_normals[:, :, None].expand_as(starts)), dim=-1)
+    edge_out = torch.linalg.cross(ends - starts, face_normals[:, :, None].expand_as(starts))
+    edge_out = torch.nn.functional.normalize(edge_out, dim=-1)
     inward = ((verts.mean(2, keepdim=True) - starts) * edge_out).sum(-1, keepdim=True) > 0
     edge_out = torch.where(inward, -edge_out, edge_out)
     idx = _pick_face(areas, u[..., 0])
@@ -544,7 +555,8 @@ def _sample_pyramid(d: Tensor, u: Tensor) -> SurfaceSample:
     dist = torch.where(diagonal[idx], math.inf, dist)
     nearest = dist.argmin(-1, keepdim=True)
     edge_dir = out.gather(-2, nearest[..., None].expand(*nearest.shape, 3))[..., 0, :]
-    return SurfaceSample(points, _gather(face_normals, idx), areas.sum(-1), edge_dir, dist.gather(-1, nearest)[..., 0])
+    edge_dist = dist.gather(-1, nearest)[..., 0]
+    return SurfaceSample(points, _gather(face_normals, idx), areas.sum(-1), edge_dir, edge_dist)
 
 
 _SAMPLERS = {
@@ -559,7 +571,11 @@ _SAMPLERS = {
 
 
 def sample_surface(
-    shape: str, dims: Tensor, num_points: int, generator: torch.Generator | None = None, shift: Tensor | None = None
+    shape: str,
+    dims: Tensor,
+    num_points: int,
+    generator: torch.Generator | None = None,
+    shift: Tensor | None = None,
 ) -> SurfaceSample:
     """Area-uniform points on upright shapes (object frame, centred at the origin).
 
@@ -599,43 +615,30 @@ def _rotation_matrices(yaw: Tensor, tilt: Tensor, tilt_axis: Tensor) -> Tensor:
     return r_tilt @ r_yaw
 
 
-def _tangent_frames(normals: Tensor, first_tangent: Tensor) -> Tensor:
-    """Right-handed rotations ``[..., 3, 3]`` with columns (t1, n x t1, n): t1 is ``first_tangent``
-    made orthogonal to the normal, or an arbitrary tangent where that is (near) zero."""
-    t1 = first_tangent - (first_tangent * normals).sum(-1, keepdim=True) * normals
-    use_x = normals[..., 0].abs() < 0.9
-    helper = torch.stack([use_x, ~use_x, torch.zeros_like(use_x)], -1).to(normals.dtype)
-    fallback = torch.linalg.cross(helper, normals)
-    t1 = torch.where(t1.norm(dim=-1, keepdim=True) > 1e-3, t1, fallback)
-    t1 = torch.nn.functional.normalize(t1, dim=-1)
-    return torch.stack([t1, torch.linalg.cross(normals, t1), normals], dim=-1)
+def splat_quats(normals: Tensor, first_axis: Tensor | None = None) -> Tensor:
+    """Unit quaternions (w, x, y, z), w >= 0, for surface splats: local +z goes to ``normals`` and
+    local +x to ``first_axis`` projected onto the tangent plane (any tangent where it is ~0 or None).
 
-
-def matrix_to_quat(matrix: Tensor) -> Tensor:
-    """Unit quaternions (w, x, y, z) with w >= 0 from rotation matrices ``[..., 3, 3]``.
-
-    Pivots on the largest of the four squared components, which stays accurate near 180-degree
-    rotations where the trace formula alone loses precision.
+    Built as the shortest arc from +z (from -z after a half turn about x for normals in the lower
+    hemisphere, so no branch divides by a vanishing norm), followed by a spin about the normal.
     """
-    m = matrix
-    m00, m11, m22 = m[..., 0, 0], m[..., 1, 1], m[..., 2, 2]
-    squares = torch.stack([1 + m00 + m11 + m22, 1 + m00 - m11 - m22, 1 - m00 + m11 - m22, 1 - m00 - m11 + m22], -1)
-    a, b, c = m[..., 2, 1] - m[..., 1, 2], m[..., 0, 2] - m[..., 2, 0], m[..., 1, 0] - m[..., 0, 1]
-    p, q, r = m[..., 1, 0] + m[..., 0, 1], m[..., 0, 2] + m[..., 2, 0], m[..., 2, 1] + m[..., 1, 2]
-    best = squares.argmax(-1)
-    pivot = squares.gather(-1, best[..., None])
-    candidates = (  # 4 * (w, x, y, z) * component, for each choice of pivot component
-        torch.stack([squares[..., 0], a, b, c], -1),
-        torch.stack([a, squares[..., 1], p, q], -1),
-        torch.stack([b, p, squares[..., 2], r], -1),
-        torch.stack([c, q, r, squares[..., 3]], -1),
-    )
-    quat = candidates[0]
-    for k in range(1, 4):
-        quat = torch.where((best == k)[..., None], candidates[k], quat)
-    quat = quat / (2 * pivot.clamp(min=1e-12).sqrt())
-    quat = torch.nn.functional.normalize(quat, dim=-1)
-    return torch.where(quat[..., :1] < 0, -quat, quat)
+    nx, ny, nz = normals.unbind(-1)
+    upper = torch.stack([1 + nz, -ny, nx, torch.zeros_like(nz)], -1)
+    lower = torch.stack([-ny, 1 - nz, torch.zeros_like(nz), nx], -1)
+    q = torch.nn.functional.normalize(torch.where((nz >= 0)[..., None], upper, lower), dim=-1)
+    if first_axis is not None:
+        w, x, y, z = q.unbind(-1)
+        axis_x = torch.stack([1 - 2 * (y * y + z * z), 2 * (x * y + w * z), 2 * (x * z - w * y)], -1)
+        axis_y = torch.stack([2 * (x * y - w * z), 1 - 2 * (x * x + z * z), 2 * (y * z + w * x)], -1)
+        cos_sin = torch.stack([(first_axis * axis_x).sum(-1), (first_axis * axis_y).sum(-1)], -1)
+        norm = cos_sin.norm(dim=-1, keepdim=True)
+        no_spin = torch.tensor([1.0, 0.0], dtype=q.dtype)
+        cos_sin = torch.where(norm > 1e-3, cos_sin / norm.clamp(min=1e-3), no_spin)  # (cos psi, sin psi)
+        hc = ((1 + cos_sin[..., 0]) / 2).clamp(min=0).sqrt()  # cos(psi / 2)
+        hs = ((1 - cos_sin[..., 0]) / 2).clamp(min=0).sqrt() * torch.where(cos_sin[..., 1] < 0, -1.0, 1.0)
+        # q * (cos psi/2, 0, 0, sin psi/2): a spin by psi about the local z axis (the normal)
+        q = torch.stack([w * hc - z * hs, x * hc + y * hs, y * hc - x * hs, z * hc + w * hs], -1)
+    return torch.where(q[..., :1] < 0, -q, q)
 
 
 def _secondary_mask(shape: str, pattern: Tensor, dims: tuple[Tensor, ...], points: Tensor) -> Tensor:
@@ -653,7 +656,8 @@ def _secondary_mask(shape: str, pattern: Tensor, dims: tuple[Tensor, ...], point
             segment = (angle / (2 * math.pi) * NUM_TORUS_STRIPE_SEGMENTS).long() % NUM_TORUS_STRIPE_SEGMENTS
         else:
             extent = torch.where(use_y, ey, ex)[striped, None]
-            segment = ((coord[striped] / extent + 1) / 2 * NUM_STRIPE_BANDS).long().clamp(0, NUM_STRIPE_BANDS - 1)
+            band = ((coord[striped] / extent + 1) / 2 * NUM_STRIPE_BANDS).long()
+            segment = band.clamp(0, NUM_STRIPE_BANDS - 1)
         mask[striped] = segment % 2 == 1
     return mask
 
@@ -712,9 +716,10 @@ def _build(
 
     # Discs of the tangential size, narrowed towards a nearby edge so they end near it (axis 0).
     tangential = (tangent_scale * spacing[:, None]).expand(batch, num)
-    towards_edge = torch.minimum(EDGE_SCALE_RATIO * edge_dist, tangential).clamp(min=EDGE_MIN_SCALE * tangential)
+    towards_edge = torch.minimum(EDGE_SCALE_RATIO * edge_dist, tangential)
+    towards_edge = towards_edge.clamp(min=EDGE_MIN_SCALE * tangential)
     scales = torch.stack([towards_edge, tangential, NORMAL_SCALE_RATIO * tangential], -1)
-    quats = matrix_to_quat(_tangent_frames(normals, edge_dir))
+    quats = splat_quats(normals, edge_dir)
     light = torch.tensor(LIGHT_DIRECTION, dtype=dtype)
     colors = colors * (1 - shading + shading * (0.5 + 0.5 * (normals @ light)))[..., None]
     opacities = 0.9 + 0.1 * u[:, _OPACITY_U:].to(dtype)
@@ -783,7 +788,8 @@ def from_prompt(
     """One object for a grammar prompt (see :func:`parse_prompt`); the prompt is returned unchanged.
     ``options`` as in :func:`build_gaussians`."""
     attributes = parse_prompt(prompt)
-    return ProceduralSample(build_gaussians([attributes], num_gaussians, generator, **options), prompt, attributes)
+    gaussians = build_gaussians([attributes], num_gaussians, generator, **options)
+    return ProceduralSample(gaussians, prompt, attributes)
 
 
 class ProceduralShapes(torch.utils.data.Dataset):
@@ -836,21 +842,24 @@ class ProceduralShapes(torch.utils.data.Dataset):
         x = u.tolist()
         shape, color, pattern = pick(self.combos, x[0])
         color2 = pick(_second_colors(color, pattern), x[1]) if pattern != "solid" else None
-        attributes = ShapeAttributes(shape, color, pattern, color2, pick(SIZES, x[2]), pick(SHAPE_ASPECTS[shape], x[3]))
+        size, aspect = pick(SIZES, x[2]), pick(SHAPE_ASPECTS[shape], x[3])
+        attributes = ShapeAttributes(shape, color, pattern, color2, size, aspect)
         return attributes, pick(range(NUM_TEMPLATES), x[4])
 
     def _from_uniforms(self, u: Tensor) -> ProceduralBatch:
         chosen = [self._choose(row[: self._NUM_CHOICES]) for row in u]
         attributes = [a for a, _ in chosen]
-        gaussians = _build(attributes, u[:, self._NUM_CHOICES :], self.max_tilt_deg, self.tangent_scale, self.shading)
+        geometry_u = u[:, self._NUM_CHOICES :]
+        gaussians = _build(attributes, geometry_u, self.max_tilt_deg, self.tangent_scale, self.shading)
         return ProceduralBatch(gaussians, [a.prompt(t) for a, t in chosen], attributes)
 
     def _index_uniforms(self, index: int) -> Tensor:
         if not 0 <= index < self.length:
             raise IndexError(f"index {index} out of range for a dataset of length {self.length}")
-        mixed = int.from_bytes(hashlib.sha256(f"{self.seed}|{self.split}|{index}".encode()).digest()[:8], "little")
-        generator = torch.Generator().manual_seed(mixed)
-        return torch.rand(self._NUM_CHOICES + _OPACITY_U + self.num_gaussians, generator=generator, dtype=torch.float64)
+        digest = hashlib.sha256(f"{self.seed}|{self.split}|{index}".encode()).digest()
+        generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
+        width = self._NUM_CHOICES + _OPACITY_U + self.num_gaussians
+        return torch.rand(width, generator=generator, dtype=torch.float64)
 
     def __getitem__(self, index: int) -> ProceduralSample:
         index = index + self.length if index < 0 else index
@@ -864,29 +873,34 @@ class ProceduralShapes(torch.utils.data.Dataset):
         return self._from_uniforms(torch.stack([self._index_uniforms(int(i)) for i in indices]))
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> ProceduralBatch:
-        """``n`` fresh random objects of this split (not tied to indices), deterministic given ``generator``."""
+        """``n`` fresh random objects of this split, not tied to indices; deterministic by ``generator``."""
         if n < 1:
             raise ValueError(f"n must be >= 1, got {n}")
         width = self._NUM_CHOICES + _OPACITY_U + self.num_gaussians
         return self._from_uniforms(torch.rand(n, width, generator=generator, dtype=torch.float64))
 
     def _options(self, options: dict[str, float]) -> dict[str, float]:
-        defaults = {"max_tilt_deg": self.max_tilt_deg, "tangent_scale": self.tangent_scale, "shading": self.shading}
-        return {**defaults, **options}
+        defaults = {"max_tilt_deg": self.max_tilt_deg, "tangent_scale": self.tangent_scale}
+        return {**defaults, "shading": self.shading, **options}
 
     def from_attributes(
-        self, attributes: ShapeAttributes, generator: torch.Generator | None = None, template: int = 0, **options: float
+        self,
+        attributes: ShapeAttributes,
+        generator: torch.Generator | None = None,
+        template: int = 0,
+        **options: float,
     ) -> ProceduralSample:
         """:func:`from_attributes` with this dataset's number of Gaussians and geometry settings."""
         return from_attributes(attributes, self.num_gaussians, generator, template, **self._options(options))
 
-    def from_prompt(self, prompt: str, generator: torch.Generator | None = None, **options: float) -> ProceduralSample:
+    def from_prompt(
+        self, prompt: str, generator: torch.Generator | None = None, **options: float
+    ) -> ProceduralSample:
         """:func:`from_prompt` with this dataset's number of Gaussians and geometry settings."""
         return from_prompt(prompt, self.num_gaussians, generator, **self._options(options))
 
     @staticmethod
     def collate(samples: Sequence[ProceduralSample]) -> ProceduralBatch:
         """Stack samples (e.g. from a ``DataLoader``) into one batch."""
-        return ProceduralBatch(
-            Gaussians.cat([s.gaussians for s in samples]), [s.prompt for s in samples], [s.attributes for s in samples]
-        )
+        gaussians = Gaussians.cat([s.gaussians for s in samples])
+        return ProceduralBatch(gaussians, [s.prompt for s in samples], [s.attributes for s in samples])

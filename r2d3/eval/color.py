@@ -9,7 +9,9 @@ Rule, per view:
    blended with the background are left out);
 2. each foreground pixel votes for its nearest palette colour in CIE L*a*b* (D65; the rendered RGB
    values are treated as sRGB-encoded display values, as they are viewed) — nearest-neighbour voting
-   is a robust statistic: shading, blending and a few outliers move pixels, not the majority;
+   is a robust statistic: shading and a few outliers move pixels, not the majority. Pixels that are a
+   blend of two palette colours (thin stripes and colour boundaries, composited linearly in RGB by the
+   renderer) are recognised by unmixing and split their vote between the two colours;
 3. votes are pooled over all views of an asset; the dominant colour is the one with most votes
    (``top-k`` gives the ranking). An asset with no foreground pixel gets no prediction (index −1).
 
@@ -53,25 +55,54 @@ def _palette_table(palette: Mapping[str, Sequence[float]] | None) -> tuple[list[
     return names, torch.tensor([list(map(float, palette[n])) for n in names])
 
 
+def _unmix(pixels: Tensor, table: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Best two-colour blend ``t · c_i + (1 − t) · c_j`` (t in [0, 1]) of each pixel ``[P, 3]``: returns
+    the residual ``[P]``, the pair's indices ``i``, ``j`` ``[P]`` and the weight ``t`` ``[P]`` of ``c_i``."""
+    first, second = torch.triu_indices(len(table), len(table), offset=1)
+    a, b = table[first], table[second]  # [Q, 3]
+    diff = a - b
+    t = (((pixels[:, None] - b[None]) * diff[None]).sum(-1) / (diff * diff).sum(-1).clamp(min=1e-12)).clamp(0, 1)
+    residual = (pixels[:, None] - (b[None] + t[..., None] * diff[None])).norm(dim=-1)  # [P, Q]
+    best, pair = residual.min(dim=1)
+    return best, first[pair], second[pair], t.gather(1, pair[:, None])[:, 0]
+
+
 def colour_votes(
     rgb: Tensor,
     alpha: Tensor,
     palette: Mapping[str, Sequence[float]] | None = None,
     alpha_threshold: float = 0.9,
+    blend_margin: float = 0.03,
 ) -> tuple[list[str], Tensor]:
-    """Palette names (default palette: :data:`r2d3.data.procedural.COLORS`) and per-asset vote counts ``[B, len(palette)]`` from views ``rgb`` ``[B, V, 3, H, W]``
-    and ``alpha`` ``[B, V, 1, H, W]``."""
+    """Palette names (default palette: :data:`r2d3.data.procedural.COLORS`) and per-asset vote counts
+    ``[B, len(palette)]`` from views ``rgb`` ``[B, V, 3, H, W]`` and ``alpha`` ``[B, V, 1, H, W]``.
+
+    A pixel whose RGB is explained by a blend of two palette colours better (by ``blend_margin``) than by
+    any single colour — a stripe edge or a thin stripe at low resolution, where the renderer composites
+    two colours linearly — splits its vote between the two by the blend weight, so blends of, say,
+    blue and orange are not counted as brown.
+    """
     if rgb.ndim != 5 or alpha.shape[:2] != rgb.shape[:2]:
         raise ValueError(f"expected rgb [B, V, 3, H, W] and alpha [B, V, 1, H, W], got {tuple(rgb.shape)} "
                          f"and {tuple(alpha.shape)}")
     names, table = _palette_table(palette)
     lab_palette = srgb_to_lab(table)
-    b = rgb.shape[0]
-    pixels = rgb.detach().float().movedim(2, -1).reshape(b, -1, 3)  # [B, V*H*W, 3]
-    fg = (alpha.detach().float() > alpha_threshold).reshape(b, -1)
-    nearest = torch.cdist(srgb_to_lab(pixels), lab_palette[None].expand(b, -1, -1)).argmin(dim=-1)
-    votes = torch.zeros(b, len(names))
-    votes.scatter_add_(1, nearest, fg.float())
+    votes = torch.zeros(rgb.shape[0], len(names))
+    for k in range(rgb.shape[0]):
+        pixels = rgb[k].detach().float().movedim(1, -1).reshape(-1, 3)
+        pixels = pixels[alpha[k].detach().float().reshape(-1) > alpha_threshold]
+        if len(pixels) == 0:
+            continue
+        nearest = torch.cdist(srgb_to_lab(pixels), lab_palette).argmin(dim=-1)
+        pure_residual = (pixels - table[nearest]).norm(dim=-1)
+        if len(names) > 1:
+            blend_residual, first, second, weight = _unmix(pixels, table)
+            blended = blend_residual < pure_residual - blend_margin
+        else:
+            blended = torch.zeros(len(pixels), dtype=torch.bool)
+        votes[k].scatter_add_(0, nearest[~blended], torch.ones(int((~blended).sum())))
+        votes[k].scatter_add_(0, first[blended], weight[blended])
+        votes[k].scatter_add_(0, second[blended], 1 - weight[blended])
     return names, votes
 
 

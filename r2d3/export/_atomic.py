@@ -41,7 +41,9 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     except OSError as e:
         raise _unwritable(path, f"cannot create the directory {str(path.parent)!r}", e) from e
     try:
-        fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=f".partial{path.suffix}")
+        # hidden, unique, and ending in the real suffix so extension-sniffing writers still work
+        prefix, suffix = f".{path.name}.", f".partial{path.suffix}"
+        fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=prefix, suffix=suffix)
     except OSError as e:
         raise _unwritable(path, "cannot create a file in its directory", e) from e
     os.close(fd)

@@ -72,7 +72,7 @@ def gaussians_to_ply_array(gaussians: Gaussians) -> np.ndarray:
     opacity = g.opacities[0].clamp(_OPACITY_EPS, 1.0 - _OPACITY_EPS)
     columns = {
         "x": means[:, 0], "y": means[:, 1], "z": means[:, 2],
-        "nx": torch.zeros_like(means[:, 0]), "ny": torch.zeros_like(means[:, 0]), "nz": torch.zeros_like(means[:, 0]),
+        **{name: torch.zeros_like(means[:, 0]) for name in ("nx", "ny", "nz")},
         **{f"f_dc_{i}": (g.colors[0, :, i] - 0.5) / SH_C0 for i in range(3)},
         "opacity": torch.logit(opacity),
         **{f"scale_{i}": scales[:, i].log() for i in range(3)},
@@ -125,7 +125,8 @@ def read_ply(
     except (PlyHeaderParseError, PlyElementParseError, ValueError, EOFError) as e:
         raise PlyFormatError(f"{str(path)!r} is not a readable .ply file: {e}") from e
     if "vertex" not in ply:
-        raise PlyFormatError(f"{str(path)!r} has no 'vertex' element (elements: {[e.name for e in ply.elements]})")
+        names = [e.name for e in ply.elements]
+        raise PlyFormatError(f"{str(path)!r} has no 'vertex' element (elements: {names})")
     vertex = ply["vertex"]
     present = {p.name for p in vertex.properties}
     missing = [name for name in PLY_PROPERTIES[:3] + PLY_PROPERTIES[6:] if name not in present]
@@ -143,7 +144,11 @@ def read_ply(
     scales = stack([f"scale_{i}" for i in range(3)]).exp()
     quats = stack([f"rot_{i}" for i in range(4)])
     gaussians = Gaussians(
-        means=means[None], scales=scales[None], quats=quats[None], opacities=opacities[None], colors=colors[None]
+        means=means[None],
+        scales=scales[None],
+        quats=quats[None],
+        opacities=opacities[None],
+        colors=colors[None],
     ).to(dtype=dtype)
     try:
         return gaussians.validate()

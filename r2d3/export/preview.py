@@ -96,7 +96,8 @@ def _as_rows(images: RenderOutput | Tensor | np.ndarray, channel: Channel) -> Te
     if x.ndim == 5:
         return x
     raise ValueError(
-        f"expected images [3, H, W], [V, 3, H, W] or [R, V, 3, H, W] (or a RenderOutput), got shape {list(x.shape)}"
+        "expected images [3, H, W], [V, 3, H, W] or [R, V, 3, H, W] (or a RenderOutput), "
+        f"got shape {list(x.shape)}"
     )
 
 
@@ -166,7 +167,7 @@ def make_grid(
         return _wrap(scratch, text, font, text_width) if text else []
 
     caption_lines = strip(caption)
-    row_lines = [strip(label) for label in row_labels] if row_labels is not None else [[] for _ in range(num_rows)]
+    row_lines = [strip(label) for label in row_labels] if row_labels is not None else [[]] * num_rows
     col_strip = line_height if col_labels is not None else 0
     height = padding + len(caption_lines) * line_height + col_strip
     height += sum(len(lines) * line_height + h + padding for lines in row_lines)
@@ -201,7 +202,9 @@ def encode_png(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
-def save_preview_grid(images: RenderOutput | Tensor | np.ndarray, path: str | os.PathLike[str], **grid_kwargs: Any) -> Path:
+def save_preview_grid(
+    images: RenderOutput | Tensor | np.ndarray, path: str | os.PathLike[str], **grid_kwargs: Any
+) -> Path:
     """:func:`make_grid` written to ``path`` as a PNG, atomically; returns the path.
 
     Raises :class:`~r2d3.export.ExportPathError` naming ``path`` if it cannot be written.
@@ -217,14 +220,15 @@ def _frames_to_pil(frames: Tensor | np.ndarray | Sequence[FrameLike]) -> list[Im
     """Frames as channels-first floats ``[F, 3, H, W]``, ``uint8`` ``[F, H, W, 3]``, or a list of images."""
     if isinstance(frames, (Tensor, np.ndarray)):
         if frames.ndim != 4:
-            raise ValueError(f"expected frames [F, 3, H, W] (float) or [F, H, W, 3] (uint8), got {list(frames.shape)}")
+            shape = list(frames.shape)
+            raise ValueError(f"expected frames [F, 3, H, W] (float) or [F, H, W, 3] (uint8), got {shape}")
         frames = list(frames)
     out: list[Image.Image] = []
     for i, frame in enumerate(frames):
         if isinstance(frame, Image.Image):
             out.append(frame.convert("RGB"))
-        elif isinstance(frame, np.ndarray) and frame.dtype == np.uint8 and frame.ndim == 3 and frame.shape[-1] in (1, 3, 4):
-            out.append(Image.fromarray(frame[..., :3] if frame.shape[-1] != 1 else frame[..., 0]).convert("RGB"))
+        elif isinstance(frame, np.ndarray) and frame.dtype == np.uint8 and frame.shape[2:] == (3,):
+            out.append(Image.fromarray(frame))  # already 8-bit, channels-last [H, W, 3]
         elif isinstance(frame, (Tensor, np.ndarray)):
             out.append(Image.fromarray(to_uint8(frame)))
         else:
@@ -266,11 +270,16 @@ def _write_mp4(images: list[Image.Image], path: Path, fps: float) -> None:
     if importlib.util.find_spec("av") is not None:
         iio.imwrite(path, stack, plugin="pyav", codec="libx264", fps=fps, out_pixel_format="yuv420p")
     else:
-        iio.imwrite(path, stack, plugin="FFMPEG", fps=fps, codec="libx264", pixelformat="yuv420p", macro_block_size=1)
+        iio.imwrite(
+            path, stack, plugin="FFMPEG", fps=fps, codec="libx264", pixelformat="yuv420p", macro_block_size=1
+        )
 
 
 def save_turntable(
-    frames: Tensor | np.ndarray | Sequence[FrameLike], path: str | os.PathLike[str], fps: float = 12.0, loop: int = 0
+    frames: Tensor | np.ndarray | Sequence[FrameLike],
+    path: str | os.PathLike[str],
+    fps: float = 12.0,
+    loop: int = 0,
 ) -> Path:
     """Write frames as an animation; the format follows the suffix of ``path`` (``.gif`` or ``.mp4``).
 

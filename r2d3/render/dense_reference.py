@@ -71,7 +71,8 @@ def render_gaussians_dense(
     dx = xs.reshape(1, 1, 1, -1) - means2d[..., 0:1]  # [B, V, N, H*W]
     dy = ys.reshape(1, 1, 1, -1) - means2d[..., 1:2]
     q = conics[..., 0:1] * dx * dx + 2 * conics[..., 1:2] * dx * dy + conics[..., 2:3] * dy * dy
-    alpha = opac[..., None] * torch.exp(-0.5 * q)
+    # (exponent clamped only to stay out of slow float32 denormals; the result is far below ALPHA_MIN)
+    alpha = opac[..., None] * torch.exp((-0.5 * q).clamp(min=-60.0))
     alpha = torch.where(alpha < ALPHA_MIN, torch.zeros_like(alpha), torch.clamp(alpha, max=ALPHA_MAX))
     keep_ray = torch.cumprod(1 - alpha, dim=2)
     trans_in = torch.cat([torch.ones_like(keep_ray[:, :, :1]), keep_ray[:, :, :-1]], dim=2)

@@ -31,6 +31,9 @@ from r2d3.render.projection import ALPHA_MAX, ALPHA_MIN, project_gaussians
 from r2d3.render.tiles import TileBins, bin_gaussians
 
 
+_MIN_EXPONENT = -60.0
+
+
 @dataclass
 class _Plan:
     """Everything the compositing pass needs besides the differentiable per-Gaussian tensors."""
@@ -65,20 +68,24 @@ class _Chunk:
     """One chunk of up to K Gaussians for R tiles, evaluated at the tiles' P pixels."""
 
     ids: Tensor  # [R, K] flat Gaussian index (0 where padded)
+    valid: Tensor  # [R, K] 1.0 for real entries, 0.0 for padding
+    conic: Tensor  # [R, K, 3] conic (a, b, c) of each Gaussian
     dx: Tensor  # [R, K, P] pixel centre minus Gaussian centre
     dy: Tensor
-    conic: Tensor  # [R, K, 3, 1]
     falloff: Tensor  # [R, K, P] exp(-sigma)
     raw: Tensor  # [R, K, P] opacity * falloff (0 for padding)
-    alpha: Tensor  # [R, K, P] thresholded and clamped alpha
-    log_keep: Tensor  # [R, K, P] log(1 - alpha)
+    alpha: Tensor  # [R, K, P] raw, zeroed below ALPHA_MIN and clamped to ALPHA_MAX
+    keep: Tensor  # [R, K, P] 1 - alpha
     trans: Tensor  # [R, K, P] transmittance in front of each Gaussian
     weights: Tensor  # [R, K, P] alpha * trans
+    trans_end: Tensor  # [R, P] transmittance behind the whole chunk
 
 
 def _evaluate_chunk(
     means2d: Tensor, conics: Tensor, opacities: Tensor, plan: _Plan, rows: Tensor, step: int, t_start: Tensor
 ) -> _Chunk:
+    # Written as in-place passes over [R, K, P] with float (not bool) masks: on CPU these tensors are the
+    # whole cost, and bool-mask kernels are several times slower than float arithmetic.
     bins, k = plan.bins, plan.chunk_size
     offset = step * k + torch.arange(k, device=rows.device)
     valid = offset < bins.counts[rows, None]  # [R, K]
@@ -88,15 +95,22 @@ def _evaluate_chunk(
     centre = means2d[ids]  # [R, K, 2]
     dx = (plan.origin_x[rows, None] - centre[..., 0])[..., None] + plan.pixel_u
     dy = (plan.origin_y[rows, None] - centre[..., 1])[..., None] + plan.pixel_v
-    conic = conics[ids][..., None]  # [R, K, 3, 1]
-    a, b, c = conic.unbind(-2)
-    sigma = 0.5 * a * dx * dx + b * dx * dy + 0.5 * c * dy * dy
-    falloff = torch.exp(-sigma)
-    raw = (opacities[ids] * valid)[..., None] * falloff
-    alpha = torch.where(raw >= ALPHA_MIN, raw.clamp(max=ALPHA_MAX), torch.zeros_like(raw))
-    log_keep = torch.log1p(-alpha)
-    trans = t_start[:, None, :] * torch.exp(torch.cumsum(log_keep, dim=1) - log_keep)
-    return _Chunk(ids, dx, dy, conic, falloff, raw, alpha, log_keep, trans, alpha * trans)
+    conic = conics[ids]
+    a, b, c = (conic * -0.5).unbind(-1)
+    # -sigma = -(a dx^2 / 2 + b dx dy + c dy^2 / 2), accumulated in place.
+    falloff = torch.mul(dx, a[..., None]).addcmul_(dy, 2.0 * b[..., None]).mul_(dx)
+    # Clamping the exponent changes no output (such pixels are far below ALPHA_MIN) but keeps exp() out of
+    # float32 denormals, which are an order of magnitude slower on x86.
+    falloff.addcmul_(torch.mul(dy, c[..., None]), dy).clamp_(min=_MIN_EXPONENT).exp_()
+    valid = valid.to(falloff.dtype)
+    raw = falloff * (opacities[ids] * valid)[..., None]
+    alpha = torch.ge(raw, ALPHA_MIN, out=torch.empty_like(raw)).mul_(raw.clamp(max=ALPHA_MAX))
+    keep = 1.0 - alpha
+    through = torch.cumprod(keep, dim=1)
+    trans = torch.empty_like(alpha)
+    trans[:, 0] = t_start
+    torch.mul(through[:, :-1], t_start[:, None, :], out=trans[:, 1:])
+    return _Chunk(ids, valid, conic, dx, dy, falloff, raw, alpha, keep, trans, alpha * trans, t_start * through[:, -1])
 
 
 class _CompositeTiles(torch.autograd.Function):
@@ -119,7 +133,7 @@ class _CompositeTiles(torch.autograd.Function):
                 t_start = trans[group]
                 chunk = _evaluate_chunk(means2d, conics, opacities, plan, group, step, t_start)
                 accumulated[group] += torch.bmm(features[chunk.ids].transpose(1, 2), chunk.weights)
-                trans[group] = t_start * torch.exp(chunk.log_keep.sum(dim=1))
+                trans[group] = chunk.trans_end
                 schedule.append((group, step, t_start))
             alive[rows] = trans[rows].amax(dim=1) > plan.min_transmittance
             step += 1
@@ -137,38 +151,36 @@ class _CompositeTiles(torch.autograd.Function):
         grad_features = torch.zeros_like(features)
         # d loss / d T_end times T_end: every alpha_i scales T_end by (1 - alpha_i).
         end_term = grad_trans * trans_end
-        # sum over later Gaussians j of w_j <grad, f_j>, per pixel, filled back to front.
+        # per pixel: sum over Gaussians behind the current chunk of w_j <grad, f_j>, filled back to front.
         behind = torch.zeros_like(trans_end)
         for rows, step, t_start in reversed(ctx.schedule):
             c = _evaluate_chunk(means2d, conics, opacities, plan, rows, step, t_start)
             grad_pix = grad_accumulated[rows]  # [R, F, P]
-            feats = features[c.ids]  # [R, K, F]
-            dot = torch.bmm(feats, grad_pix)  # <grad, f_i> per pixel, [R, K, P]
-            contrib = c.weights * dot
-            suffix = contrib.flip(1).cumsum(1).flip(1)  # inclusive, back to front
-            later = suffix - contrib + behind[rows, None, :]
-            grad_alpha = c.trans * dot - (later + end_term[rows, None, :]) / (1.0 - c.alpha)
-            behind[rows] += suffix[:, 0]
+            ids = c.ids.flatten()
+            grad_features.index_add_(0, ids, torch.bmm(c.weights, grad_pix.transpose(1, 2)).flatten(0, 1))
 
-            grad_features.index_add_(0, c.ids.flatten(), torch.bmm(c.weights, grad_pix.transpose(1, 2)).flatten(0, 1))
-            live = (c.raw >= ALPHA_MIN) & (c.raw < ALPHA_MAX)
-            grad_raw = torch.where(live, grad_alpha, torch.zeros_like(grad_alpha))
-            grad_opacities.index_add_(0, c.ids.flatten(), (grad_raw * c.falloff).sum(-1).flatten())
-            grad_sigma = -grad_raw * c.raw
-            a, b, cc = c.conic.unbind(-2)
-            grad_dx = grad_sigma * (a * c.dx + b * c.dy)
-            grad_dy = grad_sigma * (b * c.dx + cc * c.dy)
-            grad_mean = -torch.stack([grad_dx.sum(-1), grad_dy.sum(-1)], dim=-1)
-            grad_means2d.index_add_(0, c.ids.flatten(), grad_mean.flatten(0, 1))
+            dot = torch.bmm(features[c.ids], grad_pix)  # <grad, f_i> per pixel, [R, K, P]
+            prefix = torch.cumsum(c.weights * dot, dim=1)  # inclusive, front to back
+            total = prefix[:, -1] + behind[rows]
+            behind[rows] = total
+            # dL/dalpha_i = T_i <g, f_i> - (sum_{j > i} w_j <g, f_j> + g_T T_end) / (1 - alpha_i)
+            later = prefix.neg_().add_((total + end_term[rows])[:, None, :]).div_(c.keep)
+            grad_raw = later.neg_().addcmul_(c.trans, dot)
+            # alpha = raw exactly where raw was neither thresholded nor clamped; elsewhere d alpha / d raw = 0.
+            grad_raw.mul_(torch.eq(c.alpha, c.raw, out=torch.empty_like(c.raw)))
+            grad_opacities.index_add_(0, ids, ((grad_raw * c.falloff).sum(-1) * c.valid).flatten())
+            # g = dL/dsigma * -1 (d raw / d sigma = -raw)
+            g = grad_raw.mul_(c.raw)
+            gx, gy = g * c.dx, g * c.dy
+            sum_gx, sum_gy = gx.sum(-1), gy.sum(-1)
+            a, b, cc = c.conic.unbind(-1)
+            # sigma depends on the centre through dx = px - mx: d sigma / d mx = -(a dx + b dy).
+            grad_mean = torch.stack([a * sum_gx + b * sum_gy, b * sum_gx + cc * sum_gy], dim=-1)
+            grad_means2d.index_add_(0, ids, grad_mean.flatten(0, 1))
             grad_conic = torch.stack(
-                [
-                    0.5 * (grad_sigma * c.dx * c.dx).sum(-1),
-                    (grad_sigma * c.dx * c.dy).sum(-1),
-                    0.5 * (grad_sigma * c.dy * c.dy).sum(-1),
-                ],
-                dim=-1,
+                [-0.5 * (gx * c.dx).sum(-1), -(gx * c.dy).sum(-1), -0.5 * (gy * c.dy).sum(-1)], dim=-1
             )
-            grad_conics.index_add_(0, c.ids.flatten(), grad_conic.flatten(0, 1))
+            grad_conics.index_add_(0, ids, grad_conic.flatten(0, 1))
         return grad_means2d, grad_conics, grad_opacities, grad_features, None
 
 

@@ -32,11 +32,11 @@ from r2d3.rewards.base import Reward, register_reward
 
 #: Hasler & Süsstrunk's "extremely colourful" threshold, rescaled from 8-bit to [0, 1] values
 EXTREMELY_COLOURFUL = 109.0 / 255.0
-_EPS = 1e-6
+_EPS = 1e-8
 
 
 def _safe_sqrt(x: Tensor) -> Tensor:
-    return (x + _EPS).sqrt() - _EPS**0.5
+    return (x + _EPS).sqrt() - x.new_tensor(_EPS).sqrt()
 
 
 def colorfulness(rgb: Tensor, weight: Tensor | None = None) -> Tensor:

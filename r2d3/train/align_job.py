@@ -1,0 +1,218 @@
+"""The alignment job around the loop: held-out evaluation before/after, logging (wandb, metrics table,
+preview images, plots) and the run's outputs. Shared by in-process and Ray Train runs; rank 0 writes.
+
+Run directory layout::
+
+    config.yaml          resolved config          summary.json   before/after metrics, per-epoch history
+    metrics.csv          one row per epoch        reward_curve.png
+    previews/            multi-view renders (epochs, held-out before/after)
+    samples/             .ply of held-out samples after alignment
+    checkpoint_*/        see r2d3.train.checkpoint   wandb/   offline run (sync with `wandb sync`)
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from r2d3.algos import AlignContext
+from r2d3.config import AlignConfig, to_dict, to_yaml
+from r2d3.data.procedural import PromptParseError, parse_prompt
+from r2d3.data.prompts import load_prompts
+from r2d3.train import loop
+from r2d3.train.lora import adapters_disabled
+from r2d3.train.session import Session
+
+log = logging.getLogger(__name__)
+EVAL_CHUNK = 16
+
+
+def heldout_prompts(config: AlignConfig) -> list[str]:
+    """``eval.num_prompts`` prompts spread evenly over the held-out source (deterministic)."""
+    prompts = load_prompts(config.data.heldout_prompts, config.data.prompt_column).prompts
+    n = min(config.eval.num_prompts, len(prompts))
+    return [prompts[int(i * len(prompts) / n)] for i in range(n)] if n else []
+
+
+def _bootstrap_ci(values: torch.Tensor, groups: int, draws: int = 1000, seed: int = 0) -> tuple[float, float]:
+    """95 % interval of the mean by resampling prompts (the seeds of one prompt stay together)."""
+    per_prompt = values.view(groups, -1).mean(dim=1)
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(groups, (draws, groups), generator=g)
+    means = per_prompt[idx].mean(dim=1).sort().values
+    return float(means[int(0.025 * draws)]), float(means[int(0.975 * draws) - 1])
+
+
+@torch.no_grad()
+def sample_and_render(ctx: AlignContext, prompts: list[str], noise: torch.Tensor, base: bool = False):
+    """Final samples, rewards and canonical-camera renders for ``prompts`` from fixed ``noise``."""
+    from r2d3.render.output import RenderOutput
+
+    latents, rewards, renders = [], [], []
+    for i in range(0, len(prompts), EVAL_CHUNK):
+        chunk = prompts[i: i + EVAL_CHUNK]
+        if base:
+            with adapters_disabled(ctx.backend.denoiser):
+                batch = loop.sample_batch(ctx, chunk, None, noise=noise[i: i + EVAL_CHUNK], jitter_cameras=False)
+        else:
+            batch = loop.sample_batch(ctx, chunk, None, noise=noise[i: i + EVAL_CHUNK], jitter_cameras=False)
+        latents.append(batch.trajectory.final)
+        rewards.append(batch.rewards)
+        renders.append(ctx.render_latents(batch.trajectory.final, ctx.cameras(len(chunk), None, jitter=False)))
+    cat = lambda name: torch.cat([getattr(r, name) for r in renders])  # noqa: E731
+    render = RenderOutput(cat("rgb"), cat("alpha"), cat("depth"), cat("normal"), renders[0].cameras)
+    return torch.cat(latents), torch.cat(rewards), render
+
+
+class Evaluator:
+    """Held-out evaluation with identical prompts, seeds and cameras for every checkpoint."""
+
+    def __init__(self, config: AlignConfig, run_dir: Path):
+        self.config = config
+        self.run_dir = run_dir
+        self.prompts = heldout_prompts(config)
+        self.repeated = [p for p in self.prompts for _ in range(config.eval.seeds_per_prompt)]
+        self.base: tuple | None = None
+        try:
+            [parse_prompt(p) for p in self.prompts]
+            self.gradeable = True
+        except PromptParseError:
+            self.gradeable = False
+
+    def __call__(self, worker: loop.Worker, tag: str) -> dict[str, Any]:
+        from r2d3.eval.diversity import diversity, drift
+        from r2d3.eval.prompt_following import prompt_following
+        from r2d3.export import save_preview_grid, write_ply
+
+        if not self.prompts:
+            return {}
+        ctx = worker.ctx
+        gen = torch.Generator().manual_seed(self.config.run.seed + 10_007)
+        noise = torch.randn(len(self.repeated), 1 + ctx.sampler.num_steps, *ctx.backend.latent_shape, generator=gen)
+        if self.base is None:
+            self.base = sample_and_render(ctx, self.repeated, noise, base=True)
+        latents, rewards, render = sample_and_render(ctx, self.repeated, noise)
+        seeds = self.config.eval.seeds_per_prompt
+        lo, hi = _bootstrap_ci(rewards.float().cpu(), len(self.prompts))
+        out: dict[str, Any] = {"reward_mean": float(rewards.mean()), "reward_std": float(rewards.std(unbiased=False)),
+                               "reward_ci95": [lo, hi], "num_prompts": len(self.prompts), "seeds_per_prompt": seeds,
+                               "per_prompt_reward": rewards.view(len(self.prompts), -1).mean(1).tolist()}
+        d = drift(self.base[2], render)
+        out.update({f"drift_{k}": float(v.mean()) for k, v in d.items()})
+        if seeds > 1:
+            per = latents.view(len(self.prompts), seeds, *latents.shape[1:])
+            out["diversity"] = float(torch.stack([diversity(per[i]) for i in range(len(self.prompts))]).mean())
+        if self.gradeable:
+            pf = prompt_following(render, self.repeated)
+            out.update({"color_acc": pf["color_acc"], "shape_acc": pf["shape_acc"]})
+        show = min(6, len(self.repeated))
+        save_preview_grid(render.rgb[:show].cpu(), self.run_dir / "previews" / f"heldout_{tag}.png",
+                          row_labels=self.repeated[:show], caption=f"{tag}: held-out prompts")
+        if tag == "after":
+            gaussians = ctx.backend.decode(latents[:show])
+            for i in range(show):
+                write_ply(gaussians[i].detach().cpu(), self.run_dir / "samples" / f"heldout_{i:02d}.ply")
+        return out
+
+
+class EpochLogger:
+    """wandb (offline by default), metrics.csv and preview grids every ``log_images_every`` epochs."""
+
+    def __init__(self, config: AlignConfig, run_dir: Path):
+        import wandb
+
+        self.config = config
+        self.run_dir = run_dir
+        os.environ.setdefault("WANDB_SILENT", "true")
+        self.wandb = wandb.init(project=config.run.wandb_project, name=run_dir.name, dir=str(run_dir),
+                                mode=config.run.wandb_mode, config=to_dict(config), resume="allow",
+                                id=run_dir.name.replace("/", "-")[:120])
+
+    def __call__(self, worker: loop.Worker, epoch: int, samples, metrics: dict[str, float]) -> None:
+        self.wandb.log(metrics, step=epoch)
+        path = self.run_dir / "metrics.csv"
+        new = not path.exists()
+        with open(path, "a", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=sorted(metrics), extrasaction="ignore")
+            if new:
+                writer.writeheader()
+            writer.writerow(metrics)
+        every = self.config.run.log_images_every
+        if every and (epoch % every == 0 or epoch == self.config.train.epochs):
+            from r2d3.export import save_preview_grid
+
+            ctx = worker.ctx
+            show = min(4, len(samples))
+            with torch.no_grad():
+                render = ctx.render_latents(samples.trajectory.final[:show], ctx.cameras(show, None, jitter=False))
+            labels = [f"{p} | r={r:.3f}" for p, r in zip(samples.prompts[:show], samples.rewards[:show].tolist())]
+            png = save_preview_grid(render.rgb.cpu(), self.run_dir / "previews" / f"epoch_{epoch:04d}.png",
+                                    row_labels=labels, caption=f"epoch {epoch}")
+            import wandb
+
+            self.wandb.log({"samples": wandb.Image(str(png))}, step=epoch)
+
+    def finish(self) -> None:
+        self.wandb.finish()
+
+
+def plot_history(history: list[dict[str, float]], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not history:
+        return
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    ax.plot([h["epoch"] for h in history], [h["reward_mean"] for h in history], marker="o")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("mean reward of samples")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def run_worker(config: AlignConfig, session: Session) -> dict[str, Any]:
+    """The whole job on one worker; rank 0 evaluates, logs and writes the summary."""
+    run_dir = session.run_dir
+    evaluator = logger = None
+    if session.rank == 0:
+        (run_dir / "config.yaml").write_text(to_yaml(config))
+        evaluator = Evaluator(config, run_dir)
+        logger = EpochLogger(config, run_dir)
+    summary_path = run_dir / "summary.json"
+    previous = json.loads(summary_path.read_text()) if session.rank == 0 and summary_path.exists() else {}
+    try:
+        result = loop.run(config, session, evaluate_fn=evaluator, on_epoch=logger)
+    finally:
+        if logger is not None:
+            logger.finish()
+    result.pop("worker", None)
+    if session.rank == 0:
+        if "before" not in result and "before" in previous:  # resumed run: keep the first evaluation
+            result["before"] = previous["before"]
+        plot_history(result["history"], run_dir / "reward_curve.png", f"{config.algo.name} on {config.reward}")
+        summary_path.write_text(json.dumps(result, indent=1))
+    return result
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    before, after = summary.get("before", {}), summary.get("after", {})
+    lines = []
+    for key in ("reward_mean", "color_acc", "shape_acc", "drift_rgb_l2", "drift_dssim", "diversity"):
+        if key in before or key in after:
+            b, a = before.get(key), after.get(key)
+            fmt = lambda v: "   n/a" if v is None else f"{v:8.4f}"  # noqa: E731
+            lines.append(f"  {key:<14} before {fmt(b)}   after {fmt(a)}")
+    if "reward_ci95" in after:
+        lines.append(f"  held-out reward 95% CI after: [{after['reward_ci95'][0]:.4f}, {after['reward_ci95'][1]:.4f}]")
+    return "\n".join(lines)
