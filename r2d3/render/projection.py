@@ -147,6 +147,6 @@ def project_gaussians(
         mx, my = means2d.detach().unbind(-1)
         rx, ry = extents.unbind(-1)
         on_image = (mx + rx > 0) & (mx - rx < width) & (my + ry > 0) & (my - ry < height)
-        visible = in_depth & (opac_views >= ALPHA_MIN) & on_image & torch.isfinite(means2d).all(-1)
+        visible = in_depth & (opac_views >= ALPHA_MIN) & on_image
     return ProjectedGaussians(means2d, conics, z, normals, opac_views, extents, visible)
 

@@ -205,7 +205,7 @@ def train_clip_tiny(
             running += loss.item()
             step += 1
         entry = {"epoch": epoch + 1, "loss": running / steps_per_epoch, "seconds": time.perf_counter() - start,
-                 "logit_scale": float(model.logit_scale.exp())}
+                 "logit_scale": float(model.logit_scale.detach().exp())}
         if (epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs:
             entry["heldout"] = pairwise_accuracy(model, heldout)
             model.train()

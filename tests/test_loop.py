@@ -1,0 +1,108 @@
+"""The per-worker loop in-process: exact resume, checkpoints, bad input, NaN handling."""
+
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from r2d3.backends import TinySplatBackend
+from r2d3.config import AlignConfig, build_config
+from r2d3.rewards.base import register_reward
+from r2d3.train.checkpoint import CheckpointMismatchError, latest_checkpoint, load_checkpoint
+from r2d3.train.loop import TrainingAborted, run
+from r2d3.train.session import LocalSession
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny")
+    backend = TinySplatBackend.random_init(num_gaussians=24, dim=16, vocab=("a", "red", "blue", "cube"))
+    torch.nn.init.normal_(backend.denoiser.proj_out.weight, std=0.05)
+    backend.save_pretrained(path / "w")
+    (path / "prompts.txt").write_text("a red cube\na blue cube\n")
+    return path
+
+
+def tiny_config(weights, *overrides) -> AlignConfig:
+    return build_config(AlignConfig, overrides=[
+        f"model.weights={weights / 'w'}", f"data.prompts={weights / 'prompts.txt'}", "reward=colorfulness",
+        "train.epochs=3", "train.sample_batch_size=4", "train.train_batch_size=2", "train.grad_accum=1",
+        "sampler.num_steps=4", "render.num_views=2", "render.resolution=16", "model.lora_rank=2",
+        "run.progress=false", "run.checkpoint_every=1", "run.keep_checkpoints=5", "algo.beta=1e3",
+        *overrides])
+
+
+def final_lora(run_dir):
+    return load_file(latest_checkpoint(run_dir) / "lora.safetensors")
+
+
+def test_resume_reproduces_the_uninterrupted_run_exactly(weights, tmp_path):
+    # nabla_gfn with the off-policy lag: the resumed run must also restore the sample buffer
+    config = tiny_config(weights)
+    run(config, LocalSession(tmp_path / "full", keep_checkpoints=5))
+    # the same run stopped after 2 epochs, then resumed to 3
+    run(replace(config, train=replace(config.train, epochs=2)), LocalSession(tmp_path / "split", keep_checkpoints=5))
+    out = run(config, LocalSession(tmp_path / "split", keep_checkpoints=5))
+    assert [h["epoch"] for h in out["history"]] == [1, 2, 3]
+    full, split = final_lora(tmp_path / "full"), final_lora(tmp_path / "split")
+    assert full.keys() == split.keys()
+    for key in full:
+        assert torch.equal(full[key], split[key]), key
+    initial = load_file(tmp_path / "full" / "checkpoint_000001" / "lora.safetensors")
+    assert any(not torch.equal(initial[k], full[k]) for k in full)  # training changed the weights
+
+
+def test_checkpoint_contents_and_metrics(weights, tmp_path):
+    run(tiny_config(weights, "train.epochs=2"), LocalSession(tmp_path / "r", keep_checkpoints=1))
+    ckpts = sorted(p.name for p in (tmp_path / "r").glob("checkpoint_*"))
+    assert ckpts == ["checkpoint_000002"]  # pruned to keep_checkpoints
+    ckpt = load_checkpoint(tmp_path / "r" / "checkpoint_000002")
+    assert ckpt.state.epoch == 2 and ckpt.state.optimizer_steps == 2  # epoch 1 only samples (off-policy lag)
+    assert all(not k.startswith("module.") and ".lora_" in k for k in ckpt.lora)
+    assert ckpt.buffer is not None and ckpt.buffer["latents"].shape[:2] == (4, 5)
+    lines = (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [1, 2]
+
+
+def test_resume_with_a_different_config_names_the_mismatch(weights, tmp_path):
+    run(tiny_config(weights, "train.epochs=1"), LocalSession(tmp_path / "r"))
+    with pytest.raises(CheckpointMismatchError, match="algo.beta: checkpoint 1000.0 vs now 2000.0"):
+        run(tiny_config(weights, "train.epochs=2", "algo.beta=2e3"), LocalSession(tmp_path / "r"))
+
+
+def test_nan_rewards_are_skipped_then_abort(weights, tmp_path):
+    calls = {"n": 0}
+
+    @register_reward("test_sometimes_nan")
+    def _build(**kwargs):
+        def reward(render, prompts):
+            calls["n"] += 1
+            r = render.rgb.mean(dim=(1, 2, 3, 4))
+            return torch.where(torch.arange(len(r)) == 0, torch.full_like(r, float("nan")), r)
+        return reward
+
+    config = tiny_config(weights, "reward=test_sometimes_nan", "train.epochs=2", "train.max_bad_batches=10",
+                         "algo.name=ddpo")
+    out = run(config, LocalSession(tmp_path / "a"))
+    assert out["history"][-1]["bad_batches"] >= 2  # counted, and the run went on
+    with pytest.raises(TrainingAborted, match="max_bad_batches=0"):
+        run(tiny_config(weights, "reward=test_sometimes_nan", "train.max_bad_batches=0", "algo.name=ddpo"),
+            LocalSession(tmp_path / "b"))
+
+
+def test_unwritable_run_directory_is_a_clear_error(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(PermissionError, match="not writable"):
+        LocalSession(blocker / "run")
+
+
+@pytest.mark.parametrize("override, message", [
+    ("sampler.eta=0.0", "sampler.eta"), ("train.lr=0", "train.lr"), ("sampler.num_steps=0", "num_steps"),
+    ("reward=nosuch", "nosuch"), ("model.backend=nosuch", "valid backends"),
+])
+def test_bad_config_values_are_named(weights, tmp_path, override, message):
+    with pytest.raises(ValueError, match=message):
+        run(tiny_config(weights, override), LocalSession(tmp_path / "r"))
