@@ -7,13 +7,14 @@ model in the same way.
 Rule, per view:
 1. foreground pixels are those with ``alpha > alpha_threshold`` (0.9 by default: silhouette pixels
    blended with the background are left out);
-2. each foreground pixel votes for its nearest palette colour in CIE L*a*b* (D65; the rendered RGB
-   values are treated as sRGB-encoded display values, as they are viewed) — nearest-neighbour voting
-   is a robust statistic: shading and a few outliers move pixels, not the majority. Pixels that are a
-   blend of two palette colours (thin stripes and colour boundaries, composited linearly in RGB by the
-   renderer) are recognised by unmixing and split their vote between the two colours;
-3. votes are pooled over all views of an asset; the dominant colour is the one with most votes
-   (``top-k`` gives the ranking). An asset with no foreground pixel gets no prediction (index −1).
+2. the foreground pixels of all views of an asset are explained by the best one- or two-colour
+   palette model (:func:`colour_votes`): each pixel is fitted by a blend of the model's colours (the
+   renderer blends linearly in RGB, so thin stripes and colour boundaries at 64 px are mixtures), the
+   fit error is the CIE L*a*b* distance ΔE (D65; rendered values are treated as sRGB display values,
+   as they are viewed), and the model with the smallest *robust* mean error (each pixel's error capped,
+   so a few outliers cannot choose the model) wins — one colour unless two fit clearly better;
+3. the dominant colour is the model colour covering the larger (blend-weighted) area; ``top_k=2``
+   gives both. An asset with no foreground pixel gets no prediction.
 
 Two-tone and striped objects: a prediction counts as correct if it is the object's primary colour
 or, when the prompt names a second colour ("... with white stripes"), that second colour
@@ -55,16 +56,21 @@ def _palette_table(palette: Mapping[str, Sequence[float]] | None) -> tuple[list[
     return names, torch.tensor([list(map(float, palette[n])) for n in names])
 
 
-def _unmix(pixels: Tensor, table: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Best two-colour blend ``t · c_i + (1 − t) · c_j`` (t in [0, 1]) of each pixel ``[P, 3]``: returns
-    the residual ``[P]``, the pair's indices ``i``, ``j`` ``[P]`` and the weight ``t`` ``[P]`` of ``c_i``."""
-    first, second = torch.triu_indices(len(table), len(table), offset=1)
+def _blend_models(pixels: Tensor, table: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Fit every one- and two-colour model to ``pixels`` ``[P, 3]``: for the pair (i, j) (i == j for one
+    colour) each pixel is approximated by its best blend ``t · c_i + (1 − t) · c_j``, t in [0, 1] found by
+    projection in RGB (where the renderer blends). Returns ``first``, ``second`` ``[Q]`` and, per model
+    and pixel, the blend weight ``t`` ``[Q, P]`` and the CIE ΔE (Lab distance) of the fit ``[Q, P]``."""
+    k = len(table)
+    first, second = torch.triu_indices(k, k, offset=0)  # includes i == j: single colours
     a, b = table[first], table[second]  # [Q, 3]
     diff = a - b
-    t = (((pixels[:, None] - b[None]) * diff[None]).sum(-1) / (diff * diff).sum(-1).clamp(min=1e-12)).clamp(0, 1)
-    residual = (pixels[:, None] - (b[None] + t[..., None] * diff[None])).norm(dim=-1)  # [P, Q]
-    best, pair = residual.min(dim=1)
-    return best, first[pair], second[pair], t.gather(1, pair[:, None])[:, 0]
+    denom = (diff * diff).sum(-1)
+    t = ((pixels[None] - b[:, None]) * diff[:, None]).sum(-1) / denom.clamp(min=1e-12)[:, None]
+    t = torch.where(denom[:, None] > 1e-12, t.clamp(0, 1), torch.ones_like(t))  # [Q, P]
+    fit = b[:, None] + t[..., None] * diff[:, None]
+    delta_e = (srgb_to_lab(fit) - srgb_to_lab(pixels)[None]).norm(dim=-1)
+    return first, second, t, delta_e
 
 
 def colour_votes(
@@ -72,37 +78,40 @@ def colour_votes(
     alpha: Tensor,
     palette: Mapping[str, Sequence[float]] | None = None,
     alpha_threshold: float = 0.9,
-    blend_margin: float = 0.03,
+    outlier_delta_e: float = 25.0,
+    single_colour_margin: float = 2.0,
 ) -> tuple[list[str], Tensor]:
-    """Palette names (default palette: :data:`r2d3.data.procedural.COLORS`) and per-asset vote counts
+    """Palette names (default palette: :data:`r2d3.data.procedural.COLORS`) and per-asset colour areas
     ``[B, len(palette)]`` from views ``rgb`` ``[B, V, 3, H, W]`` and ``alpha`` ``[B, V, 1, H, W]``.
 
-    A pixel whose RGB is explained by a blend of two palette colours better (by ``blend_margin``) than by
-    any single colour — a stripe edge or a thin stripe at low resolution, where the renderer composites
-    two colours linearly — splits its vote between the two by the blend weight, so blends of, say,
-    blue and orange are not counted as brown.
+    Each asset is explained by the one- or two-colour palette model that fits its foreground pixels
+    best (robustly: mean CIE ΔE with each pixel's error capped at ``outlier_delta_e``; a single colour
+    wins unless a pair is better by ``single_colour_margin`` ΔE). Pixels of a pair model may be blends:
+    the renderer composites neighbouring colours linearly, so thin stripes at low resolution yield
+    colours *between* the two (blue and orange blend to something brownish) — each pixel within
+    ``outlier_delta_e`` of its fit contributes its blend weight to the two colours' areas. Colours
+    outside the chosen model get 0.
     """
     if rgb.ndim != 5 or alpha.shape[:2] != rgb.shape[:2]:
         raise ValueError(f"expected rgb [B, V, 3, H, W] and alpha [B, V, 1, H, W], got {tuple(rgb.shape)} "
                          f"and {tuple(alpha.shape)}")
     names, table = _palette_table(palette)
-    lab_palette = srgb_to_lab(table)
     votes = torch.zeros(rgb.shape[0], len(names))
     for k in range(rgb.shape[0]):
         pixels = rgb[k].detach().float().movedim(1, -1).reshape(-1, 3)
         pixels = pixels[alpha[k].detach().float().reshape(-1) > alpha_threshold]
         if len(pixels) == 0:
             continue
-        nearest = torch.cdist(srgb_to_lab(pixels), lab_palette).argmin(dim=-1)
-        pure_residual = (pixels - table[nearest]).norm(dim=-1)
-        if len(names) > 1:
-            blend_residual, first, second, weight = _unmix(pixels, table)
-            blended = blend_residual < pure_residual - blend_margin
-        else:
-            blended = torch.zeros(len(pixels), dtype=torch.bool)
-        votes[k].scatter_add_(0, nearest[~blended], torch.ones(int((~blended).sum())))
-        votes[k].scatter_add_(0, first[blended], weight[blended])
-        votes[k].scatter_add_(0, second[blended], 1 - weight[blended])
+        first, second, t, delta_e = _blend_models(pixels, table)
+        cost = delta_e.clamp(max=outlier_delta_e).mean(dim=1)  # [Q]
+        single = first == second
+        best_single = torch.where(single, cost, torch.full_like(cost, float("inf"))).argmin()
+        best_pair = torch.where(~single, cost, torch.full_like(cost, float("inf"))).argmin()
+        use_pair = cost[best_pair] < cost[best_single] - single_colour_margin
+        model = best_pair if use_pair else best_single
+        inlier = (delta_e[model] <= outlier_delta_e).float()
+        votes[k, first[model]] += (inlier * t[model]).sum()
+        votes[k, second[model]] += (inlier * (1 - t[model])).sum()
     return names, votes
 
 

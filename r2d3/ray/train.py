@@ -79,8 +79,8 @@ def fit_on_ray(config: AlignConfig, run_dir: Path, storage_path: str) -> Any:
     checkpoint; ``FailureConfig`` restarts crashed workers from it as well.
     """
     if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True, include_dashboard=False,
-                 configure_logging=False)
+        # the dashboard serves the state API that Train's controller polls (and `ray job submit`)
+        ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True, configure_logging=False)
     use_gpu = config.scale.use_gpu == "true" or (config.scale.use_gpu == "auto" and torch.cuda.is_available())
     scaling = ScalingConfig(num_workers=config.scale.num_workers, use_gpu=use_gpu,
                             resources_per_worker={"CPU": config.scale.cpus_per_worker})

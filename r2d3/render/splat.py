@@ -25,6 +25,7 @@ from r2d3.render.splat_torch import render_torch
 logger = logging.getLogger(__name__)
 
 SPLAT_BACKENDS: dict[str, Callable[..., RenderOutput]] = {"torch": render_torch, "gsplat": render_gsplat}
+DEFAULT_TILE_SIZE: dict[str, int] = {"torch": 8, "gsplat": 16}
 _logged_choices: set[str] = set()
 
 
@@ -58,8 +59,8 @@ def render_gaussians(
     eps2d: float = 0.3,
     near_plane: float = 0.01,
     far_plane: float = 1e10,
-    tile_size: int = 16,
-    chunk_size: int = 32,
+    tile_size: int | None = None,
+    chunk_size: int = 16,
     min_transmittance: float = 1e-6,
     max_chunk_elements: int = 1 << 21,
 ) -> RenderOutput:
@@ -79,7 +80,8 @@ def render_gaussians(
         backend: ``"auto"``, ``"torch"`` or ``"gsplat"`` (see :data:`SPLAT_BACKENDS`).
         eps2d: low-pass variance in pixels^2 added to every projected 2D covariance (anti-aliasing).
         near_plane, far_plane: Gaussians whose centre depth lies outside are culled.
-        tile_size: tile edge in pixels.
+        tile_size: tile edge in pixels; ``None`` takes the backend's best (8 for torch on CPU, where
+            smaller tiles waste fewer evaluations on pixels outside a footprint; 16 for gsplat).
         chunk_size, min_transmittance, max_chunk_elements: torch backend only; Gaussians composited per
             tile per step, the transmittance below which a whole tile stops early (the image then
             differs from exhaustive compositing by at most this), and the memory bound per step.
@@ -97,14 +99,16 @@ def render_gaussians(
     dtype, device = gaussians.means.dtype, gaussians.means.device
     cameras = validate_cameras(cameras, gaussians.batch_size, dtype=dtype, device=device)
     bg = background_tensor(background, gaussians.batch_size, cameras.num_views, dtype, device)
-    if tile_size <= 0 or chunk_size <= 0:
+    if (tile_size is not None and tile_size <= 0) or chunk_size <= 0:
         raise ValueError(f"tile_size and chunk_size must be positive, got {tile_size} and {chunk_size}")
     if not 0 <= min_transmittance < 1:
         raise ValueError(f"min_transmittance must be in [0, 1), got {min_transmittance}")
     if near_plane <= 0 or far_plane <= near_plane:
         raise ValueError(f"need 0 < near_plane < far_plane, got {near_plane} and {far_plane}")
-    common = dict(eps2d=eps2d, near_plane=near_plane, far_plane=far_plane, tile_size=tile_size)
     name = select_backend(backend, device, dtype)
+    if tile_size is None:
+        tile_size = DEFAULT_TILE_SIZE[name]
+    common = dict(eps2d=eps2d, near_plane=near_plane, far_plane=far_plane, tile_size=tile_size)
     if name == "torch":
         return render_torch(
             gaussians, cameras, bg, chunk_size=chunk_size, min_transmittance=min_transmittance,

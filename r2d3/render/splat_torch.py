@@ -192,7 +192,7 @@ def composite_tiles(
     bins: TileBins,
     width: int,
     height: int,
-    chunk_size: int = 32,
+    chunk_size: int = 16,
     min_transmittance: float = 1e-6,
     max_chunk_elements: int = 1 << 21,
 ) -> tuple[Tensor, Tensor]:
@@ -231,8 +231,8 @@ def render_torch(
     eps2d: float = 0.3,
     near_plane: float = 0.01,
     far_plane: float = 1e10,
-    tile_size: int = 16,
-    chunk_size: int = 32,
+    tile_size: int = 8,
+    chunk_size: int = 16,
     min_transmittance: float = 1e-6,
     max_chunk_elements: int = 1 << 21,
 ) -> RenderOutput:

@@ -247,6 +247,10 @@ def run(config: AlignConfig, session: Session, evaluate_fn=None, on_epoch=None) 
                         "reward_mean": float(stats[0]), "reward_std": float(stats[1]),
                         "bad_batches": state.bad_batches, "time/sample_s": sample_time,
                         "time/epoch_s": time.time() - start})
+        every = config.eval.every
+        if evaluate_fn is not None and session.rank == 0 and every and state.epoch % every == 0:
+            held = evaluate_fn(worker, f"epoch_{state.epoch:04d}")
+            metrics.update({f"heldout/{k}": v for k, v in held.items() if isinstance(v, (int, float))})
         state.history.append({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
         bar.set_postfix(reward=f"{metrics['reward_mean']:.4f}")
         last = state.epoch == t.epochs

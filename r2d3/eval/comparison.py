@@ -1,0 +1,122 @@
+"""The paper's comparison on one backend: Nabla-R2D3 vs DDPO vs ReFL vs DRaFT-K under the same
+sampler, reward, LoRA and sample budget, over several seeds; plus the cost of one update of each.
+
+Used by ``pipelines/benchmark.py methods``; every run is an ordinary in-process alignment run, so its
+outputs (checkpoints, previews, summary) stay inspectable under the comparison directory.
+"""
+
+from __future__ import annotations
+
+import statistics
+import threading
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import psutil
+import torch
+
+from r2d3.config import AlignConfig
+from r2d3.train import loop
+from r2d3.train.align_job import run_worker
+from r2d3.train.session import LocalSession
+
+METHODS = ("nabla_gfn", "ddpo", "refl", "draft")
+
+
+def method_config(base: AlignConfig, method: str, reward: Any, seed: int, epochs: int, eval_every: int,
+                  run_name: str) -> AlignConfig:
+    """The base config with one method, reward and seed; every method samples the same trajectories per
+    epoch and takes the same number of optimizer steps (DDPO/ReFL/DRaFT train on-policy, Nabla-R2D3 with
+    its one-epoch lag, so it gets one extra sampling epoch to match the number of updates)."""
+    extra = 1 if method == "nabla_gfn" and base.algo.off_policy_lag else 0
+    return replace(
+        base,
+        reward=reward,
+        algo=replace(base.algo, name=method),
+        run=replace(base.run, seed=seed, name=run_name, progress=False, log_images_every=0, wandb_mode="disabled"),
+        train=replace(base.train, epochs=epochs + extra),
+        eval=replace(base.eval, every=eval_every),
+    )
+
+
+def run_method(config: AlignConfig, out_dir: Path) -> dict[str, Any]:
+    """Align in-process and return the summary (held-out metrics before/after and per-epoch history)."""
+    summary = run_worker(config, LocalSession(out_dir / config.run.name, keep_checkpoints=1))
+    return summary
+
+
+class _PeakRSS:
+    """Peak resident memory of this process while the block runs (sampled every 2 ms)."""
+
+    def __enter__(self):
+        self.proc = psutil.Process()
+        self.base = self.peak = self.proc.memory_info().rss
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+        return self
+
+    def _poll(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.proc.memory_info().rss)
+            time.sleep(0.002)
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+    @property
+    def delta_mb(self) -> float:
+        return (self.peak - self.base) / 2**20
+
+
+def _count_calls(module: torch.nn.Module) -> tuple[dict[str, int], list]:
+    counts = {"forward": 0, "backward": 0}
+
+    def fwd(*_):
+        counts["forward"] += 1
+
+    def bwd(*_):
+        counts["backward"] += 1
+
+    handles = [module.register_forward_hook(fwd), module.register_full_backward_hook(bwd)]
+    return counts, handles
+
+
+def update_cost(base: AlignConfig, methods: tuple[str, ...] = METHODS, repeats: int = 3) -> dict[str, dict]:
+    """Time, peak memory and denoiser passes of one optimizer update of each method on the same batch.
+
+    A denoiser forward counts a CFG-doubled batch once; backward counts passes that reach the denoiser
+    (input-gradient passes included)."""
+    results: dict[str, dict] = {}
+    for method in methods:
+        config = replace(base, algo=replace(base.algo, name=method), run=replace(base.run, progress=False))
+        worker = loop.build_worker(config)
+        gen = torch.Generator().manual_seed(0)
+        prompts = worker.prompts[: config.train.train_batch_size]
+        batch = loop.sample_batch(worker.ctx, prompts, gen)
+        batch = getattr(worker.algorithm, "prepare", lambda b: b)(batch)
+        counts, handles = _count_calls(worker.ctx.backend.denoiser)
+        times, mems, transitions = [], [], 0
+        for _ in range(repeats):
+            counts.update(forward=0, backward=0)
+            worker.optimizer.zero_grad(set_to_none=True)
+            with _PeakRSS() as mem:
+                start = time.perf_counter()
+                metrics = worker.algorithm.accumulate(worker.ctx, batch, 1.0, torch.Generator().manual_seed(1))
+                worker.optimizer.step()
+                times.append(time.perf_counter() - start)
+            mems.append(mem.delta_mb)
+            transitions = int(metrics.get("transitions", 1))
+        for h in handles:
+            h.remove()
+        results[method] = {
+            "update_s": statistics.median(times),
+            "peak_mem_mb": max(mems),
+            "transitions": transitions,
+            "denoiser_fwd_per_transition": counts["forward"] / transitions,
+            "denoiser_bwd_per_transition": counts["backward"] / transitions,
+        }
+    return results
