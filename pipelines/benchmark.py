@@ -14,7 +14,6 @@ import math
 import os
 import platform
 import shlex
-import statistics
 import subprocess
 import sys
 import time
@@ -24,6 +23,9 @@ from pathlib import Path
 import torch
 
 from r2d3.render import Cameras, Gaussians, orbit_cameras, render_gaussians
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_alignment  # noqa: E402  (suites for the model and the alignment methods)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_REPORT = REPO_ROOT / "docs" / "benchmarks.md"
@@ -38,29 +40,41 @@ def machine_description() -> str:
     model = platform.processor() or "unknown CPU"
     try:
         out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        model = next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
+        lines = out.splitlines()
+        model = next(line.split(":", 1)[1].strip() for line in lines if line.startswith("Model name:"))
     except (OSError, subprocess.CalledProcessError, StopIteration):
         pass
+    threads = torch.get_num_threads()
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
     return (
         f"{model}, {os.cpu_count()} cores, torch {torch.__version__} "
-        f"({torch.get_num_threads()} threads), Python {platform.python_version()}"
+        f"({threads} thread{'s' if threads != 1 else ''}), Python {platform.python_version()}; "
+        f"load average when the run started: {load}"
     )
 
 
-def time_call(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
-    """Best wall-clock seconds of ``repeats`` calls after ``warmup`` untimed ones.
+#: ``wall``: elapsed time. ``cpu``: CPU time of this process (all its threads), which does not count
+#: time spent descheduled, so it stays comparable on a machine shared with other jobs.
+CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.process_time}
 
-    The minimum, not the mean: on a shared machine the fastest run is the one least disturbed by
-    other processes, and both contenders of a suite are measured the same way.
+
+def time_call(
+    fn: Callable[[], object], repeats: int, warmup: int = 1, clock: str = "wall"
+) -> tuple[float, object]:
+    """Best seconds of ``repeats`` calls after ``warmup`` untimed ones, and the last call's result.
+
+    The minimum, not the mean: the fastest run is the one least disturbed by other processes, and
+    both contenders of a suite are measured the same way.
     """
+    now = CLOCKS[clock]
     for _ in range(warmup):
         fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+    best, result = math.inf, None
+    for _ in range(max(1, repeats)):
+        start = now()
+        result = fn()
+        best = min(best, now() - start)
+    return best, result
 
 
 def write_report_section(path: Path, heading: str, body: str) -> None:
@@ -125,7 +139,8 @@ def surface_scene(num_gaussians: int, seed: int = 0) -> Gaussians:
 
 
 def _grad_leaves(g: Gaussians) -> Gaussians:
-    return Gaussians(*(t.detach().clone().requires_grad_() for t in (g.means, g.scales, g.quats, g.opacities, g.colors)))
+    fields = (g.means, g.scales, g.quats, g.opacities, g.colors)
+    return Gaussians(*(t.detach().clone().requires_grad_() for t in fields))
 
 
 def _render_loss(out, weights: torch.Tensor) -> torch.Tensor:
@@ -142,9 +157,9 @@ def add_render_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resolutions", type=int, nargs="+", default=[64, 128, 256])
     p.add_argument("--views", type=int, default=4, help="views per tiled render call (the training batch)")
     p.add_argument(
-        "--dense-views", type=int, default=1, help="views rendered by the dense reference (its cost is linear in views)"
+        "--dense-views", type=int, default=1, help="views the dense reference renders (cost linear in them)"
     )
-    p.add_argument("--repeats", type=int, default=3, help="timed repeats per tiled measurement (best is kept)")
+    p.add_argument("--repeats", type=int, default=3, help="timed repeats per tiled measurement (best kept)")
     p.add_argument("--dense-repeats", type=int, default=1, help="timed repeats per dense measurement")
     p.add_argument(
         "--dense-max-pairs",
@@ -153,6 +168,12 @@ def add_render_arguments(p: argparse.ArgumentParser) -> None:
         help="skip dense configs with more Gaussian-pixel pairs per view (time and memory grow with them)",
     )
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
+    p.add_argument(
+        "--clock",
+        choices=sorted(CLOCKS),
+        default="wall",
+        help="wall: elapsed time; cpu: process CPU time (with --threads 1, for a machine shared with others)",
+    )
     p.add_argument("--output", type=Path, default=DEFAULT_REPORT)
     p.add_argument("--no-write", action="store_true", help="print the table only")
 
@@ -163,11 +184,17 @@ def run_render(args: argparse.Namespace) -> str:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    machine = machine_description()
+    # import gsplat and warm both renderers up once, so no measurement pays for it
+    tiny = orbit_cameras(0.0, [0.0], width=16, height=16)
+    render_gaussians_dense(surface_scene(10), tiny)
+    render_gaussians(surface_scene(10), tiny, backend="torch")
     rows = []
     for n in args.gaussians:
         scene = surface_scene(n)
         for res in args.resolutions:
-            cams = orbit_cameras(15.0, [i * 360.0 / args.views for i in range(args.views)], 2.5, 40.0, res, res)
+            azimuths = [i * 360.0 / args.views for i in range(args.views)]
+            cams = orbit_cameras(15.0, azimuths, distance=2.5, fov_deg=40.0, width=res, height=res)
             weights = torch.rand(1, args.views, 3, res, res, generator=torch.Generator().manual_seed(1))
             leaves = _grad_leaves(scene)
 
@@ -178,17 +205,18 @@ def run_render(args: argparse.Namespace) -> str:
             def tiled_fwd_bwd():
                 _render_loss(render_gaussians(leaves, cams, backend="torch"), weights).backward()
 
-            tiled = render_gaussians(scene, cams, backend="torch")
+            tiled_seconds, tiled = time_call(tiled_fwd, args.repeats, clock=args.clock)
             row = {
                 "n": n,
                 "res": res,
-                "tiled_fwd": time_call(tiled_fwd, args.repeats) / args.views,
-                "tiled_fb": time_call(tiled_fwd_bwd, args.repeats) / args.views,
+                "tiled_fwd": tiled_seconds / args.views,
+                "tiled_fb": time_call(tiled_fwd_bwd, args.repeats, clock=args.clock)[0] / args.views,
             }
             pairs = n * res * res
             if pairs > args.dense_max_pairs:
                 gb = pairs * 4 * 12 / 2**30
-                row["skip"] = f"{pairs / 1e6:.0f}M pairs/view > {args.dense_max_pairs / 1e6:.0f}M (~{gb:.0f} GB for fwd+bwd)"
+                limit = args.dense_max_pairs / 1e6
+                row["skip"] = f"{pairs / 1e6:.0f}M pairs/view > {limit:.0f}M (~{gb:.0f} GB for fwd+bwd)"
             else:
                 dv = min(args.dense_views, args.views)
                 dense_cams = _subset(cams, dv)
@@ -201,14 +229,31 @@ def run_render(args: argparse.Namespace) -> str:
                 def dense_fwd_bwd():
                     _render_loss(render_gaussians_dense(leaves, dense_cams), dense_weights).backward()
 
-                dense = dense_fwd()
-                row["dense_fwd"] = time_call(dense_fwd, args.dense_repeats, warmup=0) / dv
-                row["dense_fb"] = time_call(dense_fwd_bwd, args.dense_repeats, warmup=0) / dv
-                row["diff_rgb"] = (tiled.rgb[:, :dv] - dense.rgb).abs().max().item()
-                row["diff_alpha"] = (tiled.alpha[:, :dv] - dense.alpha).abs().max().item()
+                dense_seconds, dense = time_call(dense_fwd, args.dense_repeats, warmup=0, clock=args.clock)
+                row["dense_fwd"] = dense_seconds / dv
+                dense_fb_seconds, _ = time_call(dense_fwd_bwd, args.dense_repeats, warmup=0, clock=args.clock)
+                row["dense_fb"] = dense_fb_seconds / dv
+                row["diff"] = _max_image_diff(tiled, dense, dv)
+                # the same comparison in float64 separates float32 rounding from real disagreement
+                with torch.no_grad():
+                    scene64, cams64 = scene.to(torch.float64), cams.to(torch.float64)
+                    row["diff64"] = _max_image_diff(
+                        render_gaussians(scene64, cams64, backend="torch"),
+                        render_gaussians_dense(scene64, _subset(cams64, dv)),
+                        dv,
+                    )
             rows.append(row)
             print(_format_row(row), flush=True)
-    return _render_report(rows, args)
+    return _render_report(rows, args, machine)
+
+
+_CLOCK_WORDS = {"wall": "wall clock", "cpu": "process CPU time"}
+
+
+def _max_image_diff(tiled, dense, views: int) -> float:
+    """Largest |tiled - dense| over RGB and alpha of the first ``views`` views."""
+    diffs = [(getattr(tiled, c)[:, :views] - getattr(dense, c)).abs().max().item() for c in ("rgb", "alpha")]
+    return max(diffs)
 
 
 def _ms(seconds: float) -> str:
@@ -225,37 +270,50 @@ def _format_row(row: dict) -> str:
             _ms(row["dense_fb"]),
             f"{row['dense_fwd'] / row['tiled_fwd']:.1f}×",
             f"**{row['dense_fb'] / row['tiled_fb']:.1f}×**",
-            f"{max(row['diff_rgb'], row['diff_alpha']):.1e}",
+            f"{row['diff']:.1e} / {row['diff64']:.1e}",
         ]
     return "| " + " | ".join(cells) + " |"
 
 
-def _render_report(rows: list[dict], args: argparse.Namespace) -> str:
+def _render_report(rows: list[dict], args: argparse.Namespace, machine: str) -> str:
     command = "python pipelines/benchmark.py " + shlex.join(sys.argv[1:] if sys.argv[1:] else ["render"])
     target = [
         r for r in rows if "skip" not in r and 1000 <= r["n"] <= 4000 and 64 <= r["res"] <= 128
     ]
     met = bool(target) and all(
-        r["dense_fb"] / r["tiled_fb"] >= 3 and max(r["diff_rgb"], r["diff_alpha"]) <= 1e-5 for r in target
+        r["dense_fb"] / r["tiled_fb"] >= 3 and r["diff"] <= 1e-5 for r in target
     )
     header = (
         "| Gaussians | image | tiled fwd | tiled fwd+bwd | dense fwd | dense fwd+bwd | fwd speed-up | "
-        "fwd+bwd speed-up | max abs diff |\n|---:|---:|---:|---:|---:|---:|---:|---:|---|"
+        "fwd+bwd speed-up | max abs diff float32 / float64 |\n|---:|---:|---:|---:|---:|---:|---:|---:|---|"
     )
     return "\n".join(
         [
-            f"Machine: {machine_description()}.",
+            f"Machine: {machine}.",
             "",
             f"Command: `{command}`",
             "",
-            "Milliseconds per view (best of the timed repeats, wall clock), float32. *tiled*: "
+            f"Milliseconds per view (best of the timed repeats, {_CLOCK_WORDS[args.clock]}), float32. "
+            "*tiled*: "
             f"`render_gaussians(..., backend=\"torch\")` rendering {args.views} orbit views per call "
             "(elevation 15°, distance 2.5, FoV 40°). *dense*: `r2d3.render.dense_reference` "
             "(gsplat's pure-torch projection, then every Gaussian at every pixel, depth-sorted `cumprod` "
             f"compositing), {min(args.dense_views, args.views)} view(s) per call, timed in the same run. "
             "fwd+bwd backpropagates a loss on RGB, alpha, depth and normal to all Gaussian parameters. "
             "Scene: flat, opaque Gaussians tiling a bumpy sphere of radius 0.5 (`surface_scene`). "
-            "*max abs diff*: largest |tiled - dense| over RGB and alpha of the dense-rendered views.",
+            "*max abs diff*: largest |tiled - dense| over RGB and alpha of the dense-rendered views, for "
+            "the timed float32 renders and again with both renderers in float64 (the tiled renderer's "
+            "early termination bounds the float64 difference by its `min_transmittance`, 1e-6).",
+            *(
+                [
+                    "",
+                    "CPU time (user + system, so the dense reference's page faults count) is reported "
+                    "because the machine was shared with other jobs during the run: it counts only this "
+                    "process's own work, which elapsed time on a loaded machine does not.",
+                ]
+                if args.clock == "cpu"
+                else []
+            ),
             "",
             header,
             *(_format_row(r) for r in rows),
@@ -272,13 +330,22 @@ def _render_report(rows: list[dict], args: argparse.Namespace) -> str:
 #: suite name -> (add its arguments to a sub-parser, run it and return a Markdown report section)
 SUITES: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], str]]] = {
     "render": (add_render_arguments, run_render),
+    "sampling": (bench_alignment.add_sampling_arguments, bench_alignment.run_sampling),
+    "prior": (bench_alignment.add_prior_arguments, bench_alignment.run_prior),
+    "methods": (bench_alignment.add_methods_arguments, bench_alignment.run_methods),
 }
-#: the docs/benchmarks.md heading each suite writes under
-REPORT_HEADINGS: dict[str, str] = {"render": "## Renderer (CPU)"}
+#: the report heading each suite writes under (in its --output file)
+REPORT_HEADINGS: dict[str, str] = {
+    "render": "## Renderer (CPU)",
+    "sampling": "## Sampling the embedded model",
+    "prior": "## Prompt-following of the embedded model",
+    "methods": "## Nabla-R2D3 vs baselines on the embedded default",
+}
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    formatter = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=formatter)
     sub = parser.add_subparsers(dest="suite", required=True)
     for name, (add_arguments, _) in SUITES.items():
         add_arguments(sub.add_parser(name, help=(SUITES[name][1].__doc__ or "").strip().splitlines()[0]))

@@ -19,6 +19,7 @@ classifier's accuracy and the analytic dominant-colour check. Each weights direc
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import shutil
 import sys
@@ -28,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from r2d3.data import procedural
 from r2d3.eval.prompt_following import colour_accuracy
 from r2d3.eval.procedural_views import RenderedViews, render_procedural_views
 from r2d3.eval.shape_classifier import ShapeClassifierTrainConfig, train_shape_classifier
@@ -65,7 +67,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--what", choices=WHAT, default="all")
     p.add_argument("--out", type=Path, default=None,
                    help="write <out>/clip_tiny and <out>/shape_classifier instead of the package weights")
-    p.add_argument("--train-objects", type=int, default=2400)
+    p.add_argument("--train-objects", type=int, default=1600)
     p.add_argument("--heldout-objects", type=int, default=300)
     p.add_argument("--views", type=int, default=3)
     p.add_argument("--epochs", type=int, default=None, help="override both models' epochs")
@@ -112,6 +114,8 @@ def main(argv: list[str] | None = None) -> dict:
          f"strict {colour['strict_accuracy']:.3f}")
     common = {
         "command": " ".join(argv_used),
+        # which version of the procedural data the weights were trained on
+        "procedural_source_sha256": hashlib.sha256(Path(procedural.__file__).read_bytes()).hexdigest(),
         "render_seconds": render_seconds,
         "torch_threads": torch.get_num_threads(),
         "heldout_objects": len(heldout),

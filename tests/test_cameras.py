@@ -154,7 +154,8 @@ def test_validate_keeps_matching_batched_cameras():
 
 
 def test_validate_names_a_batch_mismatch():
-    with pytest.raises(ValueError, match="batch size mismatch: cameras have batch size 3 but the Gaussians have 2"):
+    message = "batch size mismatch: cameras have batch size 3 but the Gaussians have 2"
+    with pytest.raises(ValueError, match=message):
         validate_cameras(jittered_orbit_cameras(2, 3), batch_size=2)
 
 
@@ -167,9 +168,9 @@ def _cams(viewmats, Ks, width=8, height=8):
     [
         (_cams(torch.zeros(2, 2, 3, 4), torch.eye(3).expand(2, 2, 3, 3)), r"viewmats must have shape"),
         (_cams(torch.eye(4).expand(2, 4, 4), torch.zeros(2, 2, 3)), r"Ks must have shape"),
-        (_cams(torch.eye(4).expand(2, 4, 4), torch.eye(3).expand(3, 3, 3)), r"disagree on the batch/view axes"),
+        (_cams(torch.eye(4).expand(2, 4, 4), torch.eye(3).expand(3, 3, 3)), r"disagree on the batch/view"),
         (_cams(torch.eye(4).expand(0, 4, 4), torch.eye(3).expand(0, 3, 3)), r"no views"),
-        (_cams(torch.eye(4).expand(2, 4, 4), torch.eye(3).expand(2, 3, 3), width=0), r"width must be a positive int"),
+        (_cams(torch.eye(4).expand(2, 4, 4), torch.eye(3).expand(2, 3, 3), width=0), r"width must be"),
         (_cams(torch.eye(4).expand(2, 4, 4), torch.eye(3).expand(2, 3, 3), height=8.0), r"height must be"),
         (_cams(torch.full((2, 4, 4), float("nan")), torch.eye(3).expand(2, 3, 3)), r"NaN or inf"),
         (_cams(torch.eye(4).expand(2, 4, 4), torch.zeros(2, 3, 3)), r"positive focal lengths"),

@@ -127,18 +127,27 @@ def test_shape_classifier_weights_errors(tmp_path):
 
 def test_diversity_of_identical_samples_is_zero_and_grows_with_spread():
     g = torch.Generator().manual_seed(0)
-    one = torch.randn(3, 1, 5, 4, generator=g)
-    identical = one.expand(3, 4, 5, 4)
+    one = torch.randn(1, 3, 8, 8, generator=g)  # one prompt's sample, e.g. a render [3, H, W]
+    identical = one.expand(4, 3, 8, 8)
     assert diversity(identical).item() == 0.0
-    assert diversity(identical, metric="chamfer").item() == 0.0
-    spread = one + 0.1 * torch.randn(3, 4, 5, 4, generator=g)
-    wider = one + 1.0 * torch.randn(3, 4, 5, 4, generator=g)
+    spread = one + 0.1 * torch.randn(4, 3, 8, 8, generator=g)
+    wider = one + 1.0 * torch.randn(4, 3, 8, 8, generator=g)
     assert 0 < diversity(spread).item() < diversity(wider).item()
-    assert diversity(wider, reduce=False).shape == (3,)
+    per_prompt = diversity([identical, spread, wider], reduce=False)
+    assert per_prompt.shape == (3,) and per_prompt[0] == 0
     ragged = [torch.zeros(2, 3), torch.ones(3, 3)]  # prompts may have different numbers of seeds
     assert diversity(ragged).item() == 0.0
     with pytest.raises(ValueError, match="at least 2 seeds"):
-        diversity(torch.zeros(2, 1, 3))
+        diversity(torch.zeros(1, 3))
+
+
+def test_diversity_of_token_sets_ignores_token_order():
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randn(16, 9, generator=g)  # a set model's latent [N, 9]
+    same_set = torch.stack([tokens, tokens[torch.randperm(16, generator=g)]])
+    assert diversity(same_set).item() == 0.0  # auto: Chamfer for [S, N, D]
+    assert diversity(same_set, metric="rms").item() > 0
+    assert diversity(torch.stack([tokens, tokens + 0.5])).item() > 0
 
 
 def test_chamfer_distance_ignores_point_order():

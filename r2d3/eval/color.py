@@ -9,7 +9,8 @@ Rule, per view:
    blended with the background are left out);
 2. the foreground pixels of all views of an asset are explained by the best one- or two-colour
    palette model (:func:`colour_votes`): each pixel is fitted by a blend of the model's colours (the
-   renderer blends linearly in RGB, so thin stripes and colour boundaries at 64 px are mixtures), the
+   renderer blends linearly in RGB, so thin stripes and colour boundaries at 64 px are mixtures) under
+   a brightness factor (the procedural dataset bakes mild shading into its colours), the
    fit error is the CIE L*a*b* distance ΔE (D65; rendered values are treated as sRGB display values,
    as they are viewed), and the model with the smallest *robust* mean error (each pixel's error capped,
    so a few outliers cannot choose the model) wins — one colour unless two fit clearly better;
@@ -56,21 +57,27 @@ def _palette_table(palette: Mapping[str, Sequence[float]] | None) -> tuple[list[
     return names, torch.tensor([list(map(float, palette[n])) for n in names])
 
 
-def _blend_models(pixels: Tensor, table: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _blend_models(
+    pixels: Tensor, table: Tensor, shade_range: tuple[float, float], steps: int = 11
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Fit every one- and two-colour model to ``pixels`` ``[P, 3]``: for the pair (i, j) (i == j for one
-    colour) each pixel is approximated by its best blend ``t · c_i + (1 − t) · c_j``, t in [0, 1] found by
-    projection in RGB (where the renderer blends). Returns ``first``, ``second`` ``[Q]`` and, per model
-    and pixel, the blend weight ``t`` ``[Q, P]`` and the CIE ΔE (Lab distance) of the fit ``[Q, P]``."""
+    colour) each pixel is approximated by ``s · (t · c_i + (1 − t) · c_j)`` — a blend (t in [0, 1], on a
+    grid of ``steps`` values, fitted in RGB where the renderer blends) under a brightness factor ``s`` in
+    ``shade_range`` (baked shading; least squares, clamped). Returns ``first``, ``second`` ``[Q]``, the
+    blend weight ``t`` ``[Q, P]`` and the CIE ΔE (Lab distance) of the best fit ``[Q, P]``."""
     k = len(table)
     first, second = torch.triu_indices(k, k, offset=0)  # includes i == j: single colours
-    a, b = table[first], table[second]  # [Q, 3]
-    diff = a - b
-    denom = (diff * diff).sum(-1)
-    t = ((pixels[None] - b[:, None]) * diff[:, None]).sum(-1) / denom.clamp(min=1e-12)[:, None]
-    t = torch.where(denom[:, None] > 1e-12, t.clamp(0, 1), torch.ones_like(t))  # [Q, P]
-    fit = b[:, None] + t[..., None] * diff[:, None]
+    grid = torch.linspace(0, 1, steps, dtype=table.dtype)
+    blends = grid[None, :, None] * table[first][:, None] + (1 - grid[None, :, None]) * table[second][:, None]
+    norm2 = (blends * blends).sum(-1).clamp(min=1e-12)[..., None]  # [Q, T, 1]
+    dot = torch.einsum("qtc,pc->qtp", blends, pixels)  # [Q, T, P]
+    shade = (dot / norm2).clamp(*shade_range)
+    # |p - s b|^2 up to the constant |p|^2, without materialising every fit
+    best = (shade * shade * norm2 - 2 * shade * dot).argmin(dim=1)  # [Q, P]
+    best_shade = shade.gather(1, best[:, None])[:, 0]
+    fit = best_shade[..., None] * blends.gather(1, best[..., None].expand(-1, -1, 3))  # [Q, P, 3]
     delta_e = (srgb_to_lab(fit) - srgb_to_lab(pixels)[None]).norm(dim=-1)
-    return first, second, t, delta_e
+    return first, second, grid[best], delta_e
 
 
 def colour_votes(
@@ -78,23 +85,31 @@ def colour_votes(
     alpha: Tensor,
     palette: Mapping[str, Sequence[float]] | None = None,
     alpha_threshold: float = 0.9,
+    shade_range: tuple[float, float] | None = None,
     outlier_delta_e: float = 25.0,
     single_colour_margin: float = 2.0,
+    max_pixels: int = 1000,
 ) -> tuple[list[str], Tensor]:
     """Palette names (default palette: :data:`r2d3.data.procedural.COLORS`) and per-asset colour areas
     ``[B, len(palette)]`` from views ``rgb`` ``[B, V, 3, H, W]`` and ``alpha`` ``[B, V, 1, H, W]``.
 
     Each asset is explained by the one- or two-colour palette model that fits its foreground pixels
     best (robustly: mean CIE ΔE with each pixel's error capped at ``outlier_delta_e``; a single colour
-    wins unless a pair is better by ``single_colour_margin`` ΔE). Pixels of a pair model may be blends:
-    the renderer composites neighbouring colours linearly, so thin stripes at low resolution yield
-    colours *between* the two (blue and orange blend to something brownish) — each pixel within
-    ``outlier_delta_e`` of its fit contributes its blend weight to the two colours' areas. Colours
-    outside the chosen model get 0.
+    wins unless a pair is better by ``single_colour_margin`` ΔE). The fit allows for what rendering
+    does to a palette colour: baked shading scales brightness by a factor in ``shade_range`` (default
+    ``(1 − SHADING, 1)`` of the procedural dataset), and the renderer composites neighbouring colours
+    linearly, so thin stripes at 64 px yield colours *between* two (blue and orange blend to something
+    brownish). Each pixel within ``outlier_delta_e`` of its fit adds its blend weight to the model's two
+    colours' areas; colours outside the chosen model get 0. At most ``max_pixels`` evenly strided
+    foreground pixels per asset are used.
     """
     if rgb.ndim != 5 or alpha.shape[:2] != rgb.shape[:2]:
         raise ValueError(f"expected rgb [B, V, 3, H, W] and alpha [B, V, 1, H, W], got {tuple(rgb.shape)} "
                          f"and {tuple(alpha.shape)}")
+    if shade_range is None:
+        from r2d3.data.procedural import SHADING
+
+        shade_range = (1.0 - SHADING, 1.0)
     names, table = _palette_table(palette)
     votes = torch.zeros(rgb.shape[0], len(names))
     for k in range(rgb.shape[0]):
@@ -102,7 +117,8 @@ def colour_votes(
         pixels = pixels[alpha[k].detach().float().reshape(-1) > alpha_threshold]
         if len(pixels) == 0:
             continue
-        first, second, t, delta_e = _blend_models(pixels, table)
+        pixels = pixels[:: max(1, -(-len(pixels) // max_pixels))]
+        first, second, t, delta_e = _blend_models(pixels, table, shade_range)
         cost = delta_e.clamp(max=outlier_delta_e).mean(dim=1)  # [Q]
         single = first == second
         best_single = torch.where(single, cost, torch.full_like(cost, float("inf"))).argmin()

@@ -24,7 +24,7 @@ from torch import Tensor
 from r2d3.render.gaussians import Gaussians
 from r2d3.render.output import RenderOutput
 
-Metric = Literal["rms", "chamfer"]
+Metric = Literal["auto", "rms", "chamfer"]
 
 
 def rms_distance(a: Tensor, b: Tensor) -> Tensor:
@@ -48,6 +48,8 @@ def _pairwise_mean(samples: Tensor, metric: Metric) -> Tensor:
     s = samples.shape[0]
     if s < 2:
         raise ValueError(f"diversity needs at least 2 seeds per prompt, got {s}")
+    if metric == "auto":
+        metric = "chamfer" if samples.ndim == 3 else "rms"
     i, j = torch.triu_indices(s, s, offset=1)
     if metric == "rms":
         d = rms_distance(samples[i], samples[j])
@@ -56,18 +58,23 @@ def _pairwise_mean(samples: Tensor, metric: Metric) -> Tensor:
             raise ValueError(f"chamfer diversity needs point sets [S, N, D] per prompt, got {tuple(samples.shape)}")
         d = chamfer_distance(samples[i], samples[j])
     else:
-        raise ValueError(f"unknown diversity metric {metric!r}; valid: 'rms', 'chamfer'")
+        raise ValueError(f"unknown diversity metric {metric!r}; valid: 'auto', 'rms', 'chamfer'")
     return d.mean()
 
 
-def diversity(samples: Tensor | Sequence[Tensor], metric: Metric = "rms", reduce: bool = True) -> Tensor:
+def diversity(samples: Tensor | Sequence[Tensor], metric: Metric = "auto", reduce: bool = True) -> Tensor:
     """Mean pairwise distance between samples of the **same prompt** across seeds.
 
-    ``samples``: ``[P, S, ...]`` (P prompts x S seeds) or a sequence of P tensors ``[S_p, ...]``.
-    Returns the mean over prompts (a scalar), or the ``[P]`` per-prompt values with ``reduce=False``.
-    Identical samples give exactly 0.
+    ``samples``: one prompt's ``S`` samples ``[S, ...]`` (returns a scalar), or a sequence with one such
+    tensor per prompt (seed counts may differ; returns the mean over prompts, or the ``[P]`` per-prompt
+    values with ``reduce=False``). ``metric="auto"`` uses the Chamfer distance for point/token sets
+    ``[S, N, D]`` (e.g. Gaussian means or a set model's latents, whose token order across seeds carries
+    no meaning) and the RMS distance for anything else (renders ``[S, V, 3, H, W]``, embeddings
+    ``[S, D]``). Identical samples give exactly 0.
     """
-    groups = list(samples.unbind(0)) if isinstance(samples, Tensor) else list(samples)
+    if isinstance(samples, Tensor):
+        return _pairwise_mean(samples.detach().float(), metric)
+    groups = list(samples)
     if not groups:
         raise ValueError("diversity needs samples for at least one prompt")
     per_prompt = torch.stack([_pairwise_mean(g.detach().float(), metric) for g in groups])

@@ -66,7 +66,7 @@ class ShapeClassifier(ModelMixin, ConfigMixin):
         self,
         shapes: tuple[str, ...] = SHAPES,
         image_size: int = 64,
-        widths: tuple[int, ...] = (32, 64, 96, 128),
+        widths: tuple[int, ...] = (16, 32, 64, 64),
         depth_scale: float = 0.5,
     ):
         super().__init__()
@@ -119,7 +119,7 @@ def load_shape_classifier(path: str | os.PathLike | None = None, device: str | t
 @dataclass
 class ShapeClassifierTrainConfig:
     seed: int = 0
-    epochs: int = 8
+    epochs: int = 3
     batch_size: int = 128
     lr: float = 2e-3
     weight_decay: float = 1e-4

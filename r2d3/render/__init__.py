@@ -1,4 +1,4 @@
-"""Rendering: cameras, the Gaussian-splat asset, and differentiable splatting (torch reference, gsplat on CUDA).
+"""Rendering: cameras, the Gaussian-splat asset and differentiable splatting (torch and gsplat backends).
 
 Public API::
 

@@ -23,6 +23,68 @@ from r2d3.render.output import RenderOutput
 from r2d3.render.projection import ALPHA_MAX, ALPHA_MIN
 
 
+def composite_dense(
+    means2d: Tensor,
+    conics: Tensor,
+    opacities: Tensor,
+    features: Tensor,
+    depths: Tensor,
+    width: int,
+    height: int,
+) -> tuple[Tensor, Tensor]:
+    """Alpha-composite every Gaussian at every pixel, front to back by ``depths``.
+
+    Args:
+        means2d ``[..., N, 2]``, conics ``[..., N, 3]`` (gsplat's ``(a, b, c)``: falloff
+        ``exp(-(a dx^2 + 2 b dx dy + c dy^2) / 2)``), opacities ``[..., N]`` (0 culls a Gaussian),
+        features ``[..., N, D]``, depths ``[..., N]``.
+
+    Returns:
+        ``accumulated [..., D, H, W]`` (sum of ``w_i f_i``) and ``alpha [..., 1, H, W]``.
+    """
+    lead, n, dim = means2d.shape[:-2], means2d.shape[-2], features.shape[-1]
+    order = torch.argsort(depths, dim=-1)
+    pick = lambda x: torch.take_along_dim(x, order[..., None], dim=-2)  # noqa: E731
+    means2d, conics, features = pick(means2d), pick(conics), pick(features)
+    opacities = torch.take_along_dim(opacities, order, dim=-1)
+
+    ys, xs = torch.meshgrid(
+        torch.arange(height, dtype=means2d.dtype, device=means2d.device) + 0.5,
+        torch.arange(width, dtype=means2d.dtype, device=means2d.device) + 0.5,
+        indexing="ij",
+    )
+    dx = xs.reshape(-1) - means2d[..., 0:1]  # [..., N, H*W]
+    dy = ys.reshape(-1) - means2d[..., 1:2]
+    q = conics[..., 0:1] * dx * dx + 2 * conics[..., 1:2] * dx * dy + conics[..., 2:3] * dy * dy
+    # (exponent clamped only to stay out of slow float32 denormals; such alphas are far below ALPHA_MIN)
+    alpha = opacities[..., None] * torch.exp((-0.5 * q).clamp(min=-60.0))
+    alpha = torch.where(alpha < ALPHA_MIN, torch.zeros_like(alpha), torch.clamp(alpha, max=ALPHA_MAX))
+    through = torch.cumprod(1 - alpha, dim=-2)
+    trans = torch.cat([torch.ones_like(through[..., :1, :]), through[..., :-1, :]], dim=-2)
+    accumulated = torch.einsum("...np,...nc->...cp", alpha * trans, features)
+    cover = 1 - through[..., -1:, :] if n else torch.zeros_like(accumulated[..., :1, :])
+    return accumulated.reshape(*lead, dim, height, width), cover.reshape(*lead, 1, height, width)
+
+
+def project_dense(g: Gaussians, cams: Cameras, eps2d: float = 0.3, near_plane: float = 0.01):
+    """gsplat's pure-torch EWA projection of validated Gaussians into batched cameras.
+
+    Returns ``means2d [B, V, N, 2]``, ``conics [B, V, N, 3]``, ``depths [B, V, N]``, ``keep [B, V, N]``
+    (gsplat's culling: in front of the near plane, non-degenerate, 3.33-sigma box on the image).
+    """
+    from gsplat.cuda._torch_impl import _fully_fused_projection, _quat_scale_to_covar_preci
+
+    covars, _ = _quat_scale_to_covar_preci(g.quats, g.scales, compute_preci=False)
+    radii, means2d, depths, conics, _ = _fully_fused_projection(
+        g.means, covars, cams.viewmats, cams.Ks, cams.width, cams.height, eps2d=eps2d, near_plane=near_plane
+    )
+    keep = (radii > 0).all(-1)
+    # culled Gaussians get harmless values (behind the camera gsplat's divide is not finite)
+    means2d = torch.where(keep[..., None], means2d, torch.zeros_like(means2d))
+    conics = torch.where(keep[..., None], conics, torch.zeros_like(conics))
+    return means2d, conics, depths, keep
+
+
 def render_gaussians_dense(
     gaussians: Gaussians,
     cameras: Cameras,
@@ -31,23 +93,14 @@ def render_gaussians_dense(
     near_plane: float = 0.01,
 ) -> RenderOutput:
     """Exhaustive reference render; same inputs, outputs and conventions as ``render_gaussians``."""
-    from gsplat.cuda._torch_impl import _fully_fused_projection, _quat_scale_to_covar_preci, _quat_to_rotmat
+    from gsplat.cuda._torch_impl import _quat_to_rotmat
 
     g = gaussians.validate()
     b, n = g.batch_size, g.num_gaussians
     cams = validate_cameras(cameras, b, dtype=g.means.dtype, device=g.means.device)
-    v, width, height = cams.num_views, cams.width, cams.height
+    v = cams.num_views
     bg = background_tensor(background, b, v, g.means.dtype, g.means.device)
-
-    covars, _ = _quat_scale_to_covar_preci(g.quats, g.scales, compute_preci=False)
-    radii, means2d, depths, conics, _ = _fully_fused_projection(
-        g.means, covars, cams.viewmats, cams.Ks, width, height, eps2d=eps2d, near_plane=near_plane
-    )  # [B, V, N, 2], [B, V, N, 2], [B, V, N], [B, V, N, 3]
-    # gsplat zeroes the radius of Gaussians behind the near plane, degenerate or entirely off-image
-    # (its 3.33-sigma box misses the image, so every on-image alpha would be below 1/255 anyway).
-    keep = (radii > 0).all(-1)
-    means2d = torch.where(keep[..., None], means2d, torch.zeros_like(means2d))
-    conics = torch.where(keep[..., None], conics, torch.zeros_like(conics))
+    means2d, conics, depths, keep = project_dense(g, cams, eps2d, near_plane)
 
     # Camera-space normal: shortest local axis, rotated into the view, pointing back at the camera.
     rot = _quat_to_rotmat(g.quats)  # [B, N, 3, 3]
@@ -58,28 +111,8 @@ def render_gaussians_dense(
     normal = torch.where((normal * centre_c).sum(-1, keepdim=True) > 0, -normal, normal)
     feats = torch.cat([g.colors[:, None].expand(b, v, n, 3), normal, depths[..., None]], dim=-1)
 
-    order = torch.argsort(torch.where(keep, depths, torch.full_like(depths, float("inf"))), dim=-1)
-    pick = lambda x: torch.take_along_dim(x, order.reshape(*order.shape, *([1] * (x.ndim - 3))), dim=2)  # noqa: E731
-    means2d, conics, feats = pick(means2d), pick(conics), pick(feats)
-    opac = torch.take_along_dim(g.opacities[:, None, :].expand(b, v, n) * keep, order, dim=2)
-
-    ys, xs = torch.meshgrid(
-        torch.arange(height, dtype=g.means.dtype, device=g.means.device) + 0.5,
-        torch.arange(width, dtype=g.means.dtype, device=g.means.device) + 0.5,
-        indexing="ij",
-    )
-    dx = xs.reshape(1, 1, 1, -1) - means2d[..., 0:1]  # [B, V, N, H*W]
-    dy = ys.reshape(1, 1, 1, -1) - means2d[..., 1:2]
-    q = conics[..., 0:1] * dx * dx + 2 * conics[..., 1:2] * dx * dy + conics[..., 2:3] * dy * dy
-    # (exponent clamped only to stay out of slow float32 denormals; the result is far below ALPHA_MIN)
-    alpha = opac[..., None] * torch.exp((-0.5 * q).clamp(min=-60.0))
-    alpha = torch.where(alpha < ALPHA_MIN, torch.zeros_like(alpha), torch.clamp(alpha, max=ALPHA_MAX))
-    keep_ray = torch.cumprod(1 - alpha, dim=2)
-    trans_in = torch.cat([torch.ones_like(keep_ray[:, :, :1]), keep_ray[:, :, :-1]], dim=2)
-    weights = alpha * trans_in  # [B, V, N, H*W]
-    acc = torch.einsum("bvnp,bvnc->bvcp", weights, feats).reshape(b, v, 7, height, width)
-    cover = (1 - keep_ray[:, :, -1]).reshape(b, v, 1, height, width) if n else acc.new_zeros(b, v, 1, height, width)
-
+    opac = g.opacities[:, None, :].expand(b, v, n) * keep
+    acc, cover = composite_dense(means2d, conics, opac, feats, depths, cams.width, cams.height)
     rgb = acc[:, :, :3] + (1 - cover) * bg[..., None, None]
     denom = torch.where(cover > 0, cover, torch.ones_like(cover))
     depth = torch.where(cover > 0, acc[:, :, 6:7] / denom, torch.zeros_like(cover))

@@ -15,7 +15,10 @@ from r2d3.render.cameras import Cameras
 
 
 def validate_cameras(
-    cameras: Cameras, batch_size: int, dtype: torch.dtype | None = None, device: torch.device | str | None = None
+    cameras: Cameras,
+    batch_size: int,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
 ) -> Cameras:
     """Check ``cameras`` and return them batched ``[batch_size, V, ...]`` in ``dtype`` on ``device``.
 
@@ -30,12 +33,15 @@ def validate_cameras(
         if not isinstance(value, Tensor):
             raise ValueError(f"Cameras.{name} must be a torch.Tensor, got {type(value).__name__}")
     if viewmats.ndim not in (3, 4) or tuple(viewmats.shape[-2:]) != (4, 4):
-        raise ValueError(f"Cameras.viewmats must have shape [B, V, 4, 4] or [V, 4, 4], got {list(viewmats.shape)}")
+        raise ValueError(
+            f"Cameras.viewmats must have shape [B, V, 4, 4] or [V, 4, 4], got {list(viewmats.shape)}"
+        )
     if Ks.ndim not in (3, 4) or tuple(Ks.shape[-2:]) != (3, 3):
         raise ValueError(f"Cameras.Ks must have shape [B, V, 3, 3] or [V, 3, 3], got {list(Ks.shape)}")
     if viewmats.ndim != Ks.ndim or viewmats.shape[:-2] != Ks.shape[:-2]:
         raise ValueError(
-            f"Cameras.viewmats {list(viewmats.shape)} and Cameras.Ks {list(Ks.shape)} disagree on the batch/view axes"
+            f"Cameras.viewmats {list(viewmats.shape)} and Cameras.Ks {list(Ks.shape)} "
+            "disagree on the batch/view axes"
         )
     if viewmats.shape[-3] == 0:
         raise ValueError("Cameras has no views (V = 0)")
@@ -63,7 +69,9 @@ def background_tensor(
     if bg.ndim == 0:
         bg = bg.expand(3)
     if bg.shape[-1:] != (3,) or bg.ndim > 3:
-        raise ValueError(f"background must be a grey level, an RGB triple or [B, V, 3], got shape {list(bg.shape)}")
+        raise ValueError(
+            f"background must be a grey level, an RGB triple or [B, V, 3], got shape {list(bg.shape)}"
+        )
     try:
         bg = bg.expand(batch_size, num_views, 3)
     except RuntimeError:

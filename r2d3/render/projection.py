@@ -37,12 +37,6 @@ def quat_to_rotmat(quats: Tensor) -> Tensor:
     return torch.stack(rows, dim=-1).reshape(*quats.shape[:-1], 3, 3)
 
 
-def covariance_3d(quats: Tensor, scales: Tensor) -> Tensor:
-    """World covariances ``R diag(s^2) R^T`` ``[..., 3, 3]`` from unit quaternions and linear scales."""
-    m = quat_to_rotmat(quats) * scales[..., None, :]
-    return m @ m.transpose(-1, -2)
-
-
 @dataclass
 class ProjectedGaussians:
     """Per-view 2D footprints of a Gaussian batch; ``B`` assets, ``V`` views, ``N`` Gaussians.

@@ -33,7 +33,9 @@ def select_backend(backend: str, device: torch.device, dtype: torch.dtype) -> st
     """Resolve ``"auto"`` to a concrete backend name for tensors on ``device`` of ``dtype``."""
     if backend != "auto":
         if backend not in SPLAT_BACKENDS:
-            raise ValueError(f"unknown render backend {backend!r}; choose 'auto' or one of {sorted(SPLAT_BACKENDS)}")
+            raise ValueError(
+                f"unknown render backend {backend!r}; choose 'auto' or one of {sorted(SPLAT_BACKENDS)}"
+            )
         return backend
     if device.type != "cuda":
         choice, reason = "torch", f"tensors are on {device.type}"

@@ -10,6 +10,7 @@ reference. Differences to the torch reference, all below typical tolerances: gsp
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -34,21 +35,29 @@ def render_gsplat(
     near_plane: float = 0.01,
     far_plane: float = 1e10,
     tile_size: int = 16,
+    rasterize: Callable[..., tuple[Tensor, Tensor, dict]] | None = None,
 ) -> RenderOutput:
-    """gsplat backend of :func:`r2d3.render.render_gaussians` (validated, batched, float32 CUDA inputs)."""
-    import gsplat
+    """gsplat backend of :func:`r2d3.render.render_gaussians` (validated, batched, float32 CUDA inputs).
 
-    if gaussians.means.device.type != "cuda" or gaussians.means.dtype != torch.float32:
-        raise ValueError(
-            f"the gsplat backend needs float32 CUDA tensors, got {gaussians.means.dtype} on {gaussians.means.device}"
-        )
+    ``rasterize`` stands in for ``gsplat.rasterization`` (same signature and return value); it exists so
+    the glue around it can be tested on machines without CUDA.
+    """
+    if rasterize is None:
+        if gaussians.means.device.type != "cuda" or gaussians.means.dtype != torch.float32:
+            raise ValueError(
+                "the gsplat backend needs float32 CUDA tensors, "
+                f"got {gaussians.means.dtype} on {gaussians.means.device}"
+            )
+        import gsplat
+
+        rasterize = gsplat.rasterization
     width, height = cameras.width, cameras.height
     proj = project_gaussians(
         gaussians.means, gaussians.quats, gaussians.scales, gaussians.opacities,
         cameras.viewmats, cameras.Ks, width, height, eps2d, near_plane, far_plane,
     )  # fmt: skip
     features = stack_features(gaussians.colors, proj.normals, proj.depths)  # [B, V, N, 7]
-    accumulated, alpha, _ = gsplat.rasterization(
+    accumulated, alpha, _ = rasterize(
         gaussians.means,
         gaussians.quats,
         gaussians.scales,

@@ -1,7 +1,9 @@
 """Tiled Gaussian splatting in pure torch: the reference backend (CPU and CUDA).
 
-Pipeline: EWA projection (:mod:`r2d3.render.projection`, autograd) -> binning into 16x16 tiles
+Pipeline: EWA projection (:mod:`r2d3.render.projection`, autograd) -> binning into square tiles
 (:mod:`r2d3.render.tiles`, no gradient) -> front-to-back compositing per tile (this module).
+Tiles default to 8x8 pixels: on CPU every (Gaussian, tile) pair costs a full tile of evaluations, and
+8x8 wastes fewer of them on pixels outside a footprint than gsplat's 16x16 (about 1.5-2x faster here).
 
 Compositing is a custom :class:`torch.autograd.Function` because plain autograd would keep every
 ``[tiles, chunk, pixels]`` intermediate of every chunk alive until backward. Here the forward pass
@@ -13,7 +15,8 @@ recomputes each chunk's alphas (last chunk first) and applies the closed-form co
     dF/dalpha_i = T_i f_i - (sum_{j>i} w_j f_j) / (1 - alpha_i),   dT_end/dalpha_i = -T_end / (1 - alpha_i)
 
 with ``w_i = alpha_i T_i``, accumulating the suffix sums as it goes. Memory therefore stays bounded
-by ``max_chunk_elements`` per step plus one transmittance row per processed chunk.
+by ``max_chunk_elements`` per step plus one transmittance row per processed chunk. The gradient is
+first order only (no double backward).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from r2d3.render.cameras import Cameras
 from r2d3.render.features import NUM_FEATURES, resolve_features, stack_features
@@ -110,7 +114,8 @@ def _evaluate_chunk(
     trans = torch.empty_like(alpha)
     trans[:, 0] = t_start
     torch.mul(through[:, :-1], t_start[:, None, :], out=trans[:, 1:])
-    return _Chunk(ids, valid, conic, dx, dy, falloff, raw, alpha, keep, trans, alpha * trans, t_start * through[:, -1])
+    weights, trans_end = alpha * trans, t_start * through[:, -1]
+    return _Chunk(ids, valid, conic, dx, dy, falloff, raw, alpha, keep, trans, weights, trans_end)
 
 
 class _CompositeTiles(torch.autograd.Function):
@@ -142,6 +147,7 @@ class _CompositeTiles(torch.autograd.Function):
         return accumulated, trans
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_accumulated: Tensor, grad_trans: Tensor):
         means2d, conics, opacities, features, trans_end = ctx.saved_tensors
         plan: _Plan = ctx.plan
@@ -166,7 +172,7 @@ class _CompositeTiles(torch.autograd.Function):
             # dL/dalpha_i = T_i <g, f_i> - (sum_{j > i} w_j <g, f_j> + g_T T_end) / (1 - alpha_i)
             later = prefix.neg_().add_((total + end_term[rows])[:, None, :]).div_(c.keep)
             grad_raw = later.neg_().addcmul_(c.trans, dot)
-            # alpha = raw exactly where raw was neither thresholded nor clamped; elsewhere d alpha / d raw = 0.
+            # alpha = raw exactly where raw was neither thresholded nor clamped; elsewhere dalpha/draw = 0.
             grad_raw.mul_(torch.eq(c.alpha, c.raw, out=torch.empty_like(c.raw)))
             grad_opacities.index_add_(0, ids, ((grad_raw * c.falloff).sum(-1) * c.valid).flatten())
             # g = dL/dsigma * -1 (d raw / d sigma = -raw)
@@ -214,8 +220,9 @@ def composite_tiles(
     accumulated, trans = _CompositeTiles.apply(means2d, conics, opacities, features, plan)
     ts, tx, ty, n_img = bins.tile_size, bins.tiles_x, bins.tiles_y, bins.num_images
     num_features = features.shape[-1]
-    full_acc = features.new_zeros(n_img * ty * tx, num_features, ts * ts).index_copy(0, bins.tile_ids, accumulated)
-    full_trans = features.new_ones(n_img * ty * tx, ts * ts).index_copy(0, bins.tile_ids, trans)
+    all_tiles = n_img * ty * tx
+    full_acc = features.new_zeros(all_tiles, num_features, ts * ts).index_copy(0, bins.tile_ids, accumulated)
+    full_trans = features.new_ones(all_tiles, ts * ts).index_copy(0, bins.tile_ids, trans)
 
     def untile(x: Tensor, channels: int) -> Tensor:
         x = x.reshape(n_img, ty, tx, channels, ts, ts).permute(0, 3, 1, 4, 2, 5)

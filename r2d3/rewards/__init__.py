@@ -6,10 +6,13 @@ repo). Build one, or a weighted sum, from a config spec with :func:`build_reward
 """
 
 from r2d3.rewards.base import Reward, WeightedSum, available_rewards, build_reward, register_reward
+from r2d3.rewards.clip_tiny import ClipTinyModel, ClipTinyReward, load_clip_tiny
 from r2d3.rewards.geometry import DepthNormalConsistency, depth_normal_consistency, depth_to_normal
 from r2d3.rewards.image import Colorfulness, colorfulness
 
 __all__ = [
+    "ClipTinyModel",
+    "ClipTinyReward",
     "Colorfulness",
     "DepthNormalConsistency",
     "Reward",
@@ -19,5 +22,6 @@ __all__ = [
     "colorfulness",
     "depth_normal_consistency",
     "depth_to_normal",
+    "load_clip_tiny",
     "register_reward",
 ]

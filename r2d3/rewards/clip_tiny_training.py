@@ -38,7 +38,7 @@ from r2d3.rewards.clip_tiny import ClipTinyModel
 @dataclass
 class ClipTinyTrainConfig:
     seed: int = 0
-    epochs: int = 14
+    epochs: int = 6
     batch_size: int = 128
     lr: float = 2e-3
     weight_decay: float = 1e-4
@@ -46,7 +46,7 @@ class ClipTinyTrainConfig:
     colour_negatives: int = 3
     shape_negatives: int = 2
     max_logit_scale: float = 100.0
-    eval_every: int = 2  # epochs
+    eval_every: int = 3  # epochs
 
 
 def colour_variants(attributes: ShapeAttributes) -> list[ShapeAttributes]:
