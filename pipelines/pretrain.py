@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> None:
     final.save_pretrained(args.out)
     record = {
         "command": "python pipelines/pretrain.py " + " ".join(argv if argv is not None else []),
-        "args": {k: str(v) for k, v in vars(args).items()},
+        "args": {k: str(v) for k, v in vars(args).items() if k != "out"},
         "final_loss_avg100": sum(losses[-100:]) / len(losses[-100:]),
         "wall_seconds": round(time.time() - start, 1),
         "torch": torch.__version__,

@@ -38,9 +38,11 @@ DEFAULT_SCHEDULER_CONFIG: dict[str, Any] = {
     "num_train_timesteps": 1000,
     "beta_schedule": "squaredcos_cap_v2",
     "prediction_type": "epsilon",
-    # "trailing" starts at t = 999 and ends one stride above 0, so every step (the last one
-    # included) is stochastic; "leading" would end on a deterministic step from t = 0.
-    "timestep_spacing": "trailing",
+    # "leading" with offset 1 runs t = 951 ... 1: every step, the last included, is stochastic, and the
+    # first step avoids t = 999, where the cosine schedule's alpha_bar (2e-9) turns the smallest error
+    # of the epsilon prediction into an exploding x0_hat.
+    "timestep_spacing": "leading",
+    "steps_offset": 1,
 }
 
 
