@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--what", choices=WHAT, default="all")
     p.add_argument("--out", type=Path, default=None,
                    help="write <out>/clip_tiny and <out>/shape_classifier instead of the package weights")
-    p.add_argument("--train-objects", type=int, default=1600)
+    p.add_argument("--train-objects", type=int, default=3000)
     p.add_argument("--heldout-objects", type=int, default=300)
     p.add_argument("--views", type=int, default=3)
     p.add_argument("--epochs", type=int, default=None, help="override both models' epochs")

@@ -69,7 +69,8 @@ class SamplerConfig:
     kind: str = opt("ddim", "ddim (eta-controlled DDIM) | sde-dpmsolver++ (1st-order SDE-DPM-Solver++)")
     num_steps: int = opt(20, "sampling steps K")
     eta: float = opt(1.0, "DDIM eta in [0, 1]; 1 is DDPM-like (needed: the losses need stochastic steps)")
-    guidance_scale: float = opt(3.0, "classifier-free guidance scale (1: no guidance)")
+    guidance_scale: float = opt(1.5, "classifier-free guidance scale (1: none; the tiny model follows shapes best "
+                                     "at 1.5, see docs/benchmarks.md)")
 
 
 @dataclass

@@ -39,7 +39,7 @@ def load_lora_checkpoint(backend, checkpoint: str | Path) -> None:
 
 
 @torch.no_grad()
-def generate(backend, prompts: list[str], seeds: list[int], num_steps: int = 20, guidance_scale: float = 3.0,
+def generate(backend, prompts: list[str], seeds: list[int], num_steps: int = 20, guidance_scale: float = 1.5,
              kind: str = "ddim", eta: float = 1.0):
     """Final latents ``[len(prompts) * len(seeds), *S]`` and their Gaussians; noise seeded per (prompt, seed)."""
     sampler = StochasticSampler(scheduler_from_config(backend.scheduler_config, kind=kind), num_steps, eta=eta)
@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
     p.add_argument("--weights", default=None, help="backend weights directory (default: shipped)")
     p.add_argument("--lora", default=None, help="alignment checkpoint directory or lora.safetensors")
     p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--guidance-scale", type=float, default=3.0)
+    p.add_argument("--guidance-scale", type=float, default=1.5)
     p.add_argument("--resolution", type=int, default=128)
     args = p.parse_args(argv)
     backend = load_backend(args.backend, weights=args.weights)
