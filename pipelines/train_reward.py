@@ -54,6 +54,8 @@ def _write_weights(model, report: dict, out: Path) -> None:
             shutil.rmtree(stale)
     model.save_pretrained(tmp, safe_serialization=True)
     (tmp / "training_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    for file in tmp.iterdir():
+        file.chmod(0o644)  # package data: readable by everyone, whatever the writer's umask
     if out.exists():
         out.rename(old)
     tmp.rename(out)
@@ -74,8 +76,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
     p.add_argument("--cache-dir", type=Path, default=None,
-                   help="keep the rendered views here (torch files keyed by split/objects/views/seed) and reuse "
-                        "them on reruns; by default they are only kept in memory")
+                   help="keep the rendered views here (torch files keyed by split/objects/views/seed) and "
+                        "reuse them on reruns; by default they are only kept in memory")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -99,7 +101,8 @@ def main(argv: list[str] | None = None) -> dict:
             if cache.is_file():
                 _log(f"reusing rendered views {cache}")
                 return RenderedViews(**torch.load(cache, weights_only=False))
-        rendered = render_procedural_views(split, num_objects, args.views, seed=seed, progress=progress(split))
+        rendered = render_procedural_views(split, num_objects, args.views, seed=seed,
+                                           progress=progress(split))
         if cache is not None:
             cache.parent.mkdir(parents=True, exist_ok=True)
             torch.save(vars(rendered), cache.with_suffix(".tmp"))

@@ -167,7 +167,8 @@ def test_drift_is_zero_for_the_same_samples_and_positive_for_different_ones(grou
     moved = drift(r, other)
     assert (moved["rgb_l2"] > 0).all() and (moved["dssim"] > 0).all()
 
-    gaussians = build_gaussians(GROUND_TRUTH[:2], num_gaussians=64, generator=torch.Generator().manual_seed(0))
+    gen = torch.Generator().manual_seed(0)
+    gaussians = build_gaussians(GROUND_TRUTH[:2], num_gaussians=64, generator=gen)
     g_same = drift(gaussians, gaussians)
     assert g_same["chamfer"].abs().max() < 1e-6 and g_same["color"].abs().max() < 1e-6
     shifted = type(gaussians)(gaussians.means + 0.1, gaussians.scales, gaussians.quats, gaussians.opacities,

@@ -19,8 +19,10 @@ from r2d3.rewards.clip_tiny_training import colour_variants, shape_variants, tem
 H = W = 24
 
 
-def _cameras(num_views: int = 2, dtype=torch.float64, fov: float = 40.0, width: int = W, height: int = H) -> Cameras:
-    cams = orbit_cameras([15.0], [0.0, 90.0, 180.0][:num_views], fov_deg=fov, width=width, height=height, dtype=dtype)
+def _cameras(num_views: int = 2, dtype=torch.float64, fov: float = 40.0, width: int = W,
+             height: int = H) -> Cameras:
+    azimuths = [0.0, 90.0, 180.0][:num_views]
+    cams = orbit_cameras([15.0], azimuths, fov_deg=fov, width=width, height=height, dtype=dtype)
     return Cameras(cams.viewmats[None], cams.Ks[None].clone(), width, height)
 
 
@@ -197,7 +199,8 @@ def test_colorfulness_foreground_ignores_the_white_background():
     alpha = torch.zeros(1, 1, 1, 8, 8)
     rgb[..., :4, :] = torch.tensor([0.9, 0.1, 0.1])[:, None, None]
     alpha[..., :4, :] = 1.0
-    render = RenderOutput(rgb, alpha, torch.zeros_like(alpha), torch.zeros_like(rgb), _cameras(1, width=8, height=8))
+    cams = _cameras(1, width=8, height=8)
+    render = RenderOutput(rgb, alpha, torch.zeros_like(alpha), torch.zeros_like(rgb), cams)
     fg = build_reward("colorfulness")(render, ["x"]).item()
     whole = build_reward({"name": "colorfulness", "kwargs": {"foreground": False}})(render, ["x"]).item()
     solid = colorfulness(rgb[..., :4, :]).item()
@@ -235,6 +238,21 @@ def test_weighted_sum_spec_equals_the_weighted_sum_of_its_parts():
     torch.testing.assert_close(spec_list(render, ["x"]), want)
     parts = spec_dict.components(render, ["x"])
     assert set(parts) == {"dnc", "colorfulness"} and parts["dnc"].shape == (1, 2)
+
+
+def test_plain_callable_factories_are_adapted():
+    from r2d3.rewards import register_reward
+
+    @register_reward("test_mean_rgb")
+    def _mean_rgb(**kwargs):
+        return lambda render, prompts: render.rgb.mean(dim=(1, 2, 3, 4))
+
+    render = _plane_render()
+    alone = build_reward("test_mean_rgb")
+    assert alone.per_view(render, ["x"]).shape == (1, 1)
+    torch.testing.assert_close(alone(render, ["x"]), torch.ones(1, dtype=torch.float64))
+    mixed = build_reward({"test_mean_rgb": 2.0, "dnc": 1.0})
+    torch.testing.assert_close(mixed(render, ["x"]), 2.0 + build_reward("dnc")(render, ["x"]))
 
 
 def test_omegaconf_specs_work():

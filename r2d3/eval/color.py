@@ -4,23 +4,24 @@ Why analytic: ``clip_tiny`` is a reward that alignment optimises, so it cannot a
 whether colours still follow the prompt; a fixed, weight-free rule cannot be hacked by the aligned
 model in the same way.
 
-Rule, per view:
+Rule, per asset (all its views pooled):
 1. foreground pixels are those with ``alpha > alpha_threshold`` (0.9 by default: silhouette pixels
    blended with the background are left out);
-2. the foreground pixels of all views of an asset are explained by the best one- or two-colour
+2. the foreground pixels are explained by the best one- or two-colour
    palette model (:func:`colour_votes`): each pixel is fitted by a blend of the model's colours (the
    renderer blends linearly in RGB, so thin stripes and colour boundaries at 64 px are mixtures) under
-   a brightness factor (the procedural dataset bakes mild shading into its colours), the
-   fit error is the CIE L*a*b* distance ΔE (D65; rendered values are treated as sRGB display values,
+   a brightness factor (the procedural dataset bakes mild shading into its colours); the fit error is
+   the CIE L*a*b* distance ΔE (D65; rendered values are treated as sRGB display values,
    as they are viewed), and the model with the smallest *robust* mean error (each pixel's error capped,
    so a few outliers cannot choose the model) wins — one colour unless two fit clearly better;
 3. the dominant colour is the model colour covering the larger (blend-weighted) area; ``top_k=2``
    gives both. An asset with no foreground pixel gets no prediction.
 
-Two-tone and striped objects: a prediction counts as correct if it is the object's primary colour
-or, when the prompt names a second colour ("... with white stripes"), that second colour
-(``accept_secondary=True``, the default in :mod:`r2d3.eval.prompt_following`); the primary-only
-("strict") accuracy is reported too.
+Two-tone and striped objects: :mod:`r2d3.eval.prompt_following` counts the dominant colour as correct
+if it is the object's body colour or, when the prompt names a second colour ("... with white
+stripes", "a red and yellow cube"), that second colour (``color_acc``); the body-colour-only
+accuracy is reported too (``color_strict_acc``). Two-tone objects are about half and half, so which
+of their colours dominates depends on the view.
 """
 
 from __future__ import annotations
@@ -61,8 +62,8 @@ def _blend_models(
     pixels: Tensor, table: Tensor, shade_range: tuple[float, float], steps: int = 11
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Fit every one- and two-colour model to ``pixels`` ``[P, 3]``: for the pair (i, j) (i == j for one
-    colour) each pixel is approximated by ``s · (t · c_i + (1 − t) · c_j)`` — a blend (t in [0, 1], on a
-    grid of ``steps`` values, fitted in RGB where the renderer blends) under a brightness factor ``s`` in
+    colour) each pixel is approximated by ``s · (t · c_i + (1 − t) · c_j)`` — a blend (t in [0, 1], on
+    a grid of ``steps`` values, fitted in RGB where the renderer blends) under a brightness factor ``s`` in
     ``shade_range`` (baked shading; least squares, clamped). Returns ``first``, ``second`` ``[Q]``, the
     blend weight ``t`` ``[Q, P]`` and the CIE ΔE (Lab distance) of the best fit ``[Q, P]``."""
     k = len(table)

@@ -35,7 +35,7 @@ def rms_distance(a: Tensor, b: Tensor) -> Tensor:
 
 
 def chamfer_distance(a: Tensor, b: Tensor) -> Tensor:
-    """Symmetric mean nearest-neighbour distance between point sets ``[B, N, D]`` and ``[B, M, D]`` -> ``[B]``."""
+    """Symmetric mean nearest-neighbour distance of point sets ``[B, N, D]`` and ``[B, M, D]`` -> ``[B]``."""
     if a.ndim != 3 or b.ndim != 3 or a.shape[0] != b.shape[0] or a.shape[-1] != b.shape[-1]:
         raise ValueError(f"chamfer distance needs point sets [B, N, D] and [B, M, D], got "
                          f"{tuple(a.shape)} and {tuple(b.shape)}")
@@ -55,7 +55,9 @@ def _pairwise_mean(samples: Tensor, metric: Metric) -> Tensor:
         d = rms_distance(samples[i], samples[j])
     elif metric == "chamfer":
         if samples.ndim != 3:
-            raise ValueError(f"chamfer diversity needs point sets [S, N, D] per prompt, got {tuple(samples.shape)}")
+            raise ValueError(
+                f"chamfer diversity needs point sets [S, N, D] per prompt, got {tuple(samples.shape)}"
+            )
         d = chamfer_distance(samples[i], samples[j])
     else:
         raise ValueError(f"unknown diversity metric {metric!r}; valid: 'auto', 'rms', 'chamfer'")

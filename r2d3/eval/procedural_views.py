@@ -48,13 +48,6 @@ class RenderedViews:
         rgb = self.rgb if index is None else self.rgb[index]
         return rgb.float() / 255.0
 
-    def subset(self, index: Tensor | list[int]) -> "RenderedViews":
-        idx = torch.as_tensor(index, dtype=torch.long)
-        return RenderedViews(
-            self.rgb[idx], self.alpha[idx], self.depth[idx],
-            [self.attributes[i] for i in idx.tolist()], [self.prompts[i] for i in idx.tolist()], self.seconds,
-        )  # fmt: skip
-
 
 def render_procedural_views(
     split: str,

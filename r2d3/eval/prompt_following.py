@@ -3,10 +3,11 @@
 Why: alignment raises the reward it is given; these checks tell whether the model still draws the
 colour and the shape the prompt asks for while it does so:
 
-- colour: the analytic dominant-colour classifier of :mod:`r2d3.eval.color` (palette of the
-  procedural dataset, CIE Lab nearest-colour votes over alpha > 0.9 pixels, pooled over views);
-  correct if the dominant colour is the body colour or, for two-tone/striped prompts, the second
-  colour ("accept either"); ``color_strict_acc`` only accepts the body colour;
+- colour: the analytic dominant-colour classifier of :mod:`r2d3.eval.color` (the procedural
+  palette; the best one- or two-colour model of the alpha > 0.9 pixels of all views, fitted in Lab
+  allowing for shading and blends); correct if the dominant colour is the body colour or, for
+  two-tone/striped prompts, the second colour ("accept either"); ``color_strict_acc`` only accepts
+  the body colour;
 - shape: the silhouette classifier of :mod:`r2d3.eval.shape_classifier` (alpha + normalised depth,
   its own weights).
 
@@ -18,6 +19,8 @@ raise ``PromptParseError`` naming them).
 from __future__ import annotations
 
 from typing import Sequence
+
+from torch import Tensor
 
 from r2d3.data.procedural import COLORS, ShapeAttributes, parse_prompt
 from r2d3.eval.color import dominant_colours
@@ -39,7 +42,9 @@ def _colour_ok(predicted: str | None, expected: ShapeAttributes, strict: bool) -
     return predicted == expected.color or (not strict and predicted == expected.color2)
 
 
-def _colour_results(rgb, alpha, expected: list[ShapeAttributes]) -> tuple[list[str | None], list[bool], list[bool]]:
+def _colour_results(
+    rgb: Tensor, alpha: Tensor, expected: list[ShapeAttributes]
+) -> tuple[list[str | None], list[bool], list[bool]]:
     top = dominant_colours(rgb, alpha, COLORS, top_k=1)
     predicted = [t[0] if t else None for t in top]
     either = [_colour_ok(p, e, strict=False) for p, e in zip(predicted, expected)]

@@ -73,11 +73,26 @@ class WeightedSum(Reward):
         return total
 
 
+class FunctionReward(Reward):
+    """Adapter for factories that return a plain callable ``fn(render, prompts) -> [B]`` instead of a
+    :class:`Reward`: its per-view scores are the per-asset scores as one column ``[B, 1]`` (the mean over
+    that column, and hence weighted sums, are unchanged)."""
+
+    def __init__(self, fn: Callable[[RenderOutput, Sequence[str]], Tensor]):
+        super().__init__()
+        self.fn = fn
+
+    def per_view(self, render: RenderOutput, prompts: Sequence[str]) -> Tensor:
+        return self.fn(render, prompts)[:, None]
+
+
 _REGISTRY: dict[str, Callable[..., Reward]] = {}
 
 
 def register_reward(name: str) -> Callable[[Callable[..., Reward]], Callable[..., Reward]]:
-    """Decorator registering a reward class or factory under ``name`` (keyword options only)."""
+    """Decorator registering a reward class or factory under ``name`` (keyword options only). A factory
+    should return a :class:`Reward`; a plain callable ``fn(render, prompts) -> [B]`` is wrapped in
+    :class:`FunctionReward`."""
 
     def wrap(factory: Callable[..., Reward]) -> Callable[..., Reward]:
         if name in _REGISTRY and _REGISTRY[name] is not factory:
@@ -110,14 +125,18 @@ def _make(name: Any, kwargs: Mapping[str, Any] | None = None) -> Reward:
     if not isinstance(name, str) or name not in _REGISTRY:
         raise ValueError(f"unknown reward {name!r}; valid rewards: {', '.join(available_rewards())}")
     reward = _REGISTRY[name](**dict(kwargs or {}))
+    if not isinstance(reward, Reward):
+        if not callable(reward):
+            raise TypeError(f"the factory of reward {name!r} returned {type(reward).__name__}, not a Reward")
+        reward = FunctionReward(reward)
     reward.name = name
     return reward
 
 
 def _entry(item: Any) -> tuple[str, float, Reward]:
     if not isinstance(item, Mapping) or "name" not in item:
-        raise ValueError(f"reward list entries must be mappings with 'name' (and optional 'weight', 'kwargs'), "
-                         f"got {item!r}")
+        raise ValueError("reward list entries must be mappings with 'name' (and optional 'weight', "
+                         f"'kwargs'), got {item!r}")
     unknown = set(item) - {"name", "weight", "kwargs"}
     if unknown:
         raise ValueError(f"reward entry {item!r} has unknown keys {sorted(unknown)}; "
@@ -164,6 +183,7 @@ def check_prompts(prompts: Sequence[str], batch_size: int, reward: str) -> list[
 
 
 __all__ = [
+    "FunctionReward",
     "Reward",
     "WeightedSum",
     "available_rewards",

@@ -27,10 +27,16 @@ from dataclasses import asdict, dataclass, replace
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from r2d3.data.procedural import NUM_TEMPLATES, PRIMARY_COLORS, SHAPE_ASPECTS, SHAPES, VOCABULARY, ShapeAttributes
+from r2d3.data.procedural import (
+    NUM_TEMPLATES,
+    PRIMARY_COLORS,
+    SHAPE_ASPECTS,
+    SHAPES,
+    VOCABULARY,
+    ShapeAttributes,
+)
 from r2d3.eval.procedural_views import RenderedViews
 from r2d3.rewards.clip_tiny import ClipTinyModel
 
@@ -51,7 +57,8 @@ class ClipTinyTrainConfig:
 
 def colour_variants(attributes: ShapeAttributes) -> list[ShapeAttributes]:
     """Every valid description differing from ``attributes`` only in the body colour."""
-    return [replace(attributes, color=c) for c in PRIMARY_COLORS if c not in (attributes.color, attributes.color2)]
+    taken = (attributes.color, attributes.color2)
+    return [replace(attributes, color=c) for c in PRIMARY_COLORS if c not in taken]
 
 
 def shape_variants(attributes: ShapeAttributes) -> list[ShapeAttributes]:
@@ -85,11 +92,14 @@ def template_of(attributes: ShapeAttributes, prompt: str) -> int:
 
 def _multi_positive_nce(logits: Tensor, positive: Tensor) -> Tensor:
     """``-log sum_{pos} softmax(logits)`` per row, averaged."""
-    return (torch.logsumexp(logits, dim=1) - torch.logsumexp(logits.masked_fill(~positive, -1e4), dim=1)).mean()
+    matched = torch.logsumexp(logits.masked_fill(~positive, -1e4), dim=1)
+    return (torch.logsumexp(logits, dim=1) - matched).mean()
 
 
 @torch.no_grad()
-def pairwise_accuracy(model: ClipTinyModel, views: RenderedViews, batch_size: int = 128) -> dict[str, float | int]:
+def pairwise_accuracy(
+    model: ClipTinyModel, views: RenderedViews, batch_size: int = 128
+) -> dict[str, float | int]:
     """Held-out pairwise accuracies (see the module docstring) on ``views``; also the pair counts."""
     model.eval()
     wins: dict[str, list[float]] = {"color": [], "shape": [], "color2": []}
@@ -105,8 +115,9 @@ def pairwise_accuracy(model: ClipTinyModel, views: RenderedViews, batch_size: in
             template = template_of(attributes, views.prompts[i])
             own = len(texts)
             texts.append(attributes.prompt(template))
-            for kind, variants in (("color", colour_variants(attributes)), ("shape", shape_variants(attributes)),
-                                   ("color2", colour2_variants(attributes))):
+            kinds = (("color", colour_variants(attributes)), ("shape", shape_variants(attributes)),
+                     ("color2", colour2_variants(attributes)))
+            for kind, variants in kinds:
                 for other in variants:
                     plan.append((j, kind, own, len(texts)))
                     texts.append(other.prompt(template))
@@ -177,8 +188,8 @@ def train_clip_tiny(
             candidates: dict[str, ShapeAttributes] = {}
             for a, t in zip(attrs, templates):
                 candidates.setdefault(a.prompt(t), a)
-                negatives = rng.sample(colour_variants(a), min(config.colour_negatives, len(colour_variants(a))))
-                shapes = shape_variants(a)
+                colours, shapes = colour_variants(a), shape_variants(a)
+                negatives = rng.sample(colours, min(config.colour_negatives, len(colours)))
                 negatives += rng.sample(shapes, min(config.shape_negatives, len(shapes)))
                 for n in negatives:
                     candidates.setdefault(n.prompt(t), n)
@@ -204,8 +215,12 @@ def train_clip_tiny(
             optimizer.step()
             running += loss.item()
             step += 1
-        entry = {"epoch": epoch + 1, "loss": running / steps_per_epoch, "seconds": time.perf_counter() - start,
-                 "logit_scale": float(model.logit_scale.detach().exp())}
+        entry = {
+            "epoch": epoch + 1,
+            "loss": running / steps_per_epoch,
+            "seconds": time.perf_counter() - start,
+            "logit_scale": float(model.logit_scale.detach().exp()),
+        }
         if (epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs:
             entry["heldout"] = pairwise_accuracy(model, heldout)
             model.train()

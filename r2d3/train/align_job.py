@@ -117,7 +117,7 @@ class Evaluator:
         if tag == "after":
             gaussians = ctx.backend.decode(latents[:show])
             for i in range(show):
-                write_ply(gaussians[i].detach().cpu(), self.run_dir / "samples" / f"heldout_{i:02d}.ply")
+                write_ply(gaussians[i].detach().to("cpu"), self.run_dir / "samples" / f"heldout_{i:02d}.ply")
         return out
 
 

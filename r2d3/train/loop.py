@@ -89,6 +89,8 @@ def build_worker(config: AlignConfig, seed_offset: int = 0) -> Worker:
     sampler = StochasticSampler(scheduler, config.sampler.num_steps, eta=config.sampler.eta)
     algorithm = build_algorithm(config.algo, config.sampler.num_steps)
     reward_fn = build_reward(config.reward)
+    if isinstance(reward_fn, torch.nn.Module):
+        reward_fn.to(device).requires_grad_(False)
     ctx = AlignContext(backend, sampler, reward_fn, config.render, config.sampler.guidance_scale,
                        backend.encode_prompts([""]))
     t = config.train
