@@ -7,6 +7,8 @@ Samplers and alignment losses only talk to this protocol, never to a concrete mo
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any, Callable, Protocol, Sequence, runtime_checkable
 
 from torch import Tensor, nn
@@ -17,6 +19,27 @@ from r2d3.render.gaussians import Gaussians
 
 class WeightsError(RuntimeError):
     """Missing, unreadable or mismatching model weights; the message says which file and what to do."""
+
+
+#: the file name diffusers' ``save_pretrained`` gives a model's safetensors weights
+WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
+
+
+def load_pretrained_dir(cls: Any, path: Path, label: str, rebuild: str, device: str | Any = "cpu") -> Any:
+    """``cls.from_pretrained(path)`` (safetensors only) frozen in eval mode on ``device``; missing or
+    corrupt files raise :class:`WeightsError` naming the path and the command that rebuilds them."""
+    needed = [path / cls.config_name, path / WEIGHTS_FILE]
+    missing = [str(p) for p in needed if not p.is_file()]
+    if missing:
+        raise WeightsError(f"{label} weights are missing: {', '.join(missing)}. Rebuild them with `{rebuild}` "
+                           "or pass the directory it wrote.")
+    try:
+        json.loads(needed[0].read_text())
+        model = cls.from_pretrained(path, use_safetensors=True, low_cpu_mem_usage=False)
+    except Exception as err:  # json, safetensors and diffusers raise several types for bad files
+        raise WeightsError(f"could not load {label} weights from {path} ({type(err).__name__}: {err}). The files "
+                           f"are corrupt or from an incompatible version; rebuild them with `{rebuild}`.") from err
+    return model.to(device).eval().requires_grad_(False)
 
 
 @runtime_checkable

@@ -23,7 +23,6 @@ nothing else is: the input channels differ, and so do the weights and the traini
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -38,13 +37,12 @@ from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
 from torch import Tensor, nn
 
-from r2d3.backends.base import WeightsError
+from r2d3.backends.base import load_pretrained_dir
 from r2d3.data.procedural import SHAPES
 from r2d3.eval.procedural_views import RenderedViews
 from r2d3.rewards.clip_tiny import ConvEncoder, to_model_resolution
 
 REBUILD_COMMAND = "python pipelines/train_reward.py --what shape_classifier"
-WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
 
 
 def default_weights_dir() -> Path:
@@ -106,22 +104,7 @@ def load_shape_classifier(
     """Load the classifier from ``path`` (default: the shipped weights); missing or corrupt files raise
     :class:`~r2d3.backends.base.WeightsError` naming the path and the command that rebuilds them."""
     path = Path(path) if path is not None else default_weights_dir()
-    needed = [path / ShapeClassifier.config_name, path / WEIGHTS_FILE]
-    missing = [str(p) for p in needed if not p.is_file()]
-    if missing:
-        raise WeightsError(
-            f"shape classifier weights are missing: {', '.join(missing)}. Rebuild them with "
-            f"`{REBUILD_COMMAND}` (writes {default_weights_dir()})."
-        )
-    try:
-        json.loads(needed[0].read_text())
-        model = ShapeClassifier.from_pretrained(path, use_safetensors=True, low_cpu_mem_usage=False)
-    except Exception as err:  # json, safetensors and diffusers raise several types for bad files
-        raise WeightsError(
-            f"could not load shape classifier weights from {path} ({type(err).__name__}: {err}); "
-            f"rebuild them with `{REBUILD_COMMAND}`."
-        ) from err
-    return model.to(device).eval().requires_grad_(False)
+    return load_pretrained_dir(ShapeClassifier, path, "shape classifier", REBUILD_COMMAND, device)
 
 
 @dataclass

@@ -32,7 +32,6 @@ docs/benchmarks.md, section "Learned reward (clip_tiny)".
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from importlib import resources
@@ -45,13 +44,12 @@ from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
 from torch import Tensor, nn
 
-from r2d3.backends.base import WeightsError
+from r2d3.backends.base import load_pretrained_dir
 from r2d3.backends.text import TextEncoder
 from r2d3.render.output import RenderOutput
 from r2d3.rewards.base import Reward, check_prompts, register_reward, views_as_batch
 
 REBUILD_COMMAND = "python pipelines/train_reward.py --what clip_tiny"
-WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
 
 
 def default_weights_dir() -> Path:
@@ -143,22 +141,7 @@ def load_clip_tiny(
     """Load the model from ``path`` (default: the shipped weights); missing or corrupt files raise
     :class:`~r2d3.backends.base.WeightsError` naming the path and the command that rebuilds them."""
     path = Path(path) if path is not None else default_weights_dir()
-    needed = [path / ClipTinyModel.config_name, path / WEIGHTS_FILE]
-    missing = [str(p) for p in needed if not p.is_file()]
-    if missing:
-        raise WeightsError(
-            f"clip_tiny weights are missing: {', '.join(missing)}. Rebuild them with `{REBUILD_COMMAND}` "
-            f"(writes {default_weights_dir()}) or pass the directory it wrote as `weights=`."
-        )
-    try:
-        json.loads(needed[0].read_text())
-        model = ClipTinyModel.from_pretrained(path, use_safetensors=True, low_cpu_mem_usage=False)
-    except Exception as err:  # json, safetensors and diffusers raise several types for bad files
-        raise WeightsError(
-            f"could not load clip_tiny weights from {path} ({type(err).__name__}: {err}). The files are "
-            f"corrupt or from an incompatible version; rebuild them with `{REBUILD_COMMAND}`."
-        ) from err
-    return model.to(device).eval().requires_grad_(False)
+    return load_pretrained_dir(ClipTinyModel, path, "clip_tiny", REBUILD_COMMAND, device)
 
 
 @register_reward("clip_tiny")
