@@ -20,14 +20,13 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from r2d3.config import AlignConfig, parse_cli
+from r2d3.config import AlignConfig, parse_cli, reward_label
 from r2d3.train.align_job import format_summary, run_worker
 from r2d3.train.loop import validate
 
 
 def default_run_name(config: AlignConfig) -> str:
-    reward = config.reward if isinstance(config.reward, str) else "+".join(sorted(config.reward))
-    return f"{config.algo.name}-{reward}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return f"{config.algo.name}-{reward_label(config.reward)}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -60,7 +59,7 @@ def main(argv: list[str] | None = None) -> dict:
         if result.error is not None:
             raise result.error
         summary = json.loads((run_dir / "summary.json").read_text())
-    print(f"\nr2d3 align: {config.algo.name} on reward {config.reward}, {config.train.epochs} epochs, "
+    print(f"\nr2d3 align: {config.algo.name} on reward {reward_label(config.reward)}, {config.train.epochs} epochs, "
           f"{time.time() - start:.0f} s")
     print(format_summary(summary))
     print(f"outputs: {run_dir}")

@@ -8,6 +8,7 @@ the same source the code reads.
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import sys
 import typing
@@ -28,7 +29,7 @@ class ConfigError(ValueError):
 def opt(default: Any, help: str, **kwargs: Any) -> Any:  # noqa: A002 - mirrors argparse's name
     """A dataclass field with a help string (mutable defaults are copied per instance)."""
     if isinstance(default, (dict, list)):
-        return field(default_factory=lambda: type(default)(default), metadata={"help": help}, **kwargs)
+        return field(default_factory=lambda: copy.deepcopy(default), metadata={"help": help}, **kwargs)
     return field(default=default, metadata={"help": help}, **kwargs)
 
 
@@ -89,7 +90,7 @@ class RenderConfig:
 class AlgoConfig:
     name: str = opt("nabla_gfn", "nabla_gfn | ddpo | refl | draft")
     # Nabla-GFlowNet
-    beta: float = opt(2e4, "nabla_gfn: reward scale beta (target = score_ref + beta * w(t) * grad r)")
+    beta: float = opt(5e4, "nabla_gfn: reward scale beta (target = score_ref + beta * w(t) * grad r)")
     reward_weighting: str = opt("squared", "nabla_gfn: w(t) = alpha_bar ('squared') or sqrt(alpha_bar) ('sqrt')")
     reg_scale: float = opt(1e2, "nabla_gfn: lambda, weight of the proximal term |eps_theta - eps_old|^2")
     timestep_fraction: float = opt(0.4, "nabla_gfn/ddpo: fraction of each trajectory's transitions trained")
@@ -109,11 +110,11 @@ class AlgoConfig:
 
 @dataclass
 class TrainConfig:
-    epochs: int = opt(12, "epochs (one sampling phase + one training phase each)")
-    sample_batch_size: int = opt(8, "trajectories sampled per batch")
+    epochs: int = opt(24, "epochs (one sampling phase + one training phase each)")
+    sample_batch_size: int = opt(16, "trajectories sampled per batch")
     sample_batches_per_epoch: int = opt(1, "sampling batches per epoch")
     train_batch_size: int = opt(4, "trajectories per backward pass")
-    grad_accum: int = opt(2, "train batches accumulated per optimizer step")
+    grad_accum: int = opt(1, "train batches accumulated per optimizer step")
     lr: float = opt(1e-3, "AdamW learning rate (LoRA parameters only)")
     weight_decay: float = opt(1e-4, "AdamW weight decay")
     adam_betas: list[float] = opt([0.9, 0.999], "AdamW betas")
@@ -150,7 +151,9 @@ class AlignConfig:
     model: ModelConfig = section(ModelConfig, "backend and LoRA")
     sampler: SamplerConfig = section(SamplerConfig, "stochastic sampler")
     render: RenderConfig = section(RenderConfig, "reward cameras and renders")
-    reward: Any = opt("clip_tiny", "reward name, or {name: weight, ...} for a weighted sum")
+    reward: Any = opt({"name": "dnc", "kwargs": {"detach_depth": False}},
+                      "reward: a name, {name: weight, ...} for a weighted sum, or {name, kwargs}. Default: "
+                      "depth-normal consistency with the exact gradient (see docs/results.md)")
     algo: AlgoConfig = section(AlgoConfig, "alignment algorithm and its hyperparameters")
     train: TrainConfig = section(TrainConfig, "optimisation")
     data: DataConfig = section(DataConfig, "prompts")
@@ -160,6 +163,17 @@ class AlignConfig:
 
 # ---------------------------------------------------------------------------------------------------------
 # Loading, overriding, saving
+
+
+def reward_label(spec: Any) -> str:
+    """A short name for a reward spec (run names, plot titles): ``dnc``, ``clip_tiny+dnc``, ..."""
+    if isinstance(spec, str):
+        return spec
+    if isinstance(spec, dict) and "name" in spec:
+        return str(spec["name"])
+    if isinstance(spec, dict):
+        return "+".join(sorted(spec))
+    return "+".join(reward_label(item) for item in spec)
 
 
 def _type_name(tp: Any) -> str:

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from r2d3.algos import AlignContext
-from r2d3.config import AlignConfig, to_dict, to_yaml
+from r2d3.config import AlignConfig, reward_label, to_dict, to_yaml
 from r2d3.data.procedural import PromptParseError, parse_prompt
 from r2d3.data.prompts import load_prompts
 from r2d3.train import loop
@@ -200,7 +200,8 @@ def run_worker(config: AlignConfig, session: Session) -> dict[str, Any]:
     if session.rank == 0:
         if "before" not in result and "before" in previous:  # resumed run: keep the first evaluation
             result["before"] = previous["before"]
-        plot_history(result["history"], run_dir / "reward_curve.png", f"{config.algo.name} on {config.reward}")
+        plot_history(result["history"], run_dir / "reward_curve.png",
+                     f"{config.algo.name} on {reward_label(config.reward)}")
         summary_path.write_text(json.dumps(result, indent=1))
     return result
 
