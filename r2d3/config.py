@@ -90,7 +90,7 @@ class RenderConfig:
 class AlgoConfig:
     name: str = opt("nabla_gfn", "nabla_gfn | ddpo | refl | draft")
     # Nabla-GFlowNet
-    beta: float = opt(5e4, "nabla_gfn: reward scale beta (target = score_ref + beta * w(t) * grad r)")
+    beta: float = opt(3e4, "nabla_gfn: reward scale beta (target = score_ref + beta * w(t) * grad r)")
     reward_weighting: str = opt("squared", "nabla_gfn: w(t) = alpha_bar ('squared') or sqrt(alpha_bar) ('sqrt')")
     reg_scale: float = opt(1e2, "nabla_gfn: lambda, weight of the proximal term |eps_theta - eps_old|^2")
     timestep_fraction: float = opt(0.4, "nabla_gfn/ddpo: fraction of each trajectory's transitions trained")
@@ -202,6 +202,17 @@ def describe(cls: type, prefix: str = "") -> list[str]:
     return lines
 
 
+def _merge(base: Any, layer: Any, cls: type) -> Any:
+    """Merge ``layer`` into ``base``; free-form (``Any``) fields such as ``reward`` are replaced, not
+    merged, so ``reward={dnc: 1.0}`` does not inherit keys of the default spec."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if hints[f.name] is Any and f.name in layer:
+            OmegaConf.update(base, f.name, layer[f.name], merge=False)
+            layer = OmegaConf.masked_copy(layer, [k for k in layer if k != f.name])
+    return OmegaConf.merge(base, layer)
+
+
 def build_config(cls: type[T], files: Sequence[str | Path] = (), overrides: Sequence[str] = ()) -> T:
     """Defaults <- YAML files (in order) <- ``key=value`` overrides, validated against ``cls``."""
     merged = OmegaConf.structured(cls)
@@ -210,7 +221,7 @@ def build_config(cls: type[T], files: Sequence[str | Path] = (), overrides: Sequ
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
         try:
-            merged = OmegaConf.merge(merged, OmegaConf.load(path))
+            merged = _merge(merged, OmegaConf.load(path), cls)
         except OmegaConfBaseException as err:
             raise ConfigError(f"invalid config file {path}: {err}") from None
         except Exception as err:  # YAML syntax errors
@@ -219,7 +230,7 @@ def build_config(cls: type[T], files: Sequence[str | Path] = (), overrides: Sequ
     if bad:
         raise ConfigError(f"overrides must look like section.key=value, got: {' '.join(bad)}")
     try:
-        merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
+        merged = _merge(merged, OmegaConf.from_dotlist(list(overrides)), cls)
         return OmegaConf.to_object(merged)  # type: ignore[return-value]
     except OmegaConfBaseException as err:
         raise ConfigError(f"invalid override: {err}") from None
@@ -234,9 +245,8 @@ def to_yaml(config: Any) -> str:
 
 
 def from_dict(cls: type[T], data: dict[str, Any]) -> T:
-    return build_config(cls, overrides=()) if not data else OmegaConf.to_object(  # type: ignore[return-value]
-        OmegaConf.merge(OmegaConf.structured(cls), OmegaConf.create(data))
-    )
+    """Rebuild a config from :func:`to_dict` output (e.g. after crossing a process boundary)."""
+    return OmegaConf.to_object(_merge(OmegaConf.structured(cls), OmegaConf.create(data), cls))  # type: ignore
 
 
 def parse_cli(cls: type[T], description: str, argv: Sequence[str] | None = None,

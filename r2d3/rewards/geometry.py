@@ -23,7 +23,10 @@ Choices stated here:
   consistent render score exactly 1 and keeps the score a cosine.
 - ``detach_depth=True`` (default, the paper's DNC script with ``reward_context=inference``): ``N_d`` is
   a fixed target and the gradient flows only through the rendered normal. ``detach_depth=False`` also
-  differentiates through the depth map.
+  differentiates through the depth map: the exact gradient of r. On the embedded ``tiny`` model, whose
+  Gaussians move freely, the stop-gradient version is not an ascent direction of r (a step along it
+  lowers the DNC of the same batch: rotating or moving a splat also changes the depth it renders), so
+  the embedded default aligns with ``detach_depth=False``.
 - ``erode_mask=False`` (default, as in the paper). ``True`` additionally requires the four neighbours
   used by the central differences to be inside the mask, which drops silhouette pixels whose depth
   difference straddles foreground and background.

@@ -103,6 +103,10 @@ class Evaluator:
         out: dict[str, Any] = {"reward_mean": float(rewards.mean()), "reward_std": float(rewards.std(unbiased=False)),
                                "reward_ci95": [lo, hi], "num_prompts": len(self.prompts), "seeds_per_prompt": seeds,
                                "per_prompt_reward": rewards.view(len(self.prompts), -1).mean(1).tolist()}
+        base_rewards = self.base[1].float().cpu()
+        delta = rewards.float().cpu() - base_rewards  # paired: same prompts, noise and cameras
+        out["reward_delta_vs_base"] = float(delta.mean())
+        out["reward_delta_ci95"] = list(_bootstrap_ci(delta, len(self.prompts)))
         d = drift(self.base[2], render)
         out.update({f"drift_{k}": float(v.mean()) for k, v in d.items()})
         if seeds > 1:
@@ -216,4 +220,8 @@ def format_summary(summary: dict[str, Any]) -> str:
             lines.append(f"  {key:<14} before {fmt(b)}   after {fmt(a)}")
     if "reward_ci95" in after:
         lines.append(f"  held-out reward 95% CI after: [{after['reward_ci95'][0]:.4f}, {after['reward_ci95'][1]:.4f}]")
+    if "reward_delta_ci95" in after:
+        lo, hi = after["reward_delta_ci95"]
+        lines.append(f"  paired reward gain vs base (same noise): {after['reward_delta_vs_base']:+.4f}, "
+                     f"95% CI [{lo:+.4f}, {hi:+.4f}]")
     return "\n".join(lines)

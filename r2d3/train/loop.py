@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from r2d3.algos import AlignContext, SampleBatch, build_algorithm
 from r2d3.algos.base import prepare_batch
-from r2d3.backends import load_backend
+from r2d3.backends import available_backends, load_backend
 from r2d3.config import AlignConfig, to_yaml
 from r2d3.data.prompts import load_prompts
 from r2d3.diffusion import StochasticSampler, scheduler_from_config
@@ -63,6 +63,11 @@ def validate(config: AlignConfig) -> None:
     for ok, message in checks:
         if not ok:
             raise ValueError(message)
+    build_algorithm(config.algo, s.num_steps)  # algorithm hyperparameters, named on error
+    build_reward(config.reward)  # unknown names and bad weights, listed/named on error
+    if config.model.backend not in available_backends():
+        raise ValueError(f"unknown backend {config.model.backend!r}; valid backends: "
+                         f"{', '.join(available_backends())}")
 
 
 @dataclass
