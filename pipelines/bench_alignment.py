@@ -117,7 +117,8 @@ def run_prior(args: argparse.Namespace) -> str:
 
 # ---------------------------------------------------------------------------------------------- methods
 def add_methods_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--rewards", nargs="+", default=["clip_tiny", "dnc"])
+    p.add_argument("--rewards", nargs="+", default=["{name: dnc, kwargs: {detach_depth: false}}", "clip_tiny"],
+                   help="reward specs (names or YAML flow mappings)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--updates", type=int, default=20, help="optimizer updates of Nabla-R2D3, ReFL and DRaFT-K")
     p.add_argument("--ddpo-updates", type=int, default=100, help="DDPO's (longer) budget of updates")
@@ -172,29 +173,35 @@ def run_methods(args: argparse.Namespace) -> str:
 
     from r2d3.eval.comparison import METHODS, method_config, run_method, update_cost
 
+    import yaml
+
+    from r2d3.config import reward_label
+
     base = build_config(AlignConfig, args.config, args.overrides)
+    rewards = [yaml.safe_load(r) for r in args.rewards]
     per_update = base.train.sample_batch_size * base.train.sample_batches_per_epoch
     start = time.time()
     lines = [f"Machine: {machine_description()}", "",
              f"Command: `python pipelines/benchmark.py methods {' '.join(args.overrides)}` "
-             f"(rewards {args.rewards}, seeds {args.seeds})", "",
+             f"(rewards {[reward_label(r) for r in rewards]}, seeds {args.seeds})", "",
              f"Every method: the same sampler ({base.sampler.kind}, {base.sampler.num_steps} steps, CFG "
              f"{base.sampler.guidance_scale}), LoRA rank {base.model.lora_rank}, {per_update} sampled "
              f"trajectories per update, held-out reward on {base.eval.num_prompts} held-out prompts x "
              f"{base.eval.seeds_per_prompt} seeds with the same noise for every checkpoint. Nabla-R2D3, "
              f"ReFL and DRaFT-K get {args.updates} updates, DDPO {args.ddpo_updates}.", ""]
-    for reward in args.rewards:
+    for reward_spec in rewards:
+        reward = reward_label(reward_spec)
         curves, finals = {}, {}
         for method in METHODS:
             updates = args.ddpo_updates if method == "ddpo" else args.updates
-            every = max(args.eval_every * (4 if method == "ddpo" else 1), 1)
+            every = args.eval_every * (4 if method == "ddpo" else 1)
             for seed in args.seeds:
                 name = f"{reward}-{method}-s{seed}"
                 summary_file = args.workdir / name / "summary.json"
                 if summary_file.exists():  # rerunning the suite reuses finished runs
                     summary = json.loads(summary_file.read_text())
                 else:
-                    config = method_config(base, method, reward, seed, updates, every, name)
+                    config = method_config(base, method, reward_spec, seed, updates, every, name)
                     summary = run_method(config, args.workdir)
                     summary.pop("worker", None)
                 curves.setdefault(method, []).append(_curve(summary, 0))
@@ -217,7 +224,7 @@ def run_methods(args: argparse.Namespace) -> str:
             reach.append(hit[0] if hit else None)
         lines += ["", f"Updates Nabla-R2D3 needs to reach DDPO's {args.ddpo_updates}-update held-out reward "
                   f"({ddpo_final:.4f}), per seed: {reach} (target <= 20; None: not reached in {args.updates}).", ""]
-    cost = update_cost(replace(base, reward=args.rewards[0]))
+    cost = update_cost(replace(base, reward=rewards[0]))
     ddpo_t = cost["ddpo"]["update_s"]
     lines += ["### Cost of one update (same batch, same machine, one run)", "",
               "| method | s / update | vs DDPO | peak extra memory (MB) | denoiser fwd / bwd per trained transition |",
@@ -225,7 +232,7 @@ def run_methods(args: argparse.Namespace) -> str:
     for method, c in cost.items():
         lines.append(f"| {method} | {c['update_s']:.2f} | {c['update_s'] / ddpo_t:.2f}x | {c['peak_mem_mb']:.0f} | "
                      f"{c['denoiser_fwd_per_transition']:.1f} / {c['denoiser_bwd_per_transition']:.1f} |")
-    jf = update_cost(replace(base, reward=args.rewards[0], algo=replace(base.algo, jacobian_free=True)),
+    jf = update_cost(replace(base, reward=rewards[0], algo=replace(base.algo, jacobian_free=True)),
                      methods=("nabla_gfn",))["nabla_gfn"]
     lines.append(f"| nabla_gfn, jacobian_free | {jf['update_s']:.2f} | {jf['update_s'] / ddpo_t:.2f}x | "
                  f"{jf['peak_mem_mb']:.0f} | {jf['denoiser_fwd_per_transition']:.1f} / "

@@ -7,6 +7,7 @@ outputs (checkpoints, previews, summary) stay inspectable under the comparison d
 
 from __future__ import annotations
 
+import math
 import statistics
 import threading
 import time
@@ -25,19 +26,26 @@ from r2d3.train.session import LocalSession
 METHODS = ("nabla_gfn", "ddpo", "refl", "draft")
 
 
-def method_config(base: AlignConfig, method: str, reward: Any, seed: int, epochs: int, eval_every: int,
+def updates_per_epoch(config: AlignConfig) -> int:
+    t = config.train
+    batches = math.ceil(t.sample_batch_size * t.sample_batches_per_epoch / t.train_batch_size)
+    return math.ceil(batches / t.grad_accum)
+
+
+def method_config(base: AlignConfig, method: str, reward: Any, seed: int, updates: int, eval_every_updates: int,
                   run_name: str) -> AlignConfig:
     """The base config with one method, reward and seed; every method samples the same trajectories per
-    epoch and takes the same number of optimizer steps (DDPO/ReFL/DRaFT train on-policy, Nabla-R2D3 with
-    its one-epoch lag, so it gets one extra sampling epoch to match the number of updates)."""
+    epoch and takes the same number of optimizer steps per epoch (Nabla-R2D3 trains on the previous
+    epoch's samples, so it gets one extra sampling epoch to reach the same number of updates)."""
+    per_epoch = updates_per_epoch(base)
     extra = 1 if method == "nabla_gfn" and base.algo.off_policy_lag else 0
     return replace(
         base,
         reward=reward,
         algo=replace(base.algo, name=method),
         run=replace(base.run, seed=seed, name=run_name, progress=False, log_images_every=0, wandb_mode="disabled"),
-        train=replace(base.train, epochs=epochs + extra),
-        eval=replace(base.eval, every=eval_every),
+        train=replace(base.train, epochs=math.ceil(updates / per_epoch) + extra),
+        eval=replace(base.eval, every=max(1, eval_every_updates // per_epoch)),
     )
 
 
