@@ -50,3 +50,29 @@ def test_align_on_ray_train_end_to_end(tmp_path, ray_local):
     assert list(run_dir.glob("checkpoint_*/lora.safetensors"))
     assert (run_dir / "config.yaml").is_file() and (run_dir / "previews" / "heldout_after.png").is_file()
     assert list((run_dir / "samples").glob("*.ply"))
+
+
+def test_align_in_process_writes_every_output_and_resumes(tmp_path):
+    import align
+
+    backend = TinySplatBackend.random_init(num_gaussians=24, dim=16, vocab=VOCABULARY)
+    torch.nn.init.normal_(backend.denoiser.proj_out.weight, std=0.05)
+    backend.save_pretrained(tmp_path / "w")
+    args = [f"model.weights={tmp_path / 'w'}", "reward=colorfulness", "train.sample_batch_size=4",
+            "train.train_batch_size=2", "sampler.num_steps=4", "render.num_views=2", "render.resolution=16",
+            "eval.num_prompts=2", "eval.seeds_per_prompt=2", "eval.every=1", f"run.output_dir={tmp_path / 'runs'}",
+            "run.name=local", "run.progress=false", "run.log_images_every=1", "scale.in_process=true"]
+    first = align.main(args + ["train.epochs=1"])
+    summary = align.main(args + ["train.epochs=2"])  # resumes: one more epoch, the first evaluation kept
+    run_dir = tmp_path / "runs" / "local"
+    assert summary["before"] == first["before"]
+    assert [h["epoch"] for h in summary["history"]] == [1, 2]
+    assert "heldout/reward_mean" in summary["history"][-1]
+    after = summary["after"]
+    lo, hi = after["reward_delta_ci95"]
+    assert lo <= after["reward_delta_vs_base"] <= hi and {"color_acc", "shape_acc", "diversity"} <= set(after)
+    for name in ("config.yaml", "metrics.csv", "reward_curve.png", "summary.json", "previews/epoch_0002.png",
+                 "previews/heldout_before.png", "previews/heldout_after.png", "samples/heldout_00.ply"):
+        assert (run_dir / name).is_file(), name
+    assert len((run_dir / "metrics.csv").read_text().splitlines()) == 3  # header + 2 epochs
+    assert list((run_dir / "wandb").glob("offline-run-*"))
