@@ -192,10 +192,10 @@ def run_methods(args: argparse.Namespace) -> str:
     for reward_spec in rewards:
         reward = reward_label(reward_spec)
         curves, finals = {}, {}
-        for method in METHODS:
-            updates = args.ddpo_updates if method == "ddpo" else args.updates
-            every = args.eval_every * (4 if method == "ddpo" else 1)
-            for seed in args.seeds:
+        for seed in args.seeds:  # seed-major: an interrupted suite leaves whole seeds finished
+            for method in METHODS:
+                updates = args.ddpo_updates if method == "ddpo" else args.updates
+                every = args.eval_every * (4 if method == "ddpo" else 1)
                 name = f"{reward}-{method}-s{seed}"
                 summary_file = args.workdir / name / "summary.json"
                 if summary_file.exists():  # rerunning the suite reuses finished runs
@@ -206,7 +206,8 @@ def run_methods(args: argparse.Namespace) -> str:
                     summary.pop("worker", None)
                 curves.setdefault(method, []).append(_curve(summary, 0))
                 finals.setdefault(method, []).append(summary)
-                print(f"{name}: {summary['before']['reward_mean']:.4f} -> {summary['after']['reward_mean']:.4f}")
+                print(f"{name}: {summary['before']['reward_mean']:.4f} -> {summary['after']['reward_mean']:.4f}",
+                      flush=True)
         _plot(curves, reward, args.output.parent / f"comparison_{reward}.png")
         lines += [f"### Reward `{reward}`", "", f"![held-out reward vs updates](comparison_{reward}.png)", "",
                   "| method | updates | held-out reward before | after | prompt-following colour / shape after "
