@@ -2,7 +2,7 @@
 that ship inside the package (``r2d3/weights/tiny``).
 
     python pipelines/pretrain.py                       # reproduces the shipped weights
-    python pipelines/pretrain.py --steps 200 --out /tmp/tiny   # a quick smoke run
+    python pipelines/pretrain.py --steps 200 --out runs/tiny-smoke   # a quick smoke run
 
 Denoising-score-matching (epsilon prediction) on latents of procedural Gaussian assets, text and
 denoiser trained jointly, 10 % prompt dropout for classifier-free guidance, EMA weights saved.

@@ -7,7 +7,7 @@
     python pipelines/train_reward.py                           # both, reproduces the shipped weights
     python pipelines/train_reward.py --what clip_tiny          # only the reward
     python pipelines/train_reward.py --what shape_classifier   # only the classifier
-    python pipelines/train_reward.py --train-objects 200 --epochs 1 --out /tmp/judges   # smoke run
+    python pipelines/train_reward.py --train-objects 200 --epochs 1 --out runs/judges-smoke   # smoke run
 
 The TRAIN split is rendered once (``--train-objects`` objects x ``--views`` random orbit views at
 64x64, seed ``--seed``) and kept in memory; both models train on that cache. A disjoint set of
