@@ -173,7 +173,7 @@ def run_methods(args: argparse.Namespace) -> str:
     """Nabla-R2D3 vs DDPO / ReFL / DRaFT-K on the embedded default: rewards x seeds, equal sample budgets."""
     from benchmark import machine_description
 
-    from r2d3.eval.comparison import METHODS, method_config, run_method, update_cost
+    from r2d3.eval.comparison import METHODS, VARIANTS, method_config, run_method, update_cost
 
     import yaml
 
@@ -195,7 +195,7 @@ def run_methods(args: argparse.Namespace) -> str:
         reward = reward_label(reward_spec)
         curves, finals = {}, {}
         for seed in args.seeds:  # seed-major: an interrupted suite leaves whole seeds finished
-            for method in METHODS:
+            for method in METHODS + tuple(VARIANTS):
                 updates = args.ddpo_updates if method == "ddpo" else args.updates
                 every = args.eval_every * (4 if method == "ddpo" else 1)
                 name = f"{reward}-{method}-s{seed}"
@@ -227,7 +227,7 @@ def run_methods(args: argparse.Namespace) -> str:
             reach.append(hit[0] if hit else None)
         lines += ["", f"Updates Nabla-R2D3 needs to reach DDPO's {args.ddpo_updates}-update held-out reward "
                   f"({ddpo_final:.4f}), per seed: {reach} (target <= 20; None: not reached in {args.updates}).", ""]
-    cost = update_cost(replace(base, reward=rewards[0]))
+    cost = update_cost(replace(base, reward=rewards[0]), methods=METHODS + tuple(VARIANTS))
     ddpo_t = cost["ddpo"]["update_s"]
     lines += ["### Cost of one update (same batch, same machine, one run)", "",
               "| method | s / update | vs DDPO | peak extra memory (MB) | denoiser fwd / bwd per trained transition |",
@@ -235,11 +235,6 @@ def run_methods(args: argparse.Namespace) -> str:
     for method, c in cost.items():
         lines.append(f"| {method} | {c['update_s']:.2f} | {c['update_s'] / ddpo_t:.2f}x | {c['peak_mem_mb']:.0f} | "
                      f"{c['denoiser_fwd_per_transition']:.1f} / {c['denoiser_bwd_per_transition']:.1f} |")
-    jf = update_cost(replace(base, reward=rewards[0], algo=replace(base.algo, jacobian_free=True)),
-                     methods=("nabla_gfn",))["nabla_gfn"]
-    lines.append(f"| nabla_gfn, jacobian_free | {jf['update_s']:.2f} | {jf['update_s'] / ddpo_t:.2f}x | "
-                 f"{jf['peak_mem_mb']:.0f} | {jf['denoiser_fwd_per_transition']:.1f} / "
-                 f"{jf['denoiser_bwd_per_transition']:.1f} |")
     lines += ["", "Targets: one Nabla-R2D3 update <= 2x a DDPO update (Jacobian-free <= 1.3x).",
               f"Total wall time of this suite: {time.time() - start:.0f} s."]
     return "\n".join(lines)

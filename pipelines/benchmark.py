@@ -26,6 +26,7 @@ from r2d3.render import Cameras, Gaussians, orbit_cameras, render_gaussians
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_alignment  # noqa: E402  (suites for the model and the alignment methods)
+import bench_gpu  # noqa: E402  (the CUDA suite)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_REPORT = REPO_ROOT / "docs" / "benchmarks.md"
@@ -333,6 +334,7 @@ SUITES: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[arg
     "sampling": (bench_alignment.add_sampling_arguments, bench_alignment.run_sampling),
     "prior": (bench_alignment.add_prior_arguments, bench_alignment.run_prior),
     "methods": (bench_alignment.add_methods_arguments, bench_alignment.run_methods),
+    "gpu": (bench_gpu.add_gpu_arguments, bench_gpu.run_gpu),
 }
 #: the report heading each suite writes under (in its --output file)
 REPORT_HEADINGS: dict[str, str] = {
@@ -340,6 +342,7 @@ REPORT_HEADINGS: dict[str, str] = {
     "sampling": "## Sampling the embedded model",
     "prior": "## Prompt-following of the embedded model",
     "methods": "## Nabla-R2D3 vs baselines on the embedded default",
+    "gpu": "## On a GPU",
 }
 
 

@@ -84,6 +84,8 @@ class RenderConfig:
     elevation_jitter_deg: float = opt(5.0, "uniform elevation jitter (+-) shared by an asset's views")
     azimuth_jitter_deg: float = opt(10.0, "uniform azimuth jitter (+-) shared by an asset's views")
     background: list[float] = opt([1.0, 1.0, 1.0], "background colour")
+    backend: str = opt("auto", "rasteriser: auto (gsplat for float32 CUDA tensors when installed, else torch) | "
+                               "torch | gsplat")
 
 
 @dataclass

@@ -81,7 +81,8 @@ class AlignContext:
         return cams.to(self.backend.device)
 
     def render_latents(self, x0: Tensor, cameras: Cameras) -> RenderOutput:
-        return render_gaussians(self.backend.decode(x0), cameras, background=tuple(self.render.background))
+        return render_gaussians(self.backend.decode(x0), cameras, background=tuple(self.render.background),
+                                backend=self.render.backend)
 
     def reward_of_latents(self, x0: Tensor, prompts: Sequence[str], cameras: Cameras) -> Tensor:
         """Decode -> render -> reward averaged over views, ``[B]``; differentiable in ``x0``."""

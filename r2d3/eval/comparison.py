@@ -24,6 +24,18 @@ from r2d3.train.align_job import run_worker
 from r2d3.train.session import LocalSession
 
 METHODS = ("nabla_gfn", "ddpo", "refl", "draft")
+#: Nabla-R2D3 options whose effect the comparison measures: name -> algo overrides
+VARIANTS: dict[str, dict[str, Any]] = {
+    "nabla_gfn+jacobian_free": {"name": "nabla_gfn", "jacobian_free": True},
+    "nabla_gfn+x0_shift": {"name": "nabla_gfn", "x0_timestep_shift": True},
+}
+
+
+def algo_for(base: AlignConfig, method: str):
+    """The algo section of ``base`` set to one method of :data:`METHODS` or one :data:`VARIANTS`."""
+    if method not in METHODS and method not in VARIANTS:
+        raise ValueError(f"unknown method {method!r}; valid: {', '.join(METHODS + tuple(VARIANTS))}")
+    return replace(base.algo, **VARIANTS.get(method, {"name": method}))
 
 
 def updates_per_epoch(config: AlignConfig) -> int:
@@ -38,11 +50,12 @@ def method_config(base: AlignConfig, method: str, reward: Any, seed: int, update
     epoch and takes the same number of optimizer steps per epoch (Nabla-R2D3 trains on the previous
     epoch's samples, so it gets one extra sampling epoch to reach the same number of updates)."""
     per_epoch = updates_per_epoch(base)
-    extra = 1 if method == "nabla_gfn" and base.algo.off_policy_lag else 0
+    algo = algo_for(base, method)
+    extra = 1 if algo.name == "nabla_gfn" and algo.off_policy_lag else 0
     return replace(
         base,
         reward=reward,
-        algo=replace(base.algo, name=method),
+        algo=algo,
         run=replace(base.run, seed=seed, name=run_name, progress=False, log_images_every=0, wandb_mode="disabled"),
         train=replace(base.train, epochs=math.ceil(updates / per_epoch) + extra),
         eval=replace(base.eval, every=max(1, eval_every_updates // per_epoch)),
@@ -80,6 +93,22 @@ class _PeakRSS:
         return (self.peak - self.base) / 2**20
 
 
+class _PeakCUDA:
+    """Peak CUDA memory allocated above the level at entry while the block runs."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def __enter__(self):
+        torch.cuda.synchronize(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        self._start = torch.cuda.memory_allocated(self.device)
+        return self
+
+    def __exit__(self, *exc):
+        self.delta_mb = (torch.cuda.max_memory_allocated(self.device) - self._start) / 2**20
+
+
 def _count_calls(module: torch.nn.Module) -> tuple[dict[str, int], list]:
     counts = {"forward": 0, "backward": 0}
 
@@ -100,7 +129,7 @@ def update_cost(base: AlignConfig, methods: tuple[str, ...] = METHODS, repeats: 
     (input-gradient passes included)."""
     results: dict[str, dict] = {}
     for method in methods:
-        config = replace(base, algo=replace(base.algo, name=method), run=replace(base.run, progress=False))
+        config = replace(base, algo=algo_for(base, method), run=replace(base.run, progress=False))
         worker = loop.build_worker(config)
         gen = torch.Generator().manual_seed(0)
         prompts = worker.prompts[: config.train.train_batch_size]
@@ -108,15 +137,20 @@ def update_cost(base: AlignConfig, methods: tuple[str, ...] = METHODS, repeats: 
         batch = getattr(worker.algorithm, "prepare", lambda b: b)(batch)
         counts, handles = _count_calls(worker.ctx.backend.denoiser)
         times, mems, transitions = [], [], 0
-        for _ in range(repeats):
+        cuda = worker.device.type == "cuda"
+        for _ in range(repeats + cuda):  # on CUDA the first update (kernel compiles, allocator) is not timed
             counts.update(forward=0, backward=0)
             worker.optimizer.zero_grad(set_to_none=True)
-            with _PeakRSS() as mem:
+            with (_PeakCUDA(worker.device) if cuda else _PeakRSS()) as mem:
                 start = time.perf_counter()
                 metrics = worker.algorithm.accumulate(worker.ctx, batch, 1.0, torch.Generator().manual_seed(1))
                 worker.optimizer.step()
+                if cuda:
+                    torch.cuda.synchronize(worker.device)
                 times.append(time.perf_counter() - start)
             mems.append(mem.delta_mb)
+        if cuda:
+            times, mems = times[1:], mems[1:]
             transitions = int(metrics.get("transitions", 1))
         for h in handles:
             h.remove()

@@ -65,8 +65,10 @@ def prompt_following(
     expected = expected_attributes(labels)
     if len(expected) != render.rgb.shape[0]:
         raise ValueError(f"got {len(expected)} prompts/attributes for {render.rgb.shape[0]} rendered assets")
-    colours, colour_ok, strict_ok = _colour_results(render.rgb, render.alpha, expected)
-    shapes = classify_shapes(render.alpha, render.depth, shape_model)
+    # both judges are small CPU models: the renders (a few 64^2 views per asset) move to the CPU
+    rgb, alpha, depth = (t.detach().cpu() for t in (render.rgb, render.alpha, render.depth))
+    colours, colour_ok, strict_ok = _colour_results(rgb, alpha, expected)
+    shapes = classify_shapes(alpha, depth, shape_model)
     per_sample = [
         {
             "expected_color": e.color, "expected_color2": e.color2, "predicted_color": c, "color_ok": ok,

@@ -129,17 +129,21 @@ class EpochLogger:
     """wandb (offline by default), metrics.csv and preview grids every ``log_images_every`` epochs."""
 
     def __init__(self, config: AlignConfig, run_dir: Path):
-        import wandb
-
         self.config = config
         self.run_dir = run_dir
+        self.wandb = None
+        if config.run.wandb_mode == "disabled":  # metrics.csv and previews only; wandb is not even imported
+            return
+        import wandb
+
         os.environ.setdefault("WANDB_SILENT", "true")
         self.wandb = wandb.init(project=config.run.wandb_project, name=run_dir.name, dir=str(run_dir),
                                 mode=config.run.wandb_mode, config=to_dict(config), resume="allow",
                                 id=run_dir.name.replace("/", "-")[:120])
 
     def __call__(self, worker: loop.Worker, epoch: int, samples, metrics: dict[str, float]) -> None:
-        self.wandb.log(metrics, step=epoch)
+        if self.wandb is not None:
+            self.wandb.log(metrics, step=epoch)
         path = self.run_dir / "metrics.csv"
         new = not path.exists()
         with open(path, "a", newline="") as f:
@@ -158,12 +162,14 @@ class EpochLogger:
             labels = [f"{p} | r={r:.3f}" for p, r in zip(samples.prompts[:show], samples.rewards[:show].tolist())]
             png = save_preview_grid(render.rgb.cpu(), self.run_dir / "previews" / f"epoch_{epoch:04d}.png",
                                     row_labels=labels, caption=f"epoch {epoch}")
-            import wandb
+            if self.wandb is not None:
+                import wandb
 
-            self.wandb.log({"samples": wandb.Image(str(png))}, step=epoch)
+                self.wandb.log({"samples": wandb.Image(str(png))}, step=epoch)
 
     def finish(self) -> None:
-        self.wandb.finish()
+        if self.wandb is not None:
+            self.wandb.finish()
 
 
 def plot_history(history: list[dict[str, float]], path: Path, title: str) -> None:

@@ -24,6 +24,7 @@ from r2d3.config import AlignConfig, to_yaml
 from r2d3.data.prompts import load_prompts
 from r2d3.diffusion import StochasticSampler, scheduler_from_config
 from r2d3.rewards import build_reward
+from r2d3.render import SPLAT_BACKENDS
 from r2d3.train.checkpoint import check_compatible, load_checkpoint, save_checkpoint, TrainState
 from r2d3.train.lora import add_lora, load_lora_state_dict, lora_state_dict
 from r2d3.train.session import Session
@@ -59,6 +60,8 @@ def validate(config: AlignConfig) -> None:
          "render.resolution >= 8"),
         (config.eval.num_prompts >= 0 and config.eval.seeds_per_prompt >= 1, "eval.num_prompts must be >= 0 "
          "and eval.seeds_per_prompt >= 1"),
+        (config.render.backend == "auto" or config.render.backend in SPLAT_BACKENDS,
+         f"render.backend must be auto or one of {sorted(SPLAT_BACKENDS)}, got {config.render.backend!r}"),
     ]
     for ok, message in checks:
         if not ok:
