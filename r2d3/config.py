@@ -44,7 +44,7 @@ def section(cls: type, help: str) -> Any:  # noqa: A002
 @dataclass
 class RunConfig:
     name: Optional[str] = opt(None, "run name; default: <algo>-<reward>-<timestamp>. Reusing a name resumes that run")
-    output_dir: str = opt("runs", "parent directory (local path or s3://bucket/prefix) of run directories")
+    output_dir: str = opt("runs", "local parent directory of run directories (see scale.storage_path for s3://)")
     seed: int = opt(0, "seed for sampling noise, prompts, cameras and LoRA init")
     device: str = opt("auto", "auto | cpu | cuda | cuda:N")
     resume: bool = opt(True, "continue from the latest checkpoint in the run directory if there is one")
@@ -145,6 +145,13 @@ class ScaleConfig:
     use_gpu: str = opt("auto", "auto | true | false")
     cpus_per_worker: float = opt(1.0, "CPUs reserved per training worker")
     in_process: bool = opt(False, "run the worker loop in this process without Ray (debugging)")
+    storage_path: Optional[str] = opt(None, "Ray Train storage for checkpoints and run outputs: a shared path "
+                                            "or s3://bucket/prefix (default: run.output_dir)")
+    max_failures: int = opt(2, "restarts of the whole worker group from the last checkpoint after a crash")
+    reward_actors: int = opt(0, "render + reward in a pool of N Ray actors shared by the trainers (0: in each "
+                                "trainer process)")
+    reward_actor_gpus: float = opt(0.0, "GPUs per render/reward actor (fractions share a GPU)")
+    reward_actor_cpus: float = opt(1.0, "CPUs per render/reward actor")
 
 
 @dataclass
