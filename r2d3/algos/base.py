@@ -20,6 +20,7 @@ from r2d3.config import AlgoConfig, RenderConfig
 from r2d3.diffusion import StochasticSampler, Trajectory, guided_model_fn
 from r2d3.render import render_gaussians
 from r2d3.render.cameras import Cameras, jittered_orbit_cameras
+from r2d3.render.gaussians import Gaussians
 from r2d3.render.output import RenderOutput
 
 
@@ -48,9 +49,17 @@ class SampleBatch:
                            PromptEmbeds.cat([b.cond for b in batches]), torch.cat([b.rewards for b in batches]))
 
 
+#: Rewards ``[B]`` (mean over views) of decoded assets seen by ``cameras`` for ``prompts``, differentiable
+#: in the Gaussians' tensors: the seam where render + reward can move out of the trainer's process.
+Scorer = Callable[[Gaussians, Cameras, Sequence[str]], Tensor]
+
+
 @dataclass
 class AlignContext:
-    """The frozen pieces of an alignment run on one worker."""
+    """The frozen pieces of an alignment run on one worker.
+
+    ``scorer``, when set, replaces the in-process render + reward after decoding (a pool of remote
+    render/reward actors, say); decoding and the denoiser's chain rule stay in the trainer."""
 
     backend: Backend
     sampler: StochasticSampler
@@ -58,6 +67,7 @@ class AlignContext:
     render: RenderConfig
     guidance_scale: float
     uncond: PromptEmbeds  # the empty prompt, one row
+    scorer: Scorer | None = None
 
     def model_fn(self, cond: PromptEmbeds) -> Callable[[Tensor, Tensor], Tensor]:
         """The guided network output ``f(x, t)`` for these prompts (differentiable)."""
@@ -86,6 +96,8 @@ class AlignContext:
 
     def reward_of_latents(self, x0: Tensor, prompts: Sequence[str], cameras: Cameras) -> Tensor:
         """Decode -> render -> reward averaged over views, ``[B]``; differentiable in ``x0``."""
+        if self.scorer is not None:
+            return self.scorer(self.backend.decode(x0), cameras, prompts)
         return self.reward_fn(self.render_latents(x0, cameras), prompts)
 
 

@@ -71,7 +71,7 @@ def _worker_loop(payload: dict[str, Any]) -> None:
     align_job.run_worker(config, session)
 
 
-def fit_on_ray(config: AlignConfig, run_dir: Path, storage_path: str) -> Any:
+def fit_on_ray(config: AlignConfig, run_dir: Path, storage_path: str, callbacks: list | None = None) -> Any:
     """Run the alignment as a Ray Train job; returns the ``ray.train.Result``.
 
     Starts a local Ray instance when none is running (``ray job submit`` sets ``RAY_ADDRESS`` and the
@@ -88,6 +88,7 @@ def fit_on_ray(config: AlignConfig, run_dir: Path, storage_path: str) -> Any:
         name=run_dir.name, storage_path=storage_path,
         checkpoint_config=CheckpointConfig(num_to_keep=max(config.run.keep_checkpoints, 1)),
         failure_config=FailureConfig(max_failures=2),
+        callbacks=callbacks,
     )
     trainer = TorchTrainer(_worker_loop, train_loop_config={"config": to_dict(config), "run_dir": str(run_dir)},
                            scaling_config=scaling, run_config=run_config)

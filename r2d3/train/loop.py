@@ -18,7 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from r2d3.algos import AlignContext, SampleBatch, build_algorithm
-from r2d3.algos.base import prepare_batch
+from r2d3.algos.base import Scorer, prepare_batch
 from r2d3.backends import available_backends, load_backend
 from r2d3.config import AlignConfig, to_yaml
 from r2d3.data.prompts import load_prompts
@@ -86,7 +86,11 @@ class Worker:
     device: torch.device
 
 
-def build_worker(config: AlignConfig, seed_offset: int = 0) -> Worker:
+def build_worker(config: AlignConfig, scorer: Scorer | None = None) -> Worker:
+    """Model with LoRA, sampler, reward, algorithm and optimizer for one worker.
+
+    ``scorer`` replaces in-process render + reward (see :class:`~r2d3.algos.base.AlignContext`), e.g.
+    with a pool of remote render/reward actors."""
     validate(config)
     device = resolve_device(config.run.device)
     torch.manual_seed(config.run.seed)  # LoRA init: identical on every worker
@@ -100,7 +104,7 @@ def build_worker(config: AlignConfig, seed_offset: int = 0) -> Worker:
     if isinstance(reward_fn, torch.nn.Module):
         reward_fn.to(device).requires_grad_(False)
     ctx = AlignContext(backend, sampler, reward_fn, config.render, config.sampler.guidance_scale,
-                       backend.encode_prompts([""]))
+                       backend.encode_prompts([""]), scorer=scorer)
     t = config.train
     optimizer = torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.adam_betas), eps=t.adam_eps,
                                   weight_decay=t.weight_decay)
@@ -213,7 +217,7 @@ def run(config: AlignConfig, session: Session, evaluate_fn=None, on_epoch=None) 
     ``evaluate_fn(worker, tag)`` (rank 0) returns held-out metrics before and after training;
     ``on_epoch(worker, epoch, samples, metrics)`` is called on rank 0 after each epoch (logging hooks).
     """
-    worker = build_worker(config)
+    worker = build_worker(config, scorer=getattr(session, "scorer", None))
     generator = torch.Generator().manual_seed(config.run.seed * 1000 + session.rank)
     state, buffer = TrainState(), None
     ckpt_path = session.latest_checkpoint() if config.run.resume else None
