@@ -12,7 +12,6 @@ resumes from the last checkpoint.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
@@ -21,12 +20,27 @@ from dataclasses import replace
 from pathlib import Path
 
 from r2d3.config import AlignConfig, parse_cli, reward_label
+from r2d3.data.prompts import PromptSourceError
 from r2d3.train.align_job import format_summary, run_worker
 from r2d3.train.loop import validate
 
 
 def default_run_name(config: AlignConfig) -> str:
     return f"{config.algo.name}-{reward_label(config.reward)}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def _run(config: AlignConfig, run_dir: Path, output_dir: Path) -> dict:
+    if config.scale.in_process:
+        from r2d3.train.session import LocalSession
+
+        return run_worker(config, LocalSession(run_dir, config.run.keep_checkpoints))
+    from r2d3.ray.train import fit_on_ray, read_summary
+
+    storage = config.scale.storage_path or str(output_dir)
+    result = fit_on_ray(config, run_dir, storage_path=storage)
+    if result.error is not None:
+        raise result.error
+    return read_summary(run_dir, storage)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -48,17 +62,10 @@ def main(argv: list[str] | None = None) -> dict:
         sys.exit(f"align: run directory {run_dir} is not writable: {err}")
     os.environ.setdefault("WANDB_MODE", config.run.wandb_mode)
     start = time.time()
-    if config.scale.in_process:
-        from r2d3.train.session import LocalSession
-
-        summary = run_worker(config, LocalSession(run_dir, config.run.keep_checkpoints))
-    else:
-        from r2d3.ray.train import fit_on_ray
-
-        result = fit_on_ray(config, run_dir, storage_path=str(output_dir))
-        if result.error is not None:
-            raise result.error
-        summary = json.loads((run_dir / "summary.json").read_text())
+    try:
+        summary = _run(config, run_dir, output_dir)
+    except PromptSourceError as err:
+        sys.exit(f"align: {err}")
     print(f"\nr2d3 align: {config.algo.name} on reward {reward_label(config.reward)}, {config.train.epochs} epochs, "
           f"{time.time() - start:.0f} s")
     print(format_summary(summary))

@@ -130,6 +130,7 @@ class DataConfig:
     prompts: str = opt("procedural:train", "training prompts: procedural:<split>, a .txt file, or Parquet shards (dir/glob/s3://)")
     heldout_prompts: str = opt("procedural:heldout", "held-out prompts for evaluation (same forms)")
     prompt_column: str = opt("prompt", "column holding prompts in Parquet shards")
+    shuffle_buffer: int = opt(256, "rows in each worker's local shuffle buffer when streaming Parquet shards")
 
 
 @dataclass

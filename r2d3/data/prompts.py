@@ -1,4 +1,5 @@
-"""Prompt sources by name: the procedural grammar's splits, a text file, or Parquet shards.
+"""Prompt sources by name: the procedural grammar's splits, a text file, or Parquet shards (local or
+``s3://``), read into memory or streamed (:class:`PromptStream`, fed by Ray Data on a cluster).
 
 Bad rows (missing, empty or non-string prompts) are skipped and counted, never fatal, so one broken
 line in a 100k-prompt file does not end a run; a source with no usable prompt is an error.
@@ -7,6 +8,7 @@ line in a 100k-prompt file does not end a run; a source with no usable prompt is
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,13 +26,21 @@ class PromptList:
     skipped: list[tuple[int, str]] = field(default_factory=list)  # (row, reason)
 
 
+def _row_problem(value: object) -> str | None:
+    """Why a prompt cell is unusable, or None."""
+    if not isinstance(value, str):
+        return f"not a string: {type(value).__name__}"
+    if not value.strip():
+        return "empty prompt"
+    return None
+
+
 def _clean(values: list[object], source: str) -> PromptList:
     out, skipped = [], []
     for row, value in enumerate(values):
-        if not isinstance(value, str):
-            skipped.append((row, f"not a string: {type(value).__name__}"))
-        elif not value.strip():
-            skipped.append((row, "empty prompt"))
+        problem = _row_problem(value)
+        if problem:
+            skipped.append((row, problem))
         else:
             out.append(value.strip())
     if skipped:
@@ -40,8 +50,73 @@ def _clean(values: list[object], source: str) -> PromptList:
     return PromptList(out, source, skipped)
 
 
+def is_parquet_source(source: str) -> bool:
+    """Parquet shards (file, directory, glob or s3:// prefix), as opposed to procedural:<split> or .txt."""
+    return not (source.startswith("procedural:") or source.endswith(".txt"))
+
+
+@dataclass
+class ShardCheck:
+    files: list[str]  # readable shards with a string prompt column, as URIs/paths to pass to readers
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (shard, reason)
+
+
+def check_shards(source: str, column: str = "prompt") -> ShardCheck:
+    """List the Parquet shards of ``source`` and keep those whose footer is readable and whose
+    ``column`` holds strings; the others are skipped with a reason (a broken shard must not end a
+    week-long run). Reads footers only, so it is cheap for thousands of shards on S3."""
+    import pyarrow as pa
+    import pyarrow.fs as pafs
+    import pyarrow.parquet as pq
+
+    try:
+        fs, path = pafs.FileSystem.from_uri(source) if "://" in source else (pafs.LocalFileSystem(), source)
+        if any(ch in path for ch in "*?["):
+            import fnmatch
+
+            parent = path[: path.rfind("/", 0, min(path.find(c) for c in "*?[" if c in path))]
+            infos = [i for i in fs.get_file_info(pafs.FileSelector(parent, recursive=True))
+                     if fnmatch.fnmatch(i.path, path)]
+        else:
+            info = fs.get_file_info(path)
+            if info.type == pafs.FileType.NotFound:
+                raise PromptSourceError(f"prompt shards not found: {source}")
+            infos = [info] if info.type == pafs.FileType.File else \
+                fs.get_file_info(pafs.FileSelector(path, recursive=True))
+    except PromptSourceError:
+        raise
+    except Exception as err:  # bad URI, no credentials, unreachable endpoint: name the source
+        raise PromptSourceError(f"cannot list Parquet prompts at {source}: {err}") from err
+    scheme = source.split("://", 1)[0] + "://" if "://" in source else ""
+    files = sorted(i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(".parquet"))
+    if not files:
+        raise PromptSourceError(f"no .parquet files under {source}")
+    check = ShardCheck([])
+    for path in files:
+        try:
+            with fs.open_input_file(path) as f:
+                schema = pq.read_schema(f)
+        except Exception as err:
+            check.skipped.append((scheme + path, f"unreadable Parquet: {err}"))
+            continue
+        if column not in schema.names:
+            check.skipped.append((scheme + path, f"no {column!r} column (columns: {schema.names})"))
+        elif not (pa.types.is_string(schema.field(column).type) or pa.types.is_large_string(schema.field(column).type)):
+            check.skipped.append((scheme + path, f"column {column!r} has type {schema.field(column).type}, not string"))
+        else:
+            check.files.append(scheme + path)
+    for shard, reason in check.skipped:
+        log.warning("skipped prompt shard %s: %s", shard, reason)
+    if not check.files:
+        first = check.skipped[0]
+        raise PromptSourceError(f"no usable prompt shard in {source} ({len(check.skipped)} skipped; "
+                                f"first: {first[0]}: {first[1]})")
+    return check
+
+
 def load_prompts(source: str, column: str = "prompt") -> PromptList:
-    """``procedural:<split>``, a ``.txt`` file (one prompt per line) or Parquet file(s)/directory."""
+    """``procedural:<split>``, a ``.txt`` file (one prompt per line) or Parquet shards (file, directory,
+    glob or ``s3://`` prefix) read into memory; for streaming large shard sets see :class:`PromptStream`."""
     if source.startswith("procedural:"):
         from r2d3.data.procedural import split_prompts
 
@@ -52,12 +127,60 @@ def load_prompts(source: str, column: str = "prompt") -> PromptList:
         if not path.is_file():
             raise PromptSourceError(f"prompt file not found: {source}")
         return _clean(path.read_text(encoding="utf-8", errors="replace").splitlines(), source)
-    import pyarrow.dataset as ds
+    import pyarrow.parquet as pq
 
-    try:
-        table = ds.dataset(source, format="parquet").to_table()
-    except Exception as err:
-        raise PromptSourceError(f"cannot read Parquet prompts from {source}: {err}") from err
-    if column not in table.column_names:
-        raise PromptSourceError(f"{source} has no {column!r} column (columns: {table.column_names})")
-    return _clean(table.column(column).to_pylist(), source)
+    shards = check_shards(source, column)
+    values: list[object] = []
+    for shard in shards.files:
+        try:
+            values += pq.read_table(shard, columns=[column]).column(column).to_pylist()
+        except Exception as err:
+            raise PromptSourceError(f"cannot read Parquet prompts from {shard}: {err}") from err
+    return _clean(values, source)
+
+
+class PromptStream:
+    """Prompt batches pulled from a stream of row batches that restarts every data epoch.
+
+    ``epoch`` returns a fresh iterator over batches of raw cells (one data epoch: a Ray Data shard's
+    ``iter_batches``, say). Every :meth:`take` consumes exactly one batch, so data-parallel workers
+    reading equal-sized splits start their data epochs in lockstep (Ray's streaming split waits for all
+    readers at each epoch boundary: a worker that ran ahead would deadlock against one blocked in a
+    collective). Bad cells are skipped and counted in :attr:`skipped`; a batch left short by them is
+    topped up by repeating its good prompts (or the previous batch's, if none is good); a whole data
+    epoch without a usable prompt is an error rather than an endless loop."""
+
+    def __init__(self, epoch: Callable[[], Iterable[Sequence[object]]], source: str):
+        self._epoch = epoch
+        self.source = source
+        self.skipped = 0
+        self.data_epochs = 0
+        self._batches: Iterator[Sequence[object]] = iter(())
+        self._usable_this_epoch = 0
+        self._last: list[str] = []
+
+    def _next_batch(self) -> Sequence[object]:
+        while True:
+            try:
+                return next(self._batches)
+            except StopIteration:
+                if self.data_epochs and not self._usable_this_epoch:
+                    raise PromptSourceError(f"no usable prompt in {self.source} "
+                                            f"({self.skipped} bad rows in one pass)") from None
+                self.data_epochs += 1
+                self._usable_this_epoch = 0
+                self._batches = iter(self._epoch())
+
+    def take(self, n: int) -> list[str]:
+        while True:
+            batch = self._next_batch()
+            good = [v.strip() for v in batch if not _row_problem(v)]
+            self.skipped += len(batch) - len(good)
+            self._usable_this_epoch += len(good)
+            if good:
+                self._last = good
+                break
+            if self._last:
+                good = self._last
+                break
+        return [good[i % len(good)] for i in range(n)]

@@ -1,41 +1,69 @@
 """Alignment on Ray Train: a ``TorchTrainer`` whose workers run :func:`r2d3.train.loop.run`.
 
-The driver only builds ``ScalingConfig``/``RunConfig`` and calls ``fit()``; the worker loop is the same
-plain-torch function used in-process, with :class:`RaySession` reporting metrics and checkpoints through
-``ray.train.report`` and all-reducing LoRA gradients across workers (gloo on CPU, NCCL on GPU).
+The driver builds ``ScalingConfig``/``RunConfig`` (and, for Parquet prompt shards, a Ray Dataset
+streamed into the workers) and calls ``fit()``; the worker loop is the same plain-torch function used
+in-process, with :class:`RaySession` reporting metrics and checkpoints through ``ray.train.report`` and
+all-reducing LoRA gradients across workers (gloo on CPU, NCCL on GPU).
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
+import pyarrow.fs as pafs
 import torch
 import torch.distributed as dist
 
 import ray
+import ray.data
 import ray.train
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from r2d3.config import AlignConfig, from_dict, to_dict
+from r2d3.data.prompts import PromptStream, check_shards, is_parquet_source
+
+log = logging.getLogger(__name__)
+
+#: run outputs rank 0 copies next to the checkpoints when the storage is not the local run directory
+OUTPUTS = "outputs"
 
 
 class RaySession:
-    """:class:`~r2d3.train.session.Session` inside a Ray Train worker."""
+    """:class:`~r2d3.train.session.Session` inside a Ray Train worker.
 
-    def __init__(self, run_dir: Path):
+    ``prompt_stream`` is this worker's disjoint share of the streamed prompt shards (when the driver
+    passed a dataset); ``scorer`` sends render + reward to the shared actor pool when
+    ``scale.reward_actors`` > 0."""
+
+    def __init__(self, run_dir: Path, config: AlignConfig, streamed: bool = False):
         ctx = ray.train.get_context()
         self.rank = ctx.get_world_rank()
         self.world_size = ctx.get_world_size()
         self.run_dir = run_dir
         if self.rank == 0:
             run_dir.mkdir(parents=True, exist_ok=True)
-        self._restored: Path | None = None
         self._tmp = Path(tempfile.mkdtemp(prefix="r2d3-ckpt-"))
+        self.prompt_stream = None
+        if streamed:
+            shard = ray.train.get_dataset_shard("prompts")
+            column, batch = config.data.prompt_column, config.train.sample_batch_size
+            self.prompt_stream = PromptStream(
+                lambda: (b.column(column).to_pylist() for b in shard.iter_batches(
+                    batch_size=batch, batch_format="pyarrow", local_shuffle_buffer_size=config.data.shuffle_buffer,
+                    local_shuffle_seed=config.run.seed + self.rank)),
+                config.data.prompts)
+        self.scorer = None
+        if config.scale.reward_actors > 0:
+            from r2d3.ray.reward_actors import make_remote_scorer
+
+            self.scorer = make_remote_scorer(config)
 
     def latest_checkpoint(self) -> Path | None:
         checkpoint = ray.train.get_checkpoint()
@@ -63,33 +91,83 @@ class RaySession:
             tensor.div_(self.world_size)
 
 
+def _storage(uri: str) -> tuple[pafs.FileSystem, str]:
+    return pafs.FileSystem.from_uri(uri) if "://" in uri else (pafs.LocalFileSystem(), str(Path(uri).resolve()))
+
+
 def _worker_loop(payload: dict[str, Any]) -> None:
     from r2d3.train import align_job
 
     config = from_dict(AlignConfig, payload["config"])
-    session = RaySession(Path(payload["run_dir"]))
+    run_dir = Path(payload["run_dir"])
+    session = RaySession(run_dir, config, streamed=payload["streamed"])
     align_job.run_worker(config, session)
+    outputs = payload.get("outputs_uri")
+    if session.rank == 0 and outputs:  # rank 0 may run on another node: publish next to the checkpoints
+        fs, path = _storage(outputs)
+        fs.create_dir(path, recursive=True)
+        pafs.copy_files(str(run_dir), path, destination_filesystem=fs)
+
+
+def prompt_dataset(config: AlignConfig) -> tuple[ray.data.Dataset, list[tuple[str, str]]]:
+    """The Parquet prompt shards as a Ray Dataset (readable shards only) and the skipped ones."""
+    shards = check_shards(config.data.prompts, config.data.prompt_column)
+    ds = ray.data.read_parquet(shards.files, shuffle="files").select_columns([config.data.prompt_column])
+    return ds, shards.skipped
 
 
 def fit_on_ray(config: AlignConfig, run_dir: Path, storage_path: str, callbacks: list | None = None) -> Any:
     """Run the alignment as a Ray Train job; returns the ``ray.train.Result``.
 
     Starts a local Ray instance when none is running (``ray job submit`` sets ``RAY_ADDRESS`` and the
-    job joins the cluster instead). Re-running with the same ``run.name`` resumes from the last
-    checkpoint; ``FailureConfig`` restarts crashed workers from it as well.
+    job joins the cluster instead). Checkpoints go to ``storage_path/<run name>`` (local or ``s3://``);
+    when that is not the local run directory's parent, rank 0 also copies the run outputs (summary,
+    previews, samples, metrics) to ``storage_path/<run name>/outputs``. Re-running with the same
+    ``run.name`` resumes from the last checkpoint, with any number of workers; ``FailureConfig``
+    restarts a crashed worker group from it as well.
     """
     if not ray.is_initialized():
         # the dashboard serves the state API that Train's controller polls (and `ray job submit`)
         ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True, configure_logging=False)
-    use_gpu = config.scale.use_gpu == "true" or (config.scale.use_gpu == "auto" and torch.cuda.is_available())
+    gpu = str(config.scale.use_gpu).lower()  # a command-line `true` arrives as "True"
+    use_gpu = gpu == "true" or (gpu == "auto" and torch.cuda.is_available())
     scaling = ScalingConfig(num_workers=config.scale.num_workers, use_gpu=use_gpu,
                             resources_per_worker={"CPU": config.scale.cpus_per_worker})
     run_config = RunConfig(
         name=run_dir.name, storage_path=storage_path,
         checkpoint_config=CheckpointConfig(num_to_keep=max(config.run.keep_checkpoints, 1)),
-        failure_config=FailureConfig(max_failures=2),
+        failure_config=FailureConfig(max_failures=config.scale.max_failures),
         callbacks=callbacks,
     )
-    trainer = TorchTrainer(_worker_loop, train_loop_config={"config": to_dict(config), "run_dir": str(run_dir)},
-                           scaling_config=scaling, run_config=run_config)
-    return trainer.fit()
+    datasets = {}
+    if is_parquet_source(config.data.prompts):
+        datasets["prompts"], skipped = prompt_dataset(config)
+        if skipped:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "skipped_shards.json").write_text(json.dumps([{"shard": s, "reason": r} for s, r in skipped],
+                                                                    indent=1))
+    local_storage = "://" not in storage_path and Path(storage_path).resolve() == run_dir.parent.resolve()
+    payload = {"config": to_dict(config), "run_dir": str(run_dir), "streamed": bool(datasets),
+               "outputs_uri": None if local_storage else f"{storage_path.rstrip('/')}/{run_dir.name}/{OUTPUTS}"}
+    reward_pool = None
+    if config.scale.reward_actors > 0:
+        from r2d3.ray.reward_actors import start_reward_actors
+
+        # the driver owns the actors, so they outlive any one trainer (and worker-group restarts)
+        reward_pool = start_reward_actors(config)
+    trainer = TorchTrainer(_worker_loop, train_loop_config=payload, scaling_config=scaling, run_config=run_config,
+                           datasets=datasets or None)
+    result = trainer.fit()
+    del reward_pool  # trainers looked the actors up by name; release them only now
+    return result
+
+
+def read_summary(run_dir: Path, storage_path: str) -> dict[str, Any]:
+    """The finished run's summary: from the local run directory, or from the storage copy when rank 0
+    ran on another node."""
+    local = run_dir / "summary.json"
+    if local.exists():
+        return json.loads(local.read_text())
+    fs, path = _storage(f"{storage_path.rstrip('/')}/{run_dir.name}/{OUTPUTS}/summary.json")
+    with fs.open_input_stream(path) as f:
+        return json.loads(f.read())

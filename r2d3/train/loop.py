@@ -60,6 +60,12 @@ def validate(config: AlignConfig) -> None:
          "render.resolution >= 8"),
         (config.eval.num_prompts >= 0 and config.eval.seeds_per_prompt >= 1, "eval.num_prompts must be >= 0 "
          "and eval.seeds_per_prompt >= 1"),
+        (str(config.scale.use_gpu).lower() in ("auto", "true", "false"),
+         f"scale.use_gpu must be auto, true or false, got {config.scale.use_gpu!r}"),
+        (config.scale.num_workers >= 1, f"scale.num_workers must be >= 1, got {config.scale.num_workers}"),
+        (config.scale.reward_actors >= 0 and config.scale.reward_actor_gpus >= 0 and config.scale.reward_actor_cpus >= 0,
+         "scale.reward_actors, scale.reward_actor_gpus and scale.reward_actor_cpus must be >= 0"),
+        (config.data.shuffle_buffer >= 0, f"data.shuffle_buffer must be >= 0, got {config.data.shuffle_buffer}"),
         (config.render.backend == "auto" or config.render.backend in SPLAT_BACKENDS,
          f"render.backend must be auto or one of {sorted(SPLAT_BACKENDS)}, got {config.render.backend!r}"),
     ]
@@ -86,7 +92,7 @@ class Worker:
     device: torch.device
 
 
-def build_worker(config: AlignConfig, scorer: Scorer | None = None) -> Worker:
+def build_worker(config: AlignConfig, scorer: Scorer | None = None, load_prompt_list: bool = True) -> Worker:
     """Model with LoRA, sampler, reward, algorithm and optimizer for one worker.
 
     ``scorer`` replaces in-process render + reward (see :class:`~r2d3.algos.base.AlignContext`), e.g.
@@ -108,7 +114,7 @@ def build_worker(config: AlignConfig, scorer: Scorer | None = None) -> Worker:
     t = config.train
     optimizer = torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.adam_betas), eps=t.adam_eps,
                                   weight_decay=t.weight_decay)
-    prompts = load_prompts(config.data.prompts, config.data.prompt_column).prompts
+    prompts = load_prompts(config.data.prompts, config.data.prompt_column).prompts if load_prompt_list else []
     return Worker(config, ctx, algorithm, params, optimizer, prompts, device)
 
 
@@ -175,6 +181,23 @@ def train_epoch(worker: Worker, samples: SampleBatch, generator: torch.Generator
     return {f"train/{k}": v / max(count, 1) for k, v in sums.items()}
 
 
+def check_in_sync(params: list[torch.nn.Parameter], session: Session) -> float:
+    """Largest deviation of any LoRA weight from its mean over workers; an error unless 0.
+
+    All-reduced gradients and identical optimizer states keep data-parallel replicas bitwise equal;
+    a replica that drifts (an un-synced adapter, a rank that skipped a step) would silently train a
+    different model on each worker, so it stops the run instead."""
+    flat = torch.cat([p.detach().flatten() for p in params]).double()
+    mean = flat.clone()
+    session.all_reduce_mean_([mean])
+    worst = (flat - mean).abs().max().reshape(1)
+    session.all_reduce_mean_([worst])  # > 0 iff some rank deviates
+    if worst.item() > 0:
+        raise TrainingAborted(f"LoRA weights differ across the {session.world_size} workers (max deviation "
+                              f"{worst.item():.3e}): gradients were not synchronised")
+    return worst.item()
+
+
 def _drop_nonfinite(batch: SampleBatch, state: TrainState, max_bad: int) -> SampleBatch:
     ok = torch.isfinite(batch.rewards)
     if ok.all():
@@ -217,7 +240,8 @@ def run(config: AlignConfig, session: Session, evaluate_fn=None, on_epoch=None) 
     ``evaluate_fn(worker, tag)`` (rank 0) returns held-out metrics before and after training;
     ``on_epoch(worker, epoch, samples, metrics)`` is called on rank 0 after each epoch (logging hooks).
     """
-    worker = build_worker(config, scorer=getattr(session, "scorer", None))
+    stream = getattr(session, "prompt_stream", None)  # streamed shards (Ray Data) instead of an in-memory list
+    worker = build_worker(config, scorer=getattr(session, "scorer", None), load_prompt_list=stream is None)
     generator = torch.Generator().manual_seed(config.run.seed * 1000 + session.rank)
     state, buffer = TrainState(), None
     ckpt_path = session.latest_checkpoint() if config.run.resume else None
@@ -243,8 +267,12 @@ def run(config: AlignConfig, session: Session, evaluate_fn=None, on_epoch=None) 
         start = time.time()
         batches = []
         for _ in range(t.sample_batches_per_epoch):
-            idx = torch.randint(len(worker.prompts), (t.sample_batch_size,), generator=generator)
-            batches.append(sample_batch(worker.ctx, [worker.prompts[i] for i in idx.tolist()], generator))
+            if stream is not None:
+                prompts = stream.take(t.sample_batch_size)
+            else:
+                idx = torch.randint(len(worker.prompts), (t.sample_batch_size,), generator=generator)
+                prompts = [worker.prompts[i] for i in idx.tolist()]
+            batches.append(sample_batch(worker.ctx, prompts, generator))
         samples = _drop_nonfinite(SampleBatch.concat(batches), state, t.max_bad_batches)
         sample_time = time.time() - start
         train_on = buffer if worker.algorithm.uses_lag else samples
@@ -254,6 +282,10 @@ def run(config: AlignConfig, session: Session, evaluate_fn=None, on_epoch=None) 
                                   progress=config.run.progress and session.rank == 0)
         buffer = samples
         state.epoch = epoch + 1
+        if session.world_size > 1:
+            metrics["lora_sync_max_diff"] = check_in_sync(worker.params, session)
+        if stream is not None:
+            metrics.update({"data/skipped_prompts": stream.skipped, "data/epochs": stream.data_epochs})
         reward = samples.rewards.detach().float()
         stats = torch.stack([reward.mean(), reward.std(unbiased=False)])
         session.all_reduce_mean_([stats])

@@ -1,0 +1,141 @@
+"""Scale-out: Parquet prompt shards (local and S3), multi-worker Ray Train, storage and resume."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from r2d3.backends import TinySplatBackend
+from r2d3.data.procedural import VOCABULARY
+from r2d3.data.prompts import PromptSourceError, PromptStream, check_shards, load_prompts
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "pipelines"))
+
+
+def write_shards(root: Path) -> None:
+    """Two good shards (one with bad rows), one without the prompt column, one corrupt, one non-string."""
+    root.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table({"prompt": ["a red cube", "a blue sphere", "a green cone", "a small yellow torus"]}),
+                   root / "shard-000.parquet")
+    pq.write_table(pa.table({"prompt": ["a tall white cylinder", None, "   ", "a purple cube"]}),
+                   root / "shard-001.parquet")
+    pq.write_table(pa.table({"text": ["a red cube"]}), root / "shard-002.parquet")
+    (root / "shard-003.parquet").write_bytes(b"PAR1 this is not parquet")
+    pq.write_table(pa.table({"prompt": [1, 2]}), root / "shard-004.parquet")
+
+
+def test_shard_check_keeps_readable_string_shards_and_names_the_others(tmp_path):
+    write_shards(tmp_path / "p")
+    check = check_shards(str(tmp_path / "p"))
+    assert [Path(f).name for f in check.files] == ["shard-000.parquet", "shard-001.parquet"]
+    reasons = {Path(s).name: r for s, r in check.skipped}
+    assert "no 'prompt' column" in reasons["shard-002.parquet"]
+    assert "unreadable Parquet" in reasons["shard-003.parquet"]
+    assert "not string" in reasons["shard-004.parquet"]
+    assert [Path(f).name for f in check_shards(str(tmp_path / "p" / "shard-00[01].parquet")).files] == [
+        "shard-000.parquet", "shard-001.parquet"]
+    prompts = load_prompts(str(tmp_path / "p"))
+    assert prompts.prompts == ["a red cube", "a blue sphere", "a green cone", "a small yellow torus",
+                               "a tall white cylinder", "a purple cube"] and len(prompts.skipped) == 2
+    with pytest.raises(PromptSourceError, match="not found"):
+        check_shards(str(tmp_path / "missing"))
+    with pytest.raises(PromptSourceError, match="no usable prompt shard .*shard-002"):
+        check_shards(str(tmp_path / "p" / "shard-002.parquet"))
+
+
+def test_prompt_stream_takes_one_batch_per_call_skipping_bad_rows_and_cycling_epochs():
+    batches = [["a", None, "c"], ["b", 3], [None, ""]]
+    stream = PromptStream(lambda: iter(batches), "mem")
+    assert stream.take(3) == ["a", "c", "a"]  # topped up from the batch's good rows
+    assert stream.take(3) == ["b", "b", "b"]
+    assert stream.take(2) == ["b", "b"]  # an all-bad batch reuses the previous batch's prompts
+    assert stream.take(3) == ["a", "c", "a"] and stream.data_epochs == 2 and stream.skipped == 5
+    bad = PromptStream(lambda: iter([[None, " "]]), "bad-source")
+    with pytest.raises(PromptSourceError, match="no usable prompt in bad-source"):
+        bad.take(1)
+
+
+def tiny_weights(path: Path) -> Path:
+    backend = TinySplatBackend.random_init(num_gaussians=24, dim=16, vocab=VOCABULARY)
+    torch.nn.init.normal_(backend.denoiser.proj_out.weight, std=0.05)
+    backend.save_pretrained(path)
+    return path
+
+
+def tiny_args(weights: Path, output_dir: Path, name: str) -> list[str]:
+    return [f"model.weights={weights}", "reward=colorfulness", "train.sample_batch_size=4", "train.train_batch_size=2",
+            "sampler.num_steps=4", "render.num_views=2", "render.resolution=16", "eval.num_prompts=2",
+            "eval.seeds_per_prompt=1", f"run.output_dir={output_dir}", f"run.name={name}", "run.progress=false",
+            "run.log_images_every=0", "run.checkpoint_every=1"]
+
+
+@pytest.mark.slow
+def test_two_workers_stream_s3_shards_stay_in_sync_and_resume_with_one(tmp_path, ray_local, s3_server):
+    import align
+    import boto3
+    import pyarrow.fs as pafs
+
+    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket="r2d3-test")
+    write_shards(tmp_path / "shards")
+    s3 = pafs.FileSystem.from_uri("s3://r2d3-test")[0]
+    pafs.copy_files(str(tmp_path / "shards"), "r2d3-test/prompts", destination_filesystem=s3)
+    weights = tiny_weights(tmp_path / "w")
+    args = tiny_args(weights, tmp_path / "runs", "ddp") + [
+        "data.prompts=s3://r2d3-test/prompts", "scale.storage_path=s3://r2d3-test/runs", "scale.cpus_per_worker=0.5"]
+    summary = align.main(args + ["train.epochs=2", "scale.num_workers=2"])
+    history = summary["history"]
+    assert [h["epoch"] for h in history] == [1, 2]
+    assert all(h["lora_sync_max_diff"] == 0.0 for h in history)  # replicas bitwise equal on both workers
+    assert history[-1]["data/skipped_prompts"] > 0  # the None / blank rows of shard-001 were skipped, not fatal
+    skipped = json.loads((tmp_path / "runs" / "ddp" / "skipped_shards.json").read_text())
+    assert sorted(Path(s["shard"]).name for s in skipped) == ["shard-002.parquet", "shard-003.parquet",
+                                                            "shard-004.parquet"]
+    # checkpoints and outputs live in S3; the trained LoRA differs from its initialisation (B = 0)
+    names = [i.path for i in s3.get_file_info(pafs.FileSelector("r2d3-test/runs/ddp", recursive=True))]
+    assert any(n.endswith("outputs/summary.json") for n in names)
+    lora_path = max(n for n in names if n.endswith("lora.safetensors"))
+    with s3.open_input_stream(lora_path) as f:
+        local = tmp_path / "lora.safetensors"
+        local.write_bytes(f.read())
+    lora = load_file(local)
+    assert any("lora_B" in k and v.abs().max() > 0 for k, v in lora.items())
+
+    # resume the same run with one worker: continues at epoch 3 from the S3 checkpoint
+    resumed = align.main(args + ["train.epochs=3", "scale.num_workers=1"])
+    assert [h["epoch"] for h in resumed["history"]] == [1, 2, 3]
+    assert resumed["history"][2]["optimizer_steps"] > history[-1]["optimizer_steps"]
+
+
+@pytest.mark.slow
+def test_ray_job_submit_runs_align_on_a_local_cluster(tmp_path, _ray_session):
+    """`ray start --head` + `ray job submit -- python pipelines/align.py ...` against that head node."""
+    if _ray_session.is_initialized():
+        _ray_session.shutdown()  # one Ray per machine here: the in-process one is restarted by ray_local later
+    weights = tiny_weights(tmp_path / "w")
+    ray_bin = Path(sys.executable).parent / "ray"
+    port, dash = 6479, 8365
+    env = dict(os.environ, RAY_AUTH_MODE="disabled")  # local test cluster only; real clusters keep token auth
+    start = [str(ray_bin), "start", "--head", f"--port={port}", "--num-cpus=4", "--dashboard-host=127.0.0.1",
+             f"--dashboard-port={dash}", "--disable-usage-stats"]
+    subprocess.run(start, env=env, check=True, capture_output=True, timeout=120)
+    try:
+        cmd = [str(ray_bin), "job", "submit", f"--address=http://127.0.0.1:{dash}",
+               "--", sys.executable, str(ROOT / "pipelines" / "align.py"), *tiny_args(weights, tmp_path / "runs", "job"),
+               "train.epochs=1", "scale.cpus_per_worker=1"]
+        t0 = time.time()
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        assert "succeeded" in proc.stdout + proc.stderr and "reward_mean" in proc.stdout
+        summary = json.loads((tmp_path / "runs" / "job" / "summary.json").read_text())
+        assert [h["epoch"] for h in summary["history"]] == [1], f"took {time.time() - t0:.0f} s"
+    finally:
+        subprocess.run([str(ray_bin), "stop", "--force"], env=env, capture_output=True, timeout=120)
