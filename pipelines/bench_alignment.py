@@ -138,6 +138,9 @@ def _curve(summary: dict, lag: int) -> list[tuple[int, float]]:
     for h in summary["history"]:
         if "heldout/reward_mean" in h:
             points.append((int(h["optimizer_steps"]), h["heldout/reward_mean"]))
+    final = int(summary["history"][-1]["optimizer_steps"]) if summary["history"] else 0
+    if points[-1][0] != final:  # the final evaluation, when the last epoch was not an eval epoch
+        points.append((final, summary["after"]["reward_mean"]))
     return points
 
 

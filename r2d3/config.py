@@ -131,6 +131,9 @@ class DataConfig:
     heldout_prompts: str = opt("procedural:heldout", "held-out prompts for evaluation (same forms)")
     prompt_column: str = opt("prompt", "column holding prompts in Parquet shards")
     shuffle_buffer: int = opt(256, "rows in each worker's local shuffle buffer when streaming Parquet shards")
+    embeddings: Optional[str] = opt(None, "precomputed prompt embeddings (dir/glob/s3://, written by "
+                                          "pipelines/embed_prompts.py with the same backend and weights) used "
+                                          "instead of the text encoder; unknown prompts are encoded as usual")
 
 
 @dataclass

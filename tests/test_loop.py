@@ -107,3 +107,17 @@ def test_unwritable_run_directory_is_a_clear_error(tmp_path):
 def test_bad_config_values_are_named(weights, tmp_path, override, message):
     with pytest.raises(ValueError, match=message):
         run(tiny_config(weights, override), LocalSession(tmp_path / "r"))
+
+
+def test_update_cost_counts_the_denoiser_passes_of_each_method(weights):
+    from r2d3.eval.comparison import update_cost
+
+    cost = update_cost(tiny_config(weights, "algo.timestep_fraction=0.5", "algo.refl_min_step=-2"), repeats=1,
+                       methods=("nabla_gfn", "ddpo", "refl", "nabla_gfn+jacobian_free"))
+    passes = {m: (c["denoiser_fwd_per_transition"], c["denoiser_bwd_per_transition"]) for m, c in cost.items()}
+    # Nabla-R2D3: base (LoRA off), policy at x_t, policy at x_{t-1} for the reward gradient; backward
+    # through the reward-gradient pass and the loss. Jacobian-free skips the first of those backwards.
+    assert passes == {"nabla_gfn": (3.0, 2.0), "ddpo": (1.0, 1.0), "refl": (1.0, 1.0),
+                      "nabla_gfn+jacobian_free": (3.0, 1.0)}
+    assert cost["nabla_gfn"]["transitions"] == 2  # half of 4 steps, each batched over the trajectories
+    assert all(c["update_s"] > 0 for c in cost.values())

@@ -136,7 +136,7 @@ def update_cost(base: AlignConfig, methods: tuple[str, ...] = METHODS, repeats: 
         batch = loop.sample_batch(worker.ctx, prompts, gen)
         batch = getattr(worker.algorithm, "prepare", lambda b: b)(batch)
         counts, handles = _count_calls(worker.ctx.backend.denoiser)
-        times, mems, transitions = [], [], 0
+        times, mems = [], []
         cuda = worker.device.type == "cuda"
         for _ in range(repeats + cuda):  # on CUDA the first update (kernel compiles, allocator) is not timed
             counts.update(forward=0, backward=0)
@@ -151,7 +151,7 @@ def update_cost(base: AlignConfig, methods: tuple[str, ...] = METHODS, repeats: 
             mems.append(mem.delta_mb)
         if cuda:
             times, mems = times[1:], mems[1:]
-            transitions = int(metrics.get("transitions", 1))
+        transitions = int(metrics.get("transitions", 1))
         for h in handles:
             h.remove()
         results[method] = {

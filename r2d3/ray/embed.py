@@ -1,0 +1,117 @@
+"""Precompute prompt embeddings on Ray Data: Parquet prompt shards -> a pool of encoder actors ->
+Parquet embedding shards (the format of :mod:`r2d3.data.embeddings`) that training reads through
+``data.embeddings`` instead of running the text encoder on every batch.
+
+    read_parquet(readable shards) -> map_batches(EncoderActor, ActorPoolStrategy(size=actors))
+                                  -> write_parquet(output) -> output/_manifest.json
+
+Each actor loads the backend once and encodes whole batches; bad prompt cells are skipped (the same
+rules as training), unreadable shards are skipped with a reason, as in training.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+
+import ray
+import ray.data
+
+from r2d3.data.embeddings import (encode_table, encoder_fingerprint, parquet_row_count, summarize_embeddings,
+                                  write_manifest)
+from r2d3.data.prompts import PromptSourceError, check_shards
+
+log = logging.getLogger(__name__)
+
+
+class EncoderActor:
+    """One backend per actor process; ``__call__`` turns a batch of prompt cells into embedding rows."""
+
+    def __init__(self, backend_name: str, weights: str | None, column: str, device: str):
+        from r2d3.backends import load_backend
+
+        self.backend = load_backend(backend_name, weights=weights, device=device)
+        self.fingerprint = encoder_fingerprint(self.backend)
+        self.column = column
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        return encode_table(self.backend, batch.column(self.column).to_pylist(), self.fingerprint)
+
+
+def _local_or_uri(path: str) -> str:
+    """URIs as given; local paths absolute (Ray's read and write tasks need not share the driver's cwd)."""
+    return path.rstrip("/") if "://" in path else str(Path(path).expanduser().resolve())
+
+
+def _has_files(uri: str) -> bool:
+    fs, path = pafs.FileSystem.from_uri(uri) if "://" in uri else (pafs.LocalFileSystem(), uri)
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.NotFound:
+        return False
+    if info.type == pafs.FileType.File:
+        return True
+    return any(i.type == pafs.FileType.File for i in fs.get_file_info(pafs.FileSelector(path, recursive=True)))
+
+
+def _check_paths(source: str, output: str, overwrite: bool) -> None:
+    def inside(a: str, b: str) -> bool:
+        return a == b or a.startswith(b.rstrip("/") + "/")
+
+    if inside(output, source) or inside(source, output):
+        raise ValueError(f"output {output} overlaps the input {source}; write the embeddings somewhere else")
+    if not overwrite and _has_files(output):
+        raise FileExistsError(f"output {output} is not empty; pass overwrite=True (--overwrite) to replace it")
+
+
+def embed_prompts(source: str, output: str, backend_name: str = "tiny", weights: str | None = None,
+                  column: str = "prompt", actors: int = 2, batch_size: int = 256, cpus_per_actor: float = 1.0,
+                  gpus_per_actor: float = 0.0, overwrite: bool = False) -> dict[str, Any]:
+    """Embed every usable prompt of the Parquet shards at ``source`` into ``output`` (local or s3://).
+
+    Starts a local Ray instance when none is running (``ray job submit`` sets ``RAY_ADDRESS``).
+    Returns (and writes to ``output/_manifest.json``) the counts: ``rows_in`` (rows of the readable
+    shards), ``embedded``, ``skipped_rows`` (bad cells), plus the encoder fingerprint and the skipped
+    shards with their reasons."""
+    if actors < 1 or batch_size < 1 or cpus_per_actor < 0 or gpus_per_actor < 0:
+        raise ValueError(f"need actors >= 1, batch_size >= 1 and non-negative resources (got actors={actors}, "
+                         f"batch_size={batch_size}, cpus_per_actor={cpus_per_actor}, gpus_per_actor={gpus_per_actor})")
+    source, output = _local_or_uri(source), _local_or_uri(output)
+    _check_paths(source, output, overwrite)
+    shards = check_shards(source, column)  # PromptSourceError when nothing is readable
+    rows_in = parquet_row_count(shards.files)
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS"), configure_logging=False)
+    start = time.time()
+    ds = ray.data.read_parquet(shards.files, columns=[column])
+    ds = ds.map_batches(
+        EncoderActor,
+        fn_constructor_kwargs={"backend_name": backend_name, "weights": weights, "column": column,
+                               "device": "cuda" if gpus_per_actor > 0 else "cpu"},
+        batch_size=batch_size, batch_format="pyarrow", zero_copy_batch=True,
+        compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=cpus_per_actor,
+        **({"num_gpus": gpus_per_actor} if gpus_per_actor > 0 else {}),
+    )
+    ds.write_parquet(output, mode=ray.data.SaveMode.OVERWRITE if overwrite else ray.data.SaveMode.APPEND)
+    seconds = time.time() - start
+    written = summarize_embeddings(output)
+    if len(written.encoders) > 1:  # actors on different nodes loaded different weights from the same path
+        log.error("embeddings in %s come from %d different encoders: %s", output, len(written.encoders),
+                  written.encoders)
+    counts = {
+        "rows_in": rows_in, "embedded": written.rows, "skipped_rows": rows_in - written.rows,
+        "encoder": next(iter(written.encoders)) if len(written.encoders) == 1 else written.encoders or None,
+        "backend": backend_name, "weights": weights, "input": source, "output": output, "column": column,
+        "shards_in": len(shards.files), "shards_written": len(written.files),
+        "skipped_shards": [{"shard": s, "reason": r} for s, r in shards.skipped],
+        "actors": actors, "batch_size": batch_size, "seconds": round(seconds, 3),
+    }
+    counts["manifest"] = write_manifest(output, counts)
+    if not written.rows:
+        raise PromptSourceError(f"no usable prompt in {source}: {rows_in} rows, none embedded")
+    return counts
