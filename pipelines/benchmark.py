@@ -27,6 +27,7 @@ from r2d3.render import Cameras, Gaussians, orbit_cameras, render_gaussians
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_alignment  # noqa: E402  (suites for the model and the alignment methods)
 import bench_gpu  # noqa: E402  (the CUDA suite)
+import bench_ray  # noqa: E402  (Ray Train overhead and scaling)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_REPORT = REPO_ROOT / "docs" / "benchmarks.md"
@@ -335,6 +336,7 @@ SUITES: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[arg
     "prior": (bench_alignment.add_prior_arguments, bench_alignment.run_prior),
     "methods": (bench_alignment.add_methods_arguments, bench_alignment.run_methods),
     "gpu": (bench_gpu.add_gpu_arguments, bench_gpu.run_gpu),
+    "ray": (bench_ray.add_ray_arguments, bench_ray.run_ray),
 }
 #: the report heading each suite writes under (in its --output file)
 REPORT_HEADINGS: dict[str, str] = {
@@ -343,6 +345,7 @@ REPORT_HEADINGS: dict[str, str] = {
     "prior": "## Prompt-following of the embedded model",
     "methods": "## Nabla-R2D3 vs baselines on the embedded default",
     "gpu": "## On a GPU",
+    "ray": "## Ray Train overhead and data-parallel scaling",
 }
 
 

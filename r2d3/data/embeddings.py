@@ -14,8 +14,9 @@ Rows are stored without the batch padding they were encoded with: trailing posit
 masked *and* all zero are dropped, which is exactly what :meth:`PromptEmbeds.cat` adds back when it
 pads to the longest row. A batch assembled from the cache is therefore the batch the backend would
 have produced (for an encoder whose real-token features do not depend on the rest of the batch, as
-with any masked-attention encoder). Encoders that pad with non-zero features (fixed-length CLIP-style
-ones) keep every position, which is exact as well.
+with any masked-attention encoder; bit for bit when the embeddings were made on the same kind of
+device, within float rounding otherwise). Encoders that pad with non-zero features (fixed-length
+CLIP-style ones) keep every position, which is exact as well.
 
 The fingerprint is the backend name plus a hash of the text encoder's configuration and weights, so
 embeddings made by another encoder are refused with an error naming both fingerprints.
@@ -49,8 +50,9 @@ class EmbeddingMismatchError(ValueError):
 def embedding_schema():
     import pyarrow as pa
 
-    return pa.schema([("prompt", pa.string()), ("tokens", pa.list_(pa.float32())), ("mask", pa.list_(pa.bool_())),
-                      ("length", pa.int32()), ("dim", pa.int32()), ("encoder", pa.string())])
+    return pa.schema([("prompt", pa.string()), ("tokens", pa.list_(pa.float32())),
+                      ("mask", pa.list_(pa.bool_())), ("length", pa.int32()), ("dim", pa.int32()),
+                      ("encoder", pa.string())])
 
 
 def _update_with_tensor(h: "hashlib._Hash", name: str, tensor: torch.Tensor) -> None:
@@ -111,7 +113,8 @@ def encode_batch(backend: Any, prompts: Sequence[object], fingerprint: str | Non
         else:
             good.append(value.strip())
     if problems:
-        log.warning("skipped %d bad prompt rows of %d (first: row %d, %s)", len(problems), len(prompts), *problems[0])
+        log.warning("skipped %d bad prompt rows of %d (first: row %d, %s)", len(problems), len(prompts),
+                    *problems[0])
     if not good:
         return {f.name: pa.array([], f.type) for f in schema}
     fingerprint = fingerprint or encoder_fingerprint(backend)
@@ -121,8 +124,8 @@ def encode_batch(backend: Any, prompts: Sequence[object], fingerprint: str | Non
     lengths = _kept_lengths(PromptEmbeds(tokens, mask))
     dim = tokens.shape[-1]
     keep = torch.arange(tokens.shape[1])[None] < lengths[:, None]  # [B, L]: row-major order matches the lists
-    mask_offsets = np.zeros(len(good) + 1, dtype=np.int32)
-    np.cumsum(lengths.numpy(), out=mask_offsets[1:])
+    mask_offsets = np.zeros(len(good) + 1, dtype=np.int64)
+    mask_offsets[1:] = np.cumsum(lengths.numpy())
     token_values = pa.array(tokens[keep].reshape(-1).numpy(), pa.float32())
     mask_values = pa.array(mask[keep].numpy(), pa.bool_())
     return {
@@ -241,13 +244,13 @@ class EmbeddingCache:
         missing = [p for p, r in zip(prompts, rows) if r is None]
         self.hits += len(prompts) - len(missing)
         self.misses += len(missing)
-        if not prompts or len(missing) == len(prompts):
-            return self.fallback(prompts)
-        if any(p.strip() for p in missing) and not self._warned:
+        if not self._warned and any(p.strip() for p in missing):  # "" (unconditional) is never cached
             self._warned = True
             first = next(p for p in missing if p.strip())
-            log.warning("prompt %r is not in the embeddings at %s: encoding it with the backend (further misses "
-                        "are counted, not logged)", first[:80], self.source)
+            log.warning("prompt %r is not in the embeddings at %s: encoding it with the backend (further "
+                        "misses are counted, not logged)", first[:80], self.source)
+        if not prompts or len(missing) == len(prompts):
+            return self.fallback(prompts)
         fresh = self.fallback(missing) if missing else None
         fresh_tokens = fresh.tokens.detach().cpu() if fresh is not None else None
         fresh_mask = fresh.mask.detach().cpu() if fresh is not None else None
@@ -274,7 +277,8 @@ def _check_table(table) -> str | None:
 
     missing = [c for c in COLUMNS if c not in table.column_names]
     if missing:
-        return f"not an embeddings shard: no {', '.join(missing)} column (written by pipelines/embed_prompts.py?)"
+        return (f"not an embeddings shard: no {', '.join(missing)} column "
+                "(written by pipelines/embed_prompts.py?)")
     if any(table.column(c).null_count for c in COLUMNS):
         return "null cells"
     if not len(table):
@@ -322,19 +326,19 @@ def load_embedding_cache(source: str, backend: Any) -> EmbeddingCache:
             other = sorted(found - {expected})[0]
             raise EmbeddingMismatchError(
                 f"the embeddings in {uri} were made by encoder {other}, but training uses encoder {expected} "
-                f"(backend {backend.name!r}); re-run pipelines/embed_prompts.py with this backend's --backend and "
-                "--weights, or unset data.embeddings")
+                f"(backend {backend.name!r}); re-run pipelines/embed_prompts.py with this backend's "
+                "--backend and --weights, or unset data.embeddings")
         dims = set(pc.unique(table.column("dim")).to_pylist())
         dim = min(dims) if dim is None else dim
         if dims != {dim}:
             raise EmbeddingMismatchError(f"the embeddings in {uri} have feature sizes {sorted(dims)}, "
                                          f"others in {source} have {dim}")
         for offset, prompt in enumerate(table.column("prompt").to_pylist()):
-            index.setdefault(prompt, rows + offset)  # duplicates: the first copy (same encoder, same features)
+            index.setdefault(prompt, rows + offset)  # duplicates: the first copy (same encoder, features)
         rows += len(table)
         lengths.append(table.column("length").to_numpy().astype(np.int64))
         tokens.append(pc.list_flatten(table.column("tokens")).to_numpy().astype(np.float32, copy=False))
-        masks.append(pc.list_flatten(table.column("mask")).to_numpy(zero_copy_only=False).astype(bool, copy=False))
+        masks.append(pc.list_flatten(table.column("mask")).to_numpy(zero_copy_only=False).astype(bool))
     for shard, reason in skipped[len(shards.skipped):]:
         log.warning("skipped embeddings shard %s: %s", shard, reason)
     if not index:
@@ -345,8 +349,9 @@ def load_embedding_cache(source: str, backend: Any) -> EmbeddingCache:
     starts[1:] = torch.cumsum(length, 0)[:-1]
     cache = EmbeddingCache(
         source=source, fingerprint=expected, index=index,
-        tokens=torch.from_numpy(np.concatenate(tokens)).reshape(-1, dim), mask=torch.from_numpy(np.concatenate(masks)),
-        starts=starts, lengths=length, fallback=backend.encode_prompts, skipped_shards=skipped)
+        tokens=torch.from_numpy(np.concatenate(tokens)).reshape(-1, dim),
+        mask=torch.from_numpy(np.concatenate(masks)), starts=starts, lengths=length,
+        fallback=backend.encode_prompts, skipped_shards=skipped)
     probe_prompt = next(iter(index))
     probe = backend.encode_prompts([probe_prompt])
     cache.device, cache.dtype = probe.tokens.device, probe.tokens.dtype
@@ -356,7 +361,7 @@ def load_embedding_cache(source: str, backend: Any) -> EmbeddingCache:
     if fresh.shape[-1] != dim or fresh.shape[1] < n or not torch.allclose(fresh[:, :n], stored.tokens,
                                                                            rtol=1e-3, atol=1e-4):
         raise EmbeddingMismatchError(
-            f"the embeddings in {source} carry this encoder's fingerprint {expected} but do not match its output "
-            f"for {probe_prompt!r} (the encoder code changed?); re-run pipelines/embed_prompts.py")
+            f"the embeddings in {source} carry this encoder's fingerprint {expected} but do not match its "
+            f"output for {probe_prompt!r} (the encoder code changed?); re-run pipelines/embed_prompts.py")
     log.info("%d cached prompt embeddings from %s (encoder %s)", len(cache), source, expected)
     return cache

@@ -56,17 +56,22 @@ def _has_files(uri: str) -> bool:
         return False
     if info.type == pafs.FileType.File:
         return True
-    return any(i.type == pafs.FileType.File for i in fs.get_file_info(pafs.FileSelector(path, recursive=True)))
+    listing = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+    return any(i.type == pafs.FileType.File for i in listing)
 
 
 def _check_paths(source: str, output: str, overwrite: bool) -> None:
     def inside(a: str, b: str) -> bool:
         return a == b or a.startswith(b.rstrip("/") + "/")
 
+    globbed = [source.find(c) for c in "*?[" if c in source]
+    if globbed:  # a glob reads (recursively) below the directory its pattern starts in
+        source = source[: source.rfind("/", 0, min(globbed))]
     if inside(output, source) or inside(source, output):
         raise ValueError(f"output {output} overlaps the input {source}; write the embeddings somewhere else")
     if not overwrite and _has_files(output):
-        raise FileExistsError(f"output {output} is not empty; pass overwrite=True (--overwrite) to replace it")
+        raise FileExistsError(f"output {output} is not empty; pass overwrite=True (--overwrite) to replace "
+                              "its contents")
 
 
 def embed_prompts(source: str, output: str, backend_name: str = "tiny", weights: str | None = None,
@@ -79,8 +84,9 @@ def embed_prompts(source: str, output: str, backend_name: str = "tiny", weights:
     shards), ``embedded``, ``skipped_rows`` (bad cells), plus the encoder fingerprint and the skipped
     shards with their reasons."""
     if actors < 1 or batch_size < 1 or cpus_per_actor < 0 or gpus_per_actor < 0:
-        raise ValueError(f"need actors >= 1, batch_size >= 1 and non-negative resources (got actors={actors}, "
-                         f"batch_size={batch_size}, cpus_per_actor={cpus_per_actor}, gpus_per_actor={gpus_per_actor})")
+        raise ValueError(f"need actors >= 1, batch_size >= 1 and non-negative resources "
+                         f"(got actors={actors}, batch_size={batch_size}, cpus_per_actor={cpus_per_actor}, "
+                         f"gpus_per_actor={gpus_per_actor})")
     source, output = _local_or_uri(source), _local_or_uri(output)
     _check_paths(source, output, overwrite)
     shards = check_shards(source, column)  # PromptSourceError when nothing is readable
