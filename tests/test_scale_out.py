@@ -139,3 +139,37 @@ def test_ray_job_submit_runs_align_on_a_local_cluster(tmp_path, _ray_session):
         assert [h["epoch"] for h in summary["history"]] == [1], f"took {time.time() - t0:.0f} s"
     finally:
         subprocess.run([str(ray_bin), "stop", "--force"], env=env, capture_output=True, timeout=120)
+
+
+@pytest.mark.slow
+def test_a_killed_worker_restarts_from_the_last_checkpoint(tmp_path, ray_local):
+    """FailureConfig: SIGKILL one Train worker mid-run; the group restarts from the last checkpoint and
+    the run finishes with every epoch recorded once."""
+    import signal
+    import threading
+
+    from ray.util.state import list_actors
+
+    from r2d3.config import AlignConfig, build_config
+    from r2d3.ray.train import fit_on_ray
+
+    weights = tiny_weights(tmp_path / "w")
+    config = build_config(AlignConfig, overrides=tiny_args(weights, tmp_path / "runs", "crash") + [
+        "train.epochs=30", "scale.num_workers=1", "scale.cpus_per_worker=1", "scale.max_failures=1",
+        "run.wandb_mode=disabled", "eval.num_prompts=1"])
+    run_dir = tmp_path / "runs" / "crash"
+    result = {}
+    thread = threading.Thread(target=lambda: result.update(r=fit_on_ray(config, run_dir, str(tmp_path / "runs"))))
+    thread.start()
+    deadline = time.time() + 300
+    while not list(run_dir.glob("checkpoint_*")) and time.time() < deadline:  # Ray Train's checkpoint dirs
+        time.sleep(0.5)
+    workers = [a for a in list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])]
+    assert len(workers) == 1, workers
+    os.kill(workers[0].pid, signal.SIGKILL)
+    thread.join(timeout=600)
+    assert result["r"].error is None
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert [h["epoch"] for h in summary["history"]] == list(range(1, 31))
+    dead = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "DEAD")])
+    assert any(a.pid == workers[0].pid for a in dead)

@@ -150,6 +150,11 @@ def train_epoch(worker: Worker, samples: SampleBatch, generator: torch.Generator
     t = worker.config.train
     samples = prepare_batch(worker.algorithm, samples)
     order = torch.randperm(len(samples), generator=generator)
+    # samples dropped for non-finite rewards are replaced by repeats, so every worker takes the same
+    # number of steps (each step all-reduces gradients: a worker with fewer steps would hang the rest)
+    expected = t.sample_batch_size * t.sample_batches_per_epoch
+    if 0 < len(order) < expected:
+        order = order.repeat(math.ceil(expected / len(order)))[:expected]
     batches = [order[i: i + t.train_batch_size] for i in range(0, len(order), t.train_batch_size)]
     sums: dict[str, float] = {}
     count = 0
@@ -284,12 +289,20 @@ def run(config: AlignConfig, session: Session, evaluate_fn=None, on_epoch=None) 
         if train_on is not None:
             metrics = train_epoch(worker, train_on, generator, session, state,
                                   progress=config.run.progress and session.rank == 0)
+            if session.world_size > 1 and metrics:  # loss terms and norms: the mean over workers
+                keys = sorted(metrics)
+                values = torch.tensor([metrics[k] for k in keys], dtype=torch.float64)
+                session.all_reduce_mean_([values])
+                metrics = dict(zip(keys, values.tolist()))
         buffer = samples
         state.epoch = epoch + 1
         if session.world_size > 1:
             metrics["lora_sync_max_diff"] = check_in_sync(worker.params, session)
-        if stream is not None:
-            metrics.update({"data/skipped_prompts": stream.skipped, "data/epochs": stream.data_epochs})
+        if stream is not None:  # bad rows skipped so far, over all workers (each reads its own split)
+            skipped = torch.tensor([float(stream.skipped)], dtype=torch.float64)
+            session.all_reduce_mean_([skipped])
+            metrics.update({"data/skipped_prompts": round(skipped.item() * session.world_size),
+                            "data/epochs": stream.data_epochs})
         reward = samples.rewards.detach().float()
         stats = torch.stack([reward.mean(), reward.std(unbiased=False)])
         session.all_reduce_mean_([stats])
