@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # 1 to 12 words (lengths 2 to 13 with BOS), some with out-of-vocabulary words
 PROMPTS = ["cube", "a red cube", "a blue sphere", "a zorblax", "a small green cone with stripes",
-           "a tall white cylinder and a purple torus with yellow stripes, big and wide and small",
+           "a tall white cylinder and a purple torus with yellow stripes, big and wide",
            *split_prompts("train")[:30:3]]
 UNKNOWN = ["a never seen before prompt with many extra unknown words in it", "sphere", "a red unknownium"]
 
@@ -48,9 +48,13 @@ def write_embeddings(backend, root: Path, batches: list[list]) -> Path:
 
 
 def assert_same(got, want):
+    """Same shape, dtype, mask and zero padding; features equal up to float rounding (the encoder's own
+    output for a prompt moves in the last bits with its batch's padded length, measured <= 5e-7)."""
     assert got.tokens.shape == want.tokens.shape and got.tokens.dtype == want.tokens.dtype
+    assert got.tokens.device == want.tokens.device
     assert torch.equal(got.mask, want.mask)
-    assert torch.equal(got.tokens, want.tokens), (got.tokens - want.tokens).abs().max()
+    assert not got.tokens[~got.mask].any() and not want.tokens[~want.mask].any()
+    torch.testing.assert_close(got.tokens, want.tokens, rtol=0, atol=2e-6)
 
 
 def test_cache_returns_exactly_the_backends_embeddings_for_mixed_lengths(backend, tmp_path):
@@ -123,7 +127,9 @@ def test_training_with_cached_embeddings_matches_the_encoder(weights, tmp_path):
 
     plain = run(config(), LocalSession(tmp_path / "plain"))
     cached = run(config(f"data.embeddings={tmp_path / 'emb'}"), LocalSession(tmp_path / "cached"))
-    assert cached["history"][0]["reward_mean"] == plain["history"][0]["reward_mean"]
+    # equal here; approx because cached features may differ from a fresh encode in the last bit
+    assert cached["history"][0]["reward_mean"] == pytest.approx(plain["history"][0]["reward_mean"], rel=1e-5)
+    assert cached["history"][0]["reward_std"] == pytest.approx(plain["history"][0]["reward_std"], rel=1e-4)
     cache = cached["worker"].ctx.backend.encode_prompts.__self__
     assert isinstance(cache, EmbeddingCache)
     assert cache.hits == 4 and cache.misses == 1  # the sampled prompts; the unconditional "" is not cached
@@ -178,6 +184,7 @@ def test_ray_pipeline_embeds_s3_shards_to_s3_and_training_reads_them(tmp_path, r
     assert counts["rows_in"] == 15 and counts["embedded"] == 13 and counts["skipped_rows"] == 2
     assert [Path(s["shard"]).name for s in counts["skipped_shards"]] == ["shard-003.parquet"]
     assert counts["encoder"] == encoder_fingerprint(backend)
+    assert counts["shards_written"] >= 2  # the small input was split into blocks for both actors
     with s3.open_input_stream("r2d3-embed/emb/_manifest.json") as f:
         manifest = json.loads(f.read())
     assert {k: manifest[k] for k in ("rows_in", "embedded", "skipped_rows", "encoder")} == {

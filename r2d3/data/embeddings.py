@@ -13,10 +13,11 @@ One row per prompt:
 Rows are stored without the batch padding they were encoded with: trailing positions that are
 masked *and* all zero are dropped, which is exactly what :meth:`PromptEmbeds.cat` adds back when it
 pads to the longest row. A batch assembled from the cache is therefore the batch the backend would
-have produced (for an encoder whose real-token features do not depend on the rest of the batch, as
-with any masked-attention encoder; bit for bit when the embeddings were made on the same kind of
-device, within float rounding otherwise). Encoders that pad with non-zero features (fixed-length
-CLIP-style ones) keep every position, which is exact as well.
+have produced: the same shape, mask and zero padding, and the same features up to float rounding
+for a masked-attention encoder (whose real-token features do not depend on the rest of the batch
+mathematically; numerically the tiny encoder's output for a prompt moves by <= 5e-7 with the padded
+length of its batch, so no cache can be bit-identical to every batch). Encoders that pad with
+non-zero features (fixed-length CLIP-style ones) keep every position.
 
 The fingerprint is the backend name plus a hash of the text encoder's configuration and weights, so
 embeddings made by another encoder are refused with an error naming both fingerprints.

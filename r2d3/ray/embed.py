@@ -2,8 +2,9 @@
 Parquet embedding shards (the format of :mod:`r2d3.data.embeddings`) that training reads through
 ``data.embeddings`` instead of running the text encoder on every batch.
 
-    read_parquet(readable shards) -> map_batches(EncoderActor, ActorPoolStrategy(size=actors))
-                                  -> write_parquet(output) -> output/_manifest.json
+    read_parquet(readable shards) -> repartition(whole batches, ~4 blocks per actor)
+        -> map_batches(EncoderActor, ActorPoolStrategy(size=actors)) -> write_parquet(output)
+        -> output/_manifest.json (counts, encoder fingerprint, skipped shards)
 
 Each actor loads the backend once and encodes whole batches; bad prompt cells are skipped (the same
 rules as training), unreadable shards are skipped with a reason, as in training.
@@ -12,6 +13,7 @@ rules as training), unreadable shards are skipped with a reason, as in training.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from pathlib import Path
@@ -74,6 +76,23 @@ def _check_paths(source: str, output: str, overwrite: bool) -> None:
                               "its contents")
 
 
+def _start_ray(actor_cpus: int) -> None:
+    """Join ``RAY_ADDRESS`` (``ray job submit``) or start a local instance. Ray Data's read and write
+    tasks need a CPU beside the actors' or the pipeline stalls, so a local instance gets at least two
+    logical CPUs more than the actors reserve (a 2-core machine with 2 actors: 4)."""
+    if ray.is_initialized():
+        pass
+    elif os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"], configure_logging=False)
+    else:
+        ray.init(num_cpus=max(os.cpu_count() or 1, actor_cpus + 2), configure_logging=False)
+    cpus = ray.cluster_resources().get("CPU", 0)
+    if cpus < actor_cpus + 1:
+        log.warning("the encoder actors reserve %d of the cluster's %g CPUs, leaving none for reading and "
+                    "writing: the pipeline waits until the cluster grows (lower --actors or --cpus-per-actor)",
+                    actor_cpus, cpus)
+
+
 def embed_prompts(source: str, output: str, backend_name: str = "tiny", weights: str | None = None,
                   column: str = "prompt", actors: int = 2, batch_size: int = 256, cpus_per_actor: float = 1.0,
                   gpus_per_actor: float = 0.0, overwrite: bool = False) -> dict[str, Any]:
@@ -88,13 +107,19 @@ def embed_prompts(source: str, output: str, backend_name: str = "tiny", weights:
                          f"(got actors={actors}, batch_size={batch_size}, cpus_per_actor={cpus_per_actor}, "
                          f"gpus_per_actor={gpus_per_actor})")
     source, output = _local_or_uri(source), _local_or_uri(output)
+    if weights is not None and "://" not in weights and Path(weights).expanduser().exists():
+        weights = str(Path(weights).expanduser().resolve())  # actors need not share the driver's cwd
     _check_paths(source, output, overwrite)
     shards = check_shards(source, column)  # PromptSourceError when nothing is readable
     rows_in = parquet_row_count(shards.files)
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"), configure_logging=False)
+    _start_ray(math.ceil(actors * cpus_per_actor))
     start = time.time()
-    ds = ray.data.read_parquet(shards.files, columns=[column])
+    # Prompts are few bytes but much compute: Ray reads small shards as one block, which one actor would
+    # encode alone. Stream them into blocks of whole batches, about four per actor (at most 16 batches a
+    # block, which is also the size of an output file).
+    batches_per_block = min(max(math.ceil(rows_in / (4 * actors * batch_size)), 1), 16)
+    ds = ray.data.read_parquet(shards.files).select_columns([column])
+    ds = ds.repartition(target_num_rows_per_block=batches_per_block * batch_size)
     ds = ds.map_batches(
         EncoderActor,
         fn_constructor_kwargs={"backend_name": backend_name, "weights": weights, "column": column,

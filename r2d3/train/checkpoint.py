@@ -30,7 +30,7 @@ from r2d3.config import AlignConfig, to_dict, to_yaml
 #: options that may change between a run and its resumption without changing what is trained
 RESUMABLE_KEYS = {"run.resume", "run.progress", "run.wandb_mode", "run.log_images_every", "run.output_dir",
                   "run.checkpoint_every", "run.keep_checkpoints", "run.name", "train.epochs", "eval",
-                  "scale", "run.device"}
+                  "scale", "run.device", "data.embeddings", "data.shuffle_buffer"}
 
 
 class CheckpointMismatchError(ValueError):

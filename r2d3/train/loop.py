@@ -101,7 +101,7 @@ def build_worker(config: AlignConfig, scorer: Scorer | None = None, load_prompt_
     device = resolve_device(config.run.device)
     torch.manual_seed(config.run.seed)  # LoRA init: identical on every worker
     backend = load_backend(config.model.backend, weights=config.model.weights, device=str(device))
-    if config.data.embeddings:  # cached prompt embeddings: the same tensors the frozen encoder would return
+    if config.data.embeddings:  # precomputed by pipelines/embed_prompts.py; misses use the encoder
         from r2d3.data.embeddings import load_embedding_cache
 
         backend.encode_prompts = load_embedding_cache(config.data.embeddings, backend).encode
