@@ -25,6 +25,7 @@ from r2d3.algos import AlignContext
 from r2d3.config import AlignConfig, reward_label, to_dict, to_yaml
 from r2d3.data.procedural import PromptParseError, parse_prompt
 from r2d3.data.prompts import load_prompts
+from r2d3.eval.bootstrap import bootstrap_ci
 from r2d3.train import loop
 from r2d3.train.lora import adapters_disabled
 from r2d3.train.session import Session
@@ -35,18 +36,14 @@ EVAL_CHUNK = 16
 
 def heldout_prompts(config: AlignConfig) -> list[str]:
     """``eval.num_prompts`` prompts spread evenly over the held-out source (deterministic)."""
+    from r2d3.eval.job import select_prompts
+
     prompts = load_prompts(config.data.heldout_prompts, config.data.prompt_column).prompts
-    n = min(config.eval.num_prompts, len(prompts))
-    return [prompts[int(i * len(prompts) / n)] for i in range(n)] if n else []
+    return select_prompts(prompts, config.eval.num_prompts)
 
 
-def _bootstrap_ci(values: torch.Tensor, groups: int, draws: int = 1000, seed: int = 0) -> tuple[float, float]:
-    """95 % interval of the mean by resampling prompts (the seeds of one prompt stay together)."""
-    per_prompt = values.view(groups, -1).mean(dim=1)
-    g = torch.Generator().manual_seed(seed)
-    idx = torch.randint(groups, (draws, groups), generator=g)
-    means = per_prompt[idx].mean(dim=1).sort().values
-    return float(means[int(0.025 * draws)]), float(means[int(0.975 * draws) - 1])
+#: 95 % interval of the mean by resampling prompts (shared with the evaluation job, r2d3.eval.bootstrap)
+_bootstrap_ci = bootstrap_ci
 
 
 @torch.no_grad()

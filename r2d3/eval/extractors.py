@@ -1,0 +1,264 @@
+"""Image feature extractors and image–text models for the evaluation metrics, behind one interface.
+
+Every extractor takes channels-first RGB images in [0, 1], ``[N, 3, H, W]`` (renders as they are,
+composited on the background), and returns ``[N, D]`` float features on the CPU; image–text models
+also embed prompts, ``text_features(prompts) -> [N, D]`` in the same space. Specs accepted by
+:func:`load_extractor` (and ``pipelines/evaluate.py --extractor``):
+
+``clip_tiny`` / ``clip_tiny:<dir>``
+    The project's own learned image–text model (:mod:`r2d3.rewards.clip_tiny`, weights shipped in the
+    package; offline). Features are its unit-norm 64-d image embeddings; the text tower embeds prompts.
+    The default on the embedded model. Note that it is also a reward: when the model is aligned to
+    ``clip_tiny`` itself, the prompt–render similarity is the reward and not an independent measure.
+``clip:<dir>``
+    A Hugging Face ``transformers`` CLIP checkpoint saved with ``save_pretrained`` (``config.json``,
+    ``model.safetensors`` or ``pytorch_model.bin``; tokenizer files for the text tower). Images are
+    resized (bicubic, antialiased) to the model's input size and normalised with the processor's
+    mean/std (``preprocessor_config.json`` if present, else CLIP's). Features: unit-norm projected
+    image embeddings.
+``inception:<dir or .pt file>``
+    The TorchScript FID Inception network (``inception-2015-12-05.pt``, as used by StyleGAN2-ADA and
+    clean-fid metrics): called as ``net(uint8 images [N, 3, H, W], return_features=True)``, it resizes
+    internally and returns the 2048-d pool features that standard FID uses. No torchvision needed.
+
+Nothing is ever downloaded: a missing directory or file raises :class:`ExtractorWeightsError` naming
+the path and what to put there.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from r2d3.backends.base import WeightsError
+
+#: CLIP's image normalisation (used when a checkpoint has no preprocessor_config.json)
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+INCEPTION_FILE = "inception-2015-12-05.pt"
+
+
+class ExtractorWeightsError(WeightsError):
+    """An evaluation model's weights are missing or unreadable; the message names the path."""
+
+
+class FeatureExtractor:
+    """``image_features([N, 3, H, W] in [0, 1]) -> [N, D]`` (CPU, float32). ``name`` labels reports."""
+
+    name: str = ""
+    #: True when ``text_features`` exists (image–text models)
+    has_text: bool = False
+
+    def __init__(self, device: str | torch.device = "cpu", batch_size: int = 64):
+        self.device = torch.device(device)
+        self.batch_size = batch_size
+
+    def _image_features(self, images: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def image_features(self, images: Tensor) -> Tensor:
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"expected RGB images [N, 3, H, W], got shape {tuple(images.shape)}")
+        out = [self._image_features(images[i: i + self.batch_size].to(self.device, torch.float32))
+               for i in range(0, images.shape[0], self.batch_size)]
+        return torch.cat(out).float().cpu()
+
+    def text_features(self, prompts: Sequence[str]) -> Tensor:
+        raise TypeError(f"extractor {self.name!r} has no text tower; prompt similarity needs an image–text "
+                        "model (clip_tiny or clip:<dir>)")
+
+
+class ClipTinyExtractor(FeatureExtractor):
+    """The project's clip_tiny dual encoder (shipped weights by default)."""
+
+    has_text = True
+
+    def __init__(self, weights: str | os.PathLike | None = None, device: str | torch.device = "cpu",
+                 batch_size: int = 64):
+        super().__init__(device, batch_size)
+        from r2d3.rewards.clip_tiny import load_clip_tiny
+
+        self.model = load_clip_tiny(weights, self.device)
+        self.name = "clip_tiny" if weights is None else f"clip_tiny:{weights}"
+
+    def _image_features(self, images: Tensor) -> Tensor:
+        return self.model.encode_image(images)
+
+    @torch.no_grad()
+    def text_features(self, prompts: Sequence[str]) -> Tensor:
+        return self.model.encode_text(list(prompts)).float().cpu()
+
+
+def _require_dir(path: Path, kind: str, what: str) -> None:
+    if not path.is_dir():
+        raise ExtractorWeightsError(f"{kind} weights not found: {path} is not a directory. Put {what} there "
+                                    "(this project never downloads weights).")
+
+
+class HFClipExtractor(FeatureExtractor):
+    """A ``transformers`` CLIP model loaded from a local directory (``local_files_only``)."""
+
+    has_text = True
+    WHAT = ("a Hugging Face CLIP checkpoint written by CLIPModel.save_pretrained (config.json and "
+            "model.safetensors or pytorch_model.bin), plus its tokenizer files (tokenizer.json or "
+            "vocab.json + merges.txt) for prompt similarity")
+
+    def __init__(self, path: str | os.PathLike, device: str | torch.device = "cpu", batch_size: int = 64):
+        super().__init__(device, batch_size)
+        self.path = Path(path)
+        self.name = f"clip:{path}"
+        _require_dir(self.path, "CLIP", self.WHAT)
+        weights = [f for f in ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json")
+                   if (self.path / f).is_file()]
+        missing = [f for f in ("config.json",) if not (self.path / f).is_file()]
+        if missing or not weights:
+            missing += [] if weights else ["model.safetensors (or pytorch_model.bin)"]
+            raise ExtractorWeightsError(f"CLIP weights incomplete in {self.path}: missing {', '.join(missing)}. "
+                                        f"Put {self.WHAT} there.")
+        try:
+            from transformers import CLIPModel
+
+            self.model = CLIPModel.from_pretrained(str(self.path), local_files_only=True)
+        except ImportError as err:
+            raise ImportError("clip:<dir> needs the transformers package (pip install 'r2d3[rewards]')") from err
+        except Exception as err:  # corrupt or mismatching files
+            raise ExtractorWeightsError(f"could not load CLIP weights from {self.path} "
+                                        f"({type(err).__name__}: {err})") from err
+        self.model.to(self.device).eval().requires_grad_(False)
+        mean, std = CLIP_MEAN, CLIP_STD
+        pre = self.path / "preprocessor_config.json"
+        if pre.is_file():
+            cfg = json.loads(pre.read_text())
+            mean, std = tuple(cfg.get("image_mean", mean)), tuple(cfg.get("image_std", std))
+        self.mean = torch.tensor(mean, device=self.device).view(1, 3, 1, 1)
+        self.std = torch.tensor(std, device=self.device).view(1, 3, 1, 1)
+        self.size = int(self.model.config.vision_config.image_size)
+        self._tokenizer = None
+
+    @staticmethod
+    def _pooled(out) -> Tensor:
+        # transformers < 5 returns the projected tensor, >= 5 an output object holding it
+        return out if isinstance(out, Tensor) else out.pooler_output
+
+    def _image_features(self, images: Tensor) -> Tensor:
+        x = F.interpolate(images, size=(self.size, self.size), mode="bicubic", antialias=True,
+                          align_corners=False).clamp(0, 1)
+        x = (x - self.mean) / self.std
+        return F.normalize(self._pooled(self.model.get_image_features(pixel_values=x)), dim=-1)
+
+    def tokenizer(self):
+        if self._tokenizer is None:
+            files = ("tokenizer.json", "vocab.json", "tokenizer_config.json")
+            if not any((self.path / f).is_file() for f in files):
+                raise ExtractorWeightsError(f"no CLIP tokenizer files in {self.path} (tokenizer.json or vocab.json "
+                                            "+ merges.txt): save the tokenizer next to the model "
+                                            "(tokenizer.save_pretrained) to score prompt similarity")
+            from transformers import AutoTokenizer
+
+            try:
+                self._tokenizer = AutoTokenizer.from_pretrained(str(self.path), local_files_only=True)
+            except Exception as err:
+                raise ExtractorWeightsError(f"could not load the CLIP tokenizer from {self.path} "
+                                            f"({type(err).__name__}: {err})") from err
+        return self._tokenizer
+
+    @torch.no_grad()
+    def text_features(self, prompts: Sequence[str]) -> Tensor:
+        max_len = int(self.model.config.text_config.max_position_embeddings)
+        tokens = self.tokenizer()(list(prompts), padding=True, truncation=True, max_length=max_len,
+                                  return_tensors="pt")
+        out = self.model.get_text_features(input_ids=tokens["input_ids"].to(self.device),
+                                           attention_mask=tokens["attention_mask"].to(self.device))
+        return F.normalize(self._pooled(out), dim=-1).float().cpu()
+
+
+class InceptionExtractor(FeatureExtractor):
+    """The TorchScript FID Inception network (2048-d pool features), loaded with ``torch.jit.load``."""
+
+    WHAT = (f"the TorchScript FID Inception network {INCEPTION_FILE} (the file StyleGAN2-ADA / clean-fid "
+            "metrics use; fetch it on a machine with internet access)")
+
+    def __init__(self, path: str | os.PathLike, device: str | torch.device = "cpu", batch_size: int = 64):
+        super().__init__(device, batch_size)
+        path = Path(path)
+        self.name = f"inception:{path}"
+        if path.is_dir():
+            candidates = [path / INCEPTION_FILE] if (path / INCEPTION_FILE).is_file() else sorted(path.glob("*.pt"))
+            if len(candidates) != 1:
+                raise ExtractorWeightsError(f"Inception weights not found in {path}: expected {INCEPTION_FILE} "
+                                            f"(or exactly one .pt file). Put {self.WHAT} there.")
+            path = candidates[0]
+        elif not path.is_file():
+            raise ExtractorWeightsError(f"Inception weights not found: {path} does not exist. Put {self.WHAT} "
+                                        "there (a directory holding it, or the file itself).")
+        try:
+            import warnings
+
+            with warnings.catch_warnings():  # TorchScript is deprecated in recent torch, and it is this file's format
+                warnings.simplefilter("ignore", DeprecationWarning)
+                self.model = torch.jit.load(str(path), map_location=self.device).eval()
+        except Exception as err:
+            raise ExtractorWeightsError(f"could not load the Inception network from {path} "
+                                        f"({type(err).__name__}: {err}); expected {self.WHAT}") from err
+        self.path = path
+
+    def _image_features(self, images: Tensor) -> Tensor:
+        x = (images.clamp(0, 1) * 255).round().to(torch.uint8)  # the network takes 8-bit images
+        return self.model(x, return_features=True).float()
+
+
+def load_extractor(spec: str = "clip_tiny", device: str | torch.device = "cpu") -> FeatureExtractor:
+    """Build an extractor from a spec (see the module docstring); unknown kinds list the valid ones."""
+    kind, _, arg = spec.partition(":")
+    if kind == "clip_tiny":
+        return ClipTinyExtractor(arg or None, device)
+    if kind in ("clip", "inception"):
+        if not arg:
+            raise ValueError(f"--extractor {kind} needs a local weights path: {kind}:<dir>")
+        return (HFClipExtractor if kind == "clip" else InceptionExtractor)(arg, device)
+    raise ValueError(f"unknown extractor {spec!r}; valid: clip_tiny, clip_tiny:<dir>, clip:<dir>, inception:<dir>")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# multi-view features and prompt similarity
+
+
+def view_features(extractor: FeatureExtractor, rgb: Tensor) -> Tensor:
+    """Features of every view of every asset: ``[B, V, 3, H, W]`` -> ``[B, V, D]``."""
+    if rgb.ndim != 5:
+        raise ValueError(f"expected multi-view renders [B, V, 3, H, W], got shape {tuple(rgb.shape)}")
+    b, v = rgb.shape[:2]
+    return extractor.image_features(rgb.reshape(b * v, *rgb.shape[2:]).detach().float()).reshape(b, v, -1)
+
+
+def pool_views(features: Tensor) -> Tensor:
+    """Per-asset features: the mean over views, ``[B, V, D]`` -> ``[B, D]``."""
+    return features.mean(dim=1)
+
+
+def prompt_similarity(view_feats: Tensor, text_feats: Tensor) -> Tensor:
+    """Multi-view prompt–render similarity: the cosine similarity between each view's image embedding
+    and its asset's prompt embedding, averaged over views; ``[B, V, D] x [B, D] -> [B]`` in [-1, 1]."""
+    img = F.normalize(view_feats.float(), dim=-1)
+    txt = F.normalize(text_feats.float(), dim=-1)
+    return (img * txt[:, None]).sum(dim=-1).mean(dim=1)
+
+
+__all__ = [
+    "ClipTinyExtractor",
+    "ExtractorWeightsError",
+    "FeatureExtractor",
+    "HFClipExtractor",
+    "InceptionExtractor",
+    "load_extractor",
+    "pool_views",
+    "prompt_similarity",
+    "view_features",
+]
