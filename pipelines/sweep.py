@@ -57,6 +57,9 @@ def main(argv: list[str] | None = None):
     parser.add_argument("--name", help="sweep name; reusing one restores that sweep (default: <space>-<time>)")
     parser.add_argument("--storage", help="where sweeps live: a local directory or s3://bucket/prefix "
                                           "(default: <run.output_dir>/sweeps)")
+    parser.add_argument("--baseline-evaluation", metavar="SUMMARY",
+                        help="the guard's base-model metrics from a pipelines/evaluate.py summary.json (or its "
+                             "directory) on the same held-out prompts, instead of evaluating the base model here")
     parser.add_argument("--retry-errored", action="store_true", help="when restoring, rerun errored trials")
     parser.add_argument("overrides", nargs="*", help="section.key=value for the base config, "
                                                      "sweep.key=value for the sweep settings")
@@ -78,7 +81,7 @@ def main(argv: list[str] | None = None):
     name = args.name or f"{Path(args.space).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     os.environ.setdefault("WANDB_MODE", base.run.wandb_mode)
     start = time.time()
-    outcome = run_sweep(base, params, settings, name, args.storage)
+    outcome = run_sweep(base, params, settings, name, args.storage, args.baseline_evaluation)
     print(f"\nr2d3 sweep {name}: {len(outcome.rows)} trials{' (restored)' if outcome.restored else ''}, "
           f"{time.time() - start:.0f} s\n")
     print(outcome.table)

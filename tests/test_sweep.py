@@ -255,3 +255,21 @@ def test_sweep_end_to_end_and_restore(tmp_path, ray_local):
         assert list(csv.DictReader(f)) == rows
     assert {p: p.stat().st_mtime for p in (sweep_dir / "runs").glob("*/summary.json")} == summaries
     assert yaml.safe_load(again.best_config.read_text()) == yaml.safe_load(first.best_config.read_text())
+
+
+def test_guard_baseline_from_an_evaluation_summary_must_match_the_trials_prompts_and_reward():
+    from r2d3.ray.tune import baseline_from_evaluation
+    from r2d3.train.align_job import heldout_prompts
+
+    config = build_config(AlignConfig, overrides=["eval.num_prompts=4"])
+    summary = {"job": {"reward": config.reward}, "prompts": heldout_prompts(config),
+               "checkpoints": {"base": {"reward_mean": 0.78, "color_ok_mean": 0.9, "shape_ok_mean": 0.6,
+                                        "reward_ci95": [0.7, 0.8]}}}
+    assert baseline_from_evaluation(summary, config) == {"reward_mean": 0.78, "drift_rgb_l2": 0.0,
+                                                         "color_acc": 0.9, "shape_acc": 0.6}
+    with pytest.raises(ValueError, match="other held-out prompts.*--num-prompts 4"):
+        baseline_from_evaluation({**summary, "prompts": summary["prompts"][:3]}, config)
+    with pytest.raises(ValueError, match="scored reward 'clip_tiny'"):
+        baseline_from_evaluation({**summary, "job": {"reward": "clip_tiny"}}, config)
+    with pytest.raises(ValueError, match="no 'base' checkpoint"):
+        baseline_from_evaluation({**summary, "checkpoints": {}}, config)

@@ -470,9 +470,41 @@ def _compute_baseline(payload: dict[str, Any]) -> dict[str, float]:
     return {k: float(v) for k, v in held.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
-def start_baseline(config: AlignConfig, local_dir: Path) -> Any:
+def baseline_from_evaluation(summary: dict[str, Any], config: AlignConfig) -> dict[str, float]:
+    """The base model's metrics from a ``pipelines/evaluate.py`` summary, for the guard.
+
+    Accepted only if that job scored the same held-out prompts with the same reward as the trials'
+    evaluations (``eval.num_prompts`` of ``data.heldout_prompts``); otherwise the guard would compare
+    different things, so the mismatch is an error naming what differs."""
+    from r2d3.train.align_job import heldout_prompts
+
+    job = summary.get("job", {})
+    if "base" not in summary.get("checkpoints", {}):
+        raise ValueError("the evaluation summary has no 'base' checkpoint (run pipelines/evaluate.py with "
+                         "--checkpoints base ...)")
+    if job.get("reward") != config.reward:
+        raise ValueError(f"the evaluation summary scored reward {job.get('reward')!r}, the sweep uses "
+                         f"{config.reward!r}")
+    if summary.get("prompts") != heldout_prompts(config):
+        raise ValueError(f"the evaluation summary used {len(summary.get('prompts', []))} other held-out prompts; "
+                         f"evaluate with --prompts {config.data.heldout_prompts} --num-prompts "
+                         f"{config.eval.num_prompts}")
+    base = summary["checkpoints"]["base"]
+    out = {"reward_mean": float(base["reward_mean"]), "drift_rgb_l2": 0.0}
+    for ours, theirs in (("color_acc", "color_ok_mean"), ("shape_acc", "shape_ok_mean")):
+        if theirs in base:
+            out[ours] = float(base[theirs])
+    return out
+
+
+def start_baseline(config: AlignConfig, local_dir: Path, evaluation: str | None = None) -> Any:
     """``ObjectRef`` of the base model's held-out metrics: cached under ``local_dir/baselines`` or
-    computed by a Ray task with one training worker's resources."""
+    computed by a Ray task with one training worker's resources; or read from the summary of an
+    evaluation job (``evaluation``: its ``summary.json`` or output directory)."""
+    if evaluation is not None:
+        from r2d3.eval.job import load_summary
+
+        return ray.put(baseline_from_evaluation(load_summary(evaluation), config))
     key = baseline_key(config)
     cached = local_dir / "baselines" / f"{key}.json"
     if cached.is_file():
@@ -598,7 +630,7 @@ def _init_ray() -> None:
 
 
 def run_sweep(base: AlignConfig, params: Sequence[Param], settings: SweepSettings, name: str,
-              storage: str | None = None) -> SweepOutcome:
+              storage: str | None = None, baseline_evaluation: str | None = None) -> SweepOutcome:
     """Run (or restore, when ``<storage>/<name>`` holds one) a sweep; write its tables and best config.
 
     ``storage`` (default ``<run.output_dir>/sweeps``): a local path or a URI such as ``s3://b/prefix``
@@ -632,7 +664,7 @@ def run_sweep(base: AlignConfig, params: Sequence[Param], settings: SweepSetting
         doc_path.write_text(yaml.safe_dump(_space_document(params, settings), sort_keys=False))
 
     eval_every = default_eval_every(base, settings)
-    baseline_ref = start_baseline(base, local_dir)
+    baseline_ref = start_baseline(base, local_dir, baseline_evaluation)
     context = {
         "base": to_dict(base), "eval_every": eval_every, "guard": dataclasses.asdict(settings.guard),
         "baseline": [baseline_ref], "baseline_key": baseline_key(base), "local_dir": str(local_dir),
