@@ -1,7 +1,9 @@
-"""Exports for people and other tools: ``.ply`` splats (standard 3DGS layout) and previews
-(multi-view PNG grids, turntable GIF/MP4). Every writer is atomic: a file appears complete or not at all."""
+"""Exports for people and other tools: ``.ply`` splats (standard 3DGS layout), previews (multi-view PNG
+grids, turntable GIF/MP4) and coloured ``.glb`` meshes (opacity-density isosurfaces; needs the ``mesh``
+extra). Every writer is atomic: a file appears complete or not at all."""
 
 from r2d3.export._atomic import ExportPathError, atomic_path, atomic_write_bytes
+from r2d3.export.mesh import DEFAULT_LEVEL, NoSurfaceError, gaussians_to_mesh, load_glb, write_glb
 from r2d3.export.ply import (
     PLY_PROPERTIES,
     SH_C0,
@@ -25,6 +27,8 @@ from r2d3.export.preview import (
 )
 
 __all__ = [
+    "DEFAULT_LEVEL",
+    "NoSurfaceError",
     "ExportPathError",
     "PLY_PROPERTIES",
     "PlyFormatError",
@@ -34,8 +38,10 @@ __all__ = [
     "atomic_write_bytes",
     "encode_gif",
     "encode_ply",
+    "gaussians_to_mesh",
     "encode_png",
     "gaussians_to_ply_array",
+    "load_glb",
     "make_grid",
     "mp4_available",
     "read_ply",
@@ -44,5 +50,6 @@ __all__ = [
     "save_preview_grid",
     "save_turntable",
     "to_uint8",
+    "write_glb",
     "write_ply",
 ]

@@ -21,6 +21,7 @@ from r2d3.render.cameras import (
 )
 from r2d3.render.gaussians import Gaussians, InvalidGaussiansError
 from r2d3.render.inputs import validate_cameras
+from r2d3.render.mesh import MESH_BACKENDS, render_mesh
 from r2d3.render.output import RenderOutput
 from r2d3.render.projection import ProjectedGaussians, project_gaussians
 from r2d3.render.splat import SPLAT_BACKENDS, render_gaussians, select_backend
@@ -29,6 +30,7 @@ __all__ = [
     "Cameras",
     "Gaussians",
     "InvalidGaussiansError",
+    "MESH_BACKENDS",
     "ProjectedGaussians",
     "RenderOutput",
     "SPLAT_BACKENDS",
@@ -39,6 +41,7 @@ __all__ = [
     "orbit_cameras",
     "project_gaussians",
     "render_gaussians",
+    "render_mesh",
     "select_backend",
     "validate_cameras",
 ]
