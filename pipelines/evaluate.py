@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--extractor", default="clip_tiny",
                    help="features for FID/diversity and the image–text model for similarity: clip_tiny "
                         "(shipped, offline), clip_tiny:<dir>, clip:<dir> (transformers CLIP saved locally), "
-                        "inception:<dir> (TorchScript FID Inception); nothing is downloaded")
+                        "vision:<dir> (a transformers image backbone, safetensors); nothing is downloaded")
     p.add_argument("--out", default=None, help="output directory (default: runs/eval-<timestamp>)")
     p.add_argument("--actors", type=int, default=2, help="Ray Data evaluation actors (0: in this process, no Ray)")
     p.add_argument("--batch-size", type=int, default=1, help="prompts per actor call (default: 1)")

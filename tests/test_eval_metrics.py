@@ -158,15 +158,15 @@ def test_missing_weights_raise_clear_errors(tmp_path):
     missing = tmp_path / "nothing-here"
     with pytest.raises(ExtractorWeightsError, match="nothing-here.*CLIPModel.save_pretrained"):
         load_extractor(f"clip:{missing}")
-    with pytest.raises(ExtractorWeightsError, match="nothing-here.*inception-2015-12-05.pt"):
-        load_extractor(f"inception:{missing}")
+    with pytest.raises(ExtractorWeightsError, match="nothing-here.*image backbone"):
+        load_extractor(f"vision:{missing}")
     with pytest.raises(WeightsError, match="nothing-here"):
         load_extractor(f"clip_tiny:{missing}")
     (tmp_path / "empty").mkdir()
     with pytest.raises(ExtractorWeightsError, match="config.json"):
         load_extractor(f"clip:{tmp_path / 'empty'}")
-    with pytest.raises(ExtractorWeightsError, match="inception-2015-12-05.pt"):
-        load_extractor(f"inception:{tmp_path / 'empty'}")
+    with pytest.raises(ExtractorWeightsError, match="missing config.json, model.safetensors"):
+        load_extractor(f"vision:{tmp_path / 'empty'}")
     with pytest.raises(ValueError, match="needs a local weights path"):
         load_extractor("clip")
     with pytest.raises(ValueError, match="unknown extractor"):
@@ -208,29 +208,28 @@ def test_local_clip_extractor_loads_a_saved_model(tmp_path):
     assert text.shape == (2, 8) and torch.allclose(text.norm(dim=-1), torch.ones(2), atol=1e-5)
 
 
-class _FakeInception(torch.nn.Module):
-    """Stands in for the TorchScript FID network: uint8 images in, pooled features out."""
-
-    def __init__(self):
-        super().__init__()
-        self.proj = torch.nn.Linear(3, 5)
-
-    def forward(self, x: torch.Tensor, return_features: bool = False) -> torch.Tensor:
-        f = self.proj(x.float().mean(dim=(2, 3)) / 255.0)
-        return f if return_features else f.softmax(dim=-1)
-
-
-@pytest.mark.filterwarnings("ignore::DeprecationWarning")
-def test_inception_extractor_loads_a_torchscript_network(tmp_path):
-    torch.jit.script(_FakeInception()).save(str(tmp_path / "inception-2015-12-05.pt"))
-    extractor = load_extractor(f"inception:{tmp_path}")
-    feats = extractor.image_features(torch.rand(4, 3, 16, 16))
-    assert feats.shape == (4, 5) and not extractor.has_text
+def test_vision_extractor_loads_a_saved_backbone_from_safetensors_only(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.ViTConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                                    image_size=32, patch_size=8)
+    torch.manual_seed(0)
+    model = transformers.ViTModel(config)
+    model.save_pretrained(tmp_path / "vit")
+    extractor = load_extractor(f"vision:{tmp_path / 'vit'}")
+    images = torch.rand(4, 3, 20, 28)  # any size: resized to the backbone's input
+    feats = extractor.image_features(images)
+    x = torch.nn.functional.interpolate(images, size=(32, 32), mode="bicubic", antialias=True,
+                                        align_corners=False).clamp(0, 1)
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    with torch.no_grad():
+        expected = model.eval()(pixel_values=(x - mean) / std).pooler_output
+    assert feats.shape == (4, 16) and torch.allclose(feats, expected, atol=1e-5) and not extractor.has_text
     with pytest.raises(TypeError, match="no text tower"):
         extractor.text_features(["a red cube"])
-    (tmp_path / "broken.pt").write_bytes(b"not a network")
-    with pytest.raises(ExtractorWeightsError, match="could not load"):
-        load_extractor(f"inception:{tmp_path / 'broken.pt'}")
+    (tmp_path / "vit" / "model.safetensors").rename(tmp_path / "vit" / "pytorch_model.bin")
+    with pytest.raises(ExtractorWeightsError, match="missing model.safetensors"):  # no pickled weights
+        load_extractor(f"vision:{tmp_path / 'vit'}")
 
 
 def test_prompt_selection_and_noise_are_deterministic():

@@ -5,7 +5,7 @@
 - :mod:`r2d3.eval.diversity`: diversity across seeds and drift between two models' samples;
 - :mod:`r2d3.eval.procedural_views`: cached ground-truth renders of procedural objects;
 - :mod:`r2d3.eval.fid`: multi-view FID (Fréchet distance of per-asset pooled image features);
-- :mod:`r2d3.eval.extractors`: feature extractors / image–text models (clip_tiny, local CLIP, Inception);
+- :mod:`r2d3.eval.extractors`: feature extractors / image–text models (clip_tiny, local CLIP, a local vision backbone);
 - :mod:`r2d3.eval.image_stats`: saturation, contrast, background coverage, edge density;
 - :mod:`r2d3.eval.bootstrap`: intervals by resampling prompts;
 - :mod:`r2d3.eval.job` and :mod:`r2d3.eval.report`: the evaluation job's work unit, summary and report

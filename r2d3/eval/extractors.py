@@ -12,15 +12,17 @@ also embed prompts, ``text_features(prompts) -> [N, D]`` in the same space. Spec
     ``clip_tiny`` itself, the prompt–render similarity is the reward and not an independent measure.
 ``clip:<dir>``
     A Hugging Face ``transformers`` CLIP checkpoint saved with ``save_pretrained`` (``config.json``,
-    ``model.safetensors`` or ``pytorch_model.bin``; tokenizer files for the text tower). Images are
+    ``model.safetensors``; tokenizer files for the text tower). Images are
     resized (bicubic, antialiased) to the model's input size and normalised with the processor's
     mean/std (``preprocessor_config.json`` if present, else CLIP's). Features: unit-norm projected
     image embeddings.
-``inception:<dir or .pt file>``
-    The TorchScript FID Inception network (``inception-2015-12-05.pt``, as used by StyleGAN2-ADA and
-    clean-fid metrics): called as ``net(uint8 images [N, 3, H, W], return_features=True)``, it resizes
-    internally and returns the 2048-d pool features that standard FID uses. No torchvision needed.
+``vision:<dir>``
+    Any ``transformers`` image backbone saved with ``save_pretrained`` (a ViT, DINOv2, ConvNeXt, ...:
+    ``config.json`` + ``model.safetensors``): the Inception-style feature network for FID. Images are
+    resized to its input size and normalised (``preprocessor_config.json`` if present, else ImageNet's);
+    features are its pooled output (or the mean of the last hidden states when it has no pooler).
 
+Weights are read from safetensors only (no pickled or TorchScript files, which can carry code).
 Nothing is ever downloaded: a missing directory or file raises :class:`ExtractorWeightsError` naming
 the path and what to put there.
 """
@@ -41,7 +43,8 @@ from r2d3.backends.base import WeightsError
 #: CLIP's image normalisation (used when a checkpoint has no preprocessor_config.json)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-INCEPTION_FILE = "inception-2015-12-05.pt"
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class ExtractorWeightsError(WeightsError):
@@ -102,12 +105,40 @@ def _require_dir(path: Path, kind: str, what: str) -> None:
                                     "(this project never downloads weights).")
 
 
+def _load_pretrained(model_cls, path: Path, kind: str, what: str, device: torch.device):
+    """``model_cls.from_pretrained`` from local safetensors only, with errors that name the path."""
+    _require_dir(path, kind, what)
+    missing = [f for f in ("config.json", "model.safetensors") if not (path / f).is_file()
+               and not (f == "model.safetensors" and (path / "model.safetensors.index.json").is_file())]
+    if missing:
+        raise ExtractorWeightsError(f"{kind} weights incomplete in {path}: missing {', '.join(missing)}. "
+                                    f"Put {what} there.")
+    try:
+        model = model_cls.from_pretrained(str(path), local_files_only=True, use_safetensors=True)
+    except Exception as err:  # corrupt or mismatching files
+        raise ExtractorWeightsError(f"could not load {kind} weights from {path} ({type(err).__name__}: {err})") from err
+    return model.to(device).eval().requires_grad_(False)
+
+
+def _normalisation(path: Path, mean, std, device: torch.device) -> tuple[Tensor, Tensor]:
+    pre = path / "preprocessor_config.json"
+    if pre.is_file():
+        cfg = json.loads(pre.read_text())
+        mean, std = tuple(cfg.get("image_mean", mean)), tuple(cfg.get("image_std", std))
+    return (torch.tensor(mean, device=device).view(1, 3, 1, 1), torch.tensor(std, device=device).view(1, 3, 1, 1))
+
+
+def _model_input(images: Tensor, size: int, mean: Tensor, std: Tensor) -> Tensor:
+    x = F.interpolate(images, size=(size, size), mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
+    return (x - mean) / std
+
+
 class HFClipExtractor(FeatureExtractor):
     """A ``transformers`` CLIP model loaded from a local directory (``local_files_only``)."""
 
     has_text = True
     WHAT = ("a Hugging Face CLIP checkpoint written by CLIPModel.save_pretrained (config.json and "
-            "model.safetensors or pytorch_model.bin), plus its tokenizer files (tokenizer.json or "
+            "model.safetensors), plus its tokenizer files (tokenizer.json or "
             "vocab.json + merges.txt) for prompt similarity")
 
     def __init__(self, path: str | os.PathLike, device: str | torch.device = "cpu", batch_size: int = 64):
@@ -115,30 +146,10 @@ class HFClipExtractor(FeatureExtractor):
         self.path = Path(path)
         self.name = f"clip:{path}"
         _require_dir(self.path, "CLIP", self.WHAT)
-        weights = [f for f in ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json")
-                   if (self.path / f).is_file()]
-        missing = [f for f in ("config.json",) if not (self.path / f).is_file()]
-        if missing or not weights:
-            missing += [] if weights else ["model.safetensors (or pytorch_model.bin)"]
-            raise ExtractorWeightsError(f"CLIP weights incomplete in {self.path}: missing {', '.join(missing)}. "
-                                        f"Put {self.WHAT} there.")
-        try:
-            from transformers import CLIPModel
+        from transformers import CLIPModel
 
-            self.model = CLIPModel.from_pretrained(str(self.path), local_files_only=True)
-        except ImportError as err:
-            raise ImportError("clip:<dir> needs the transformers package (pip install 'r2d3[rewards]')") from err
-        except Exception as err:  # corrupt or mismatching files
-            raise ExtractorWeightsError(f"could not load CLIP weights from {self.path} "
-                                        f"({type(err).__name__}: {err})") from err
-        self.model.to(self.device).eval().requires_grad_(False)
-        mean, std = CLIP_MEAN, CLIP_STD
-        pre = self.path / "preprocessor_config.json"
-        if pre.is_file():
-            cfg = json.loads(pre.read_text())
-            mean, std = tuple(cfg.get("image_mean", mean)), tuple(cfg.get("image_std", std))
-        self.mean = torch.tensor(mean, device=self.device).view(1, 3, 1, 1)
-        self.std = torch.tensor(std, device=self.device).view(1, 3, 1, 1)
+        self.model = _load_pretrained(CLIPModel, self.path, "CLIP", self.WHAT, self.device)
+        self.mean, self.std = _normalisation(self.path, CLIP_MEAN, CLIP_STD, self.device)
         self.size = int(self.model.config.vision_config.image_size)
         self._tokenizer = None
 
@@ -148,9 +159,7 @@ class HFClipExtractor(FeatureExtractor):
         return out if isinstance(out, Tensor) else out.pooler_output
 
     def _image_features(self, images: Tensor) -> Tensor:
-        x = F.interpolate(images, size=(self.size, self.size), mode="bicubic", antialias=True,
-                          align_corners=False).clamp(0, 1)
-        x = (x - self.mean) / self.std
+        x = _model_input(images, self.size, self.mean, self.std)
         return F.normalize(self._pooled(self.model.get_image_features(pixel_values=x)), dim=-1)
 
     def tokenizer(self):
@@ -179,39 +188,27 @@ class HFClipExtractor(FeatureExtractor):
         return F.normalize(self._pooled(out), dim=-1).float().cpu()
 
 
-class InceptionExtractor(FeatureExtractor):
-    """The TorchScript FID Inception network (2048-d pool features), loaded with ``torch.jit.load``."""
+class VisionExtractor(FeatureExtractor):
+    """Pooled features of a ``transformers`` image backbone loaded from a local directory."""
 
-    WHAT = (f"the TorchScript FID Inception network {INCEPTION_FILE} (the file StyleGAN2-ADA / clean-fid "
-            "metrics use; fetch it on a machine with internet access)")
+    WHAT = ("an image backbone written by save_pretrained (config.json and model.safetensors; e.g. a ViT or "
+            "DINOv2 saved on a machine with internet access)")
 
     def __init__(self, path: str | os.PathLike, device: str | torch.device = "cpu", batch_size: int = 64):
         super().__init__(device, batch_size)
-        path = Path(path)
-        self.name = f"inception:{path}"
-        if path.is_dir():
-            candidates = [path / INCEPTION_FILE] if (path / INCEPTION_FILE).is_file() else sorted(path.glob("*.pt"))
-            if len(candidates) != 1:
-                raise ExtractorWeightsError(f"Inception weights not found in {path}: expected {INCEPTION_FILE} "
-                                            f"(or exactly one .pt file). Put {self.WHAT} there.")
-            path = candidates[0]
-        elif not path.is_file():
-            raise ExtractorWeightsError(f"Inception weights not found: {path} does not exist. Put {self.WHAT} "
-                                        "there (a directory holding it, or the file itself).")
-        try:
-            import warnings
+        from transformers import AutoModel
 
-            with warnings.catch_warnings():  # TorchScript is deprecated in recent torch, and it is this file's format
-                warnings.simplefilter("ignore", DeprecationWarning)
-                self.model = torch.jit.load(str(path), map_location=self.device).eval()
-        except Exception as err:
-            raise ExtractorWeightsError(f"could not load the Inception network from {path} "
-                                        f"({type(err).__name__}: {err}); expected {self.WHAT}") from err
-        self.path = path
+        self.path = Path(path)
+        self.name = f"vision:{path}"
+        self.model = _load_pretrained(AutoModel, self.path, "vision backbone", self.WHAT, self.device)
+        self.mean, self.std = _normalisation(self.path, IMAGENET_MEAN, IMAGENET_STD, self.device)
+        size = getattr(self.model.config, "image_size", 224)
+        self.size = int(size[0] if isinstance(size, (list, tuple)) else size)
 
     def _image_features(self, images: Tensor) -> Tensor:
-        x = (images.clamp(0, 1) * 255).round().to(torch.uint8)  # the network takes 8-bit images
-        return self.model(x, return_features=True).float()
+        out = self.model(pixel_values=_model_input(images, self.size, self.mean, self.std))
+        pooled = getattr(out, "pooler_output", None)
+        return (pooled if pooled is not None else out.last_hidden_state.mean(dim=1)).flatten(1)
 
 
 def load_extractor(spec: str = "clip_tiny", device: str | torch.device = "cpu") -> FeatureExtractor:
@@ -219,11 +216,11 @@ def load_extractor(spec: str = "clip_tiny", device: str | torch.device = "cpu") 
     kind, _, arg = spec.partition(":")
     if kind == "clip_tiny":
         return ClipTinyExtractor(arg or None, device)
-    if kind in ("clip", "inception"):
+    if kind in ("clip", "vision"):
         if not arg:
             raise ValueError(f"--extractor {kind} needs a local weights path: {kind}:<dir>")
-        return (HFClipExtractor if kind == "clip" else InceptionExtractor)(arg, device)
-    raise ValueError(f"unknown extractor {spec!r}; valid: clip_tiny, clip_tiny:<dir>, clip:<dir>, inception:<dir>")
+        return (HFClipExtractor if kind == "clip" else VisionExtractor)(arg, device)
+    raise ValueError(f"unknown extractor {spec!r}; valid: clip_tiny, clip_tiny:<dir>, clip:<dir>, vision:<dir>")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -256,7 +253,7 @@ __all__ = [
     "ExtractorWeightsError",
     "FeatureExtractor",
     "HFClipExtractor",
-    "InceptionExtractor",
+    "VisionExtractor",
     "load_extractor",
     "pool_views",
     "prompt_similarity",
