@@ -1,0 +1,148 @@
+"""Asset regeneration as a streaming Ray Data job.
+
+    from_items(missing (checkpoint, prompt, seed) items) -> map_batches(RegenActor, ActorPoolStrategy)
+        -> rows streamed back to the driver (progress) -> errors.parquet, gallery.html, manifest.parquet
+
+Each :class:`RegenActor` builds the backend (with every checkpoint's LoRA) and the rewards once, then
+writes each asset's files and ``done.json`` itself (:class:`r2d3.regenerate.AssetWorker`); only small
+rows travel back. ``actors=0`` runs the same code in this process without Ray. Finished assets (the
+manifest plus ``done.json`` markers) are skipped, so a rerun or a resumed run only does what is missing,
+and the manifest is rewritten from scratch from all finished rows — never appended to.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from typing import Any, Sequence
+
+from r2d3.regenerate import (ERRORS, GALLERY, MANIFEST, AssetWorker, RegenSettings, Store, _reward_name,
+                             error_schema, finished_rows, manifest_schema, row_key, rows_to_table, sort_rows)
+
+log = logging.getLogger(__name__)
+
+
+class RegenActor:
+    """One :class:`~r2d3.regenerate.AssetWorker` per actor process."""
+
+    def __init__(self, settings: RegenSettings):
+        import dataclasses
+
+        import ray
+        import torch
+
+        torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1") or 1)))
+        if settings.device == "auto":  # a GPU only when Ray gave this actor one
+            use_gpu = bool(ray.get_gpu_ids()) and torch.cuda.is_available()
+            settings = dataclasses.replace(settings, device="cuda" if use_gpu else "cpu")
+        self.worker = AssetWorker(settings)
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
+        import json
+
+        rows = self.worker(batch)
+        return {"row": [json.dumps(r) for r in rows]}  # one string column: rows differ in their keys
+
+
+class _Progress:
+    def __init__(self, total: int, enabled: bool):
+        self.total, self.done, self.failed, self.enabled = total, 0, 0, enabled
+        self.start = time.time()
+        self.last = 0.0
+
+    def update(self, row: dict[str, Any]) -> None:
+        self.done += 1
+        self.failed += bool(row.get("error"))
+        now = time.time()
+        if self.enabled and (now - self.last > 2 or self.done == self.total):
+            self.last = now
+            rate = self.done / max(now - self.start, 1e-9) * 60
+            print(f"\rregenerate: {self.done}/{self.total} assets ({self.failed} failed), {rate:.1f} assets/min",
+                  end="\n" if self.done == self.total else "", file=sys.stderr, flush=True)
+
+
+def run_items(settings: RegenSettings, items: list[dict[str, Any]], actors: int = 2, batch_size: int = 1,
+              cpus_per_actor: float = 1.0, gpus_per_actor: float = 0.0, progress: bool = True):
+    """Yield one row per item as it finishes (streaming), on Ray Data or in-process when ``actors == 0``."""
+    import json
+
+    bar = _Progress(len(items), progress)
+    if not items:
+        return
+    if actors == 0:
+        worker = AssetWorker(settings)
+        for it in items:
+            row = worker.process(it["checkpoint"], it["prompt"], it["seed"])
+            bar.update(row)
+            yield row
+        return
+    import ray
+    import ray.data
+
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS"), configure_logging=False)
+    ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 4 * actors)))
+    ds = ds.map_batches(
+        RegenActor, fn_constructor_kwargs={"settings": settings}, batch_size=batch_size,
+        compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=cpus_per_actor,
+        **({"num_gpus": gpus_per_actor} if gpus_per_actor > 0 else {}),
+    )
+    for rec in ds.iter_rows():
+        row = json.loads(rec["row"])
+        bar.update(row)
+        yield row
+
+
+def run_regeneration(settings: RegenSettings, prompts: Sequence[str], seeds: Sequence[int], *,
+                     bad_prompts: Sequence[dict[str, Any]] = (), actors: int = 2, batch_size: int = 1,
+                     cpus_per_actor: float = 1.0, gpus_per_actor: float = 0.0, progress: bool = True,
+                     gallery: bool = True, max_items: int | None = None) -> dict[str, Any]:
+    """Generate every missing (checkpoint, prompt, seed) asset, then write ``errors.parquet``,
+    ``gallery.html`` and, last, ``manifest.parquet`` under ``settings.out``; returns a summary.
+    ``max_items`` stops after that many new assets (a partial run; the next run resumes)."""
+    if actors < 0 or batch_size < 1 or cpus_per_actor < 0 or gpus_per_actor < 0:
+        raise ValueError(f"need actors >= 0, batch_size >= 1 and non-negative resources (got actors={actors}, "
+                         f"batch_size={batch_size}, cpus_per_actor={cpus_per_actor}, gpus_per_actor={gpus_per_actor})")
+    if len(set(seeds)) != len(seeds) or not seeds:
+        raise ValueError(f"need at least one seed and no repeats, got {list(seeds)}")
+    store = Store(settings.out)
+    names = [c.name for c in settings.checkpoints]
+    prompts = list(dict.fromkeys(prompts))  # a prompt listed twice is one asset
+    done = finished_rows(store)
+    wanted = [{"checkpoint": c, "prompt": p, "seed": int(s)} for c in names for p in prompts for s in seeds]
+    todo = [it for it in wanted if (settings.ids[it["checkpoint"]], it["prompt"], it["seed"]) not in done]
+    skipped = len(wanted) - len(todo)
+    todo = todo[:max_items] if max_items is not None else todo
+    log.info("regenerate: %d assets wanted, %d finished already, %d to make", len(wanted), len(wanted) - len(todo),
+             len(todo))
+    start = time.time()
+    errors = [{"stage": "prompt", **b} for b in bad_prompts]
+    made = 0
+    for row in run_items(settings, todo, actors, batch_size, cpus_per_actor, gpus_per_actor, progress):
+        if row.get("error"):
+            errors.append({"stage": "asset", "source": None, "row": None, "checkpoint": row["checkpoint"],
+                           "prompt": row["prompt"], "seed": row["seed"], "reason": row["error"],
+                           "traceback": row.get("traceback")})
+        else:
+            done[row_key(row)] = row
+            made += 1
+    seconds = time.time() - start
+    wanted_keys = {(settings.ids[it["checkpoint"]], it["prompt"], it["seed"]) for it in wanted}
+    rows = sort_rows([r for k, r in done.items() if k in wanted_keys], names, prompts, seeds)
+    extra = [_reward_name(r) for r in settings.rewards[1:]]
+    schema = manifest_schema(extra)
+    store.write_table(ERRORS, rows_to_table(errors, error_schema()))
+    if gallery:
+        from r2d3.export.gallery import gallery_html
+
+        store.write_bytes(GALLERY, gallery_html(rows, names, title=f"r2d3 regeneration: {', '.join(names)}",
+                                                score_keys=["reward", *[f"reward_{e}" for e in extra]]).encode())
+    store.write_table(MANIFEST, rows_to_table(rows, schema))  # committed last
+    return {"out": settings.out, "wanted": len(wanted), "made": made, "skipped": skipped,
+            "manifest_rows": len(rows), "errors": len(errors), "seconds": round(seconds, 3),
+            "assets_per_min": round(made / max(seconds, 1e-9) * 60, 2) if made else 0.0}
+
+
+__all__ = ["RegenActor", "run_items", "run_regeneration"]

@@ -1,0 +1,400 @@
+"""The nightly asset regeneration job's Ray-free parts: output storage (local or ``s3://``), checkpoint
+ids, the per-asset work (sample -> Gaussians -> ``.ply`` / ``.glb`` / preview / turntable -> scores) and
+the manifest. :mod:`r2d3.ray.regenerate` runs the per-asset work on Ray Data; ``actors=0`` runs the same
+code in this process.
+
+Output layout (``out`` is a local directory or an ``s3://bucket/prefix``)::
+
+    <out>/<checkpoint_id>/<prompt_hash>/<seed>/asset.ply      3DGS layout (r2d3.export.write_ply)
+                                               mesh.glb       vertex-coloured mesh (r2d3.export.mesh)
+                                               preview.png    the render views side by side
+                                               turntable.gif
+                                               done.json      the asset's manifest row, written last
+    <out>/errors.parquet    one row per bad prompt / failed asset: what, where and why
+    <out>/gallery.html      static page, relative image paths (r2d3.export.gallery)
+    <out>/manifest.parquet  one row per (checkpoint_id, prompt, seed), committed last
+
+Reliability: every file is written atomically (temporary name + rename locally; one PUT per object on
+S3, which is all-or-nothing). An asset counts as finished only once its ``done.json`` exists, and that is
+written after its files. A rerun reads ``manifest.parquet`` plus every ``done.json`` and only works on
+the missing keys, so a killed run resumes to the same manifest as an uninterrupted one and reruns never
+duplicate rows. Each asset is computed alone from noise seeded by ``noise_seed(prompt, seed)`` (the
+evaluation job's scheme, :mod:`r2d3.eval.job`), so results do not depend on batching or on resumption.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import logging
+import os
+import re
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from r2d3.config import AlignConfig, RenderConfig, SamplerConfig
+from r2d3.eval.job import BASE, CheckpointSpec, initial_noise, noise_seed, resolve_checkpoint
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.parquet"
+ERRORS = "errors.parquet"
+GALLERY = "gallery.html"
+DONE = "done.json"
+#: per-asset score columns besides ``reward`` and the extra rewards (``reward_<label>``)
+METRICS = ("saturation", "contrast", "background_coverage", "edge_density", "color_ok", "shape_ok")
+FILES = ("ply", "glb", "preview", "turntable")
+FILE_NAMES = {"ply": "asset.ply", "glb": "mesh.glb", "preview": "preview.png", "turntable": "turntable.gif"}
+TIMINGS = ("t_sample_s", "t_export_s", "t_score_s", "t_total_s")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# storage
+
+
+class Store:
+    """Files under a root that is a local directory or an ``s3://bucket/prefix`` (pyarrow filesystems;
+    S3 endpoint and credentials from the standard ``AWS_*`` variables). Paths are relative, ``/``-separated."""
+
+    def __init__(self, root: str | os.PathLike):
+        import pyarrow.fs as pafs
+
+        root = str(root)
+        self.uri = root.rstrip("/")
+        self.is_s3 = root.startswith("s3://")
+        if self.is_s3:
+            self.fs, self.base = pafs.FileSystem.from_uri(self.uri)
+        else:
+            self.fs, self.base = pafs.LocalFileSystem(), str(Path(root).expanduser().resolve())
+
+    def __getstate__(self):  # pyarrow filesystems are rebuilt in each process
+        return {"uri": self.uri}
+
+    def __setstate__(self, state):
+        self.__init__(state["uri"])
+
+    def full(self, rel: str) -> str:
+        return f"{self.base}/{rel}" if rel else self.base
+
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        if self.is_s3:
+            with self.fs.open_output_stream(self.full(rel)) as f:  # one PUT: the object appears whole or not
+                f.write(data)
+        else:
+            from r2d3.export import atomic_write_bytes
+
+            atomic_write_bytes(self.full(rel), data)
+
+    def read_bytes(self, rel: str) -> bytes:
+        with self.fs.open_input_stream(self.full(rel)) as f:
+            return f.read()
+
+    def exists(self, rel: str) -> bool:
+        import pyarrow.fs as pafs
+
+        return self.fs.get_file_info(self.full(rel)).type == pafs.FileType.File
+
+    def find(self, name: str) -> list[str]:
+        """Relative paths of every file called ``name`` below the root."""
+        import pyarrow.fs as pafs
+
+        if self.fs.get_file_info(self.base).type == pafs.FileType.NotFound:
+            return []
+        infos = self.fs.get_file_info(pafs.FileSelector(self.base, recursive=True, allow_not_found=True))
+        return sorted(i.path[len(self.base) + 1:] for i in infos
+                      if i.type == pafs.FileType.File and i.path.rsplit("/", 1)[-1] == name)
+
+    def write_table(self, rel: str, table) -> None:
+        import pyarrow.parquet as pq
+
+        buf = io.BytesIO()
+        pq.write_table(table, buf)
+        self.write_bytes(rel, buf.getvalue())
+
+    def read_table(self, rel: str):
+        import pyarrow.parquet as pq
+
+        return pq.read_table(io.BytesIO(self.read_bytes(rel)))
+
+
+def localize(uri: str, cache: str | os.PathLike | None = None) -> str:
+    """A local path for ``uri``: itself when local; an ``s3://`` checkpoint directory or
+    ``lora.safetensors`` (with its ``config.yaml``) is downloaded into ``cache`` (default: a folder in the
+    temporary directory), replacing an earlier copy atomically."""
+    if not uri.startswith("s3://"):
+        return uri
+    import pyarrow.fs as pafs
+
+    fs, path = pafs.FileSystem.from_uri(uri.rstrip("/"))
+    info = fs.get_file_info(path)
+    directory = path.rsplit("/", 1)[0] if info.type == pafs.FileType.File else path
+    if fs.get_file_info(f"{directory}/lora.safetensors").type != pafs.FileType.File:
+        raise FileNotFoundError(f"checkpoint not found: {uri} (no lora.safetensors there)")
+    digest = hashlib.sha256(uri.encode()).hexdigest()[:12]
+    local = Path(cache or Path(tempfile.gettempdir()) / "r2d3-checkpoints") / digest / directory.rsplit("/", 1)[-1]
+    for name in ("lora.safetensors", "config.yaml"):
+        src = f"{directory}/{name}"
+        if fs.get_file_info(src).type != pafs.FileType.File:
+            continue  # always fetched again: an object rewritten under the same URI must not be served stale
+        with fs.open_input_stream(src) as f:
+            data = f.read()
+        from r2d3.export import atomic_write_bytes
+
+        atomic_write_bytes(local / name, data)
+    return str(local)
+
+
+def resolve(arg: str, cache: str | os.PathLike | None = None) -> CheckpointSpec:
+    """:func:`r2d3.eval.job.resolve_checkpoint` that also accepts ``s3://`` checkpoints (``LABEL=s3://...``
+    too); the name of an S3 checkpoint is its last two path components, like a local one."""
+    label, sep, rest = arg.partition("=")
+    if sep and label and "/" not in label and rest.startswith("s3://"):
+        return dataclasses.replace(resolve(rest, cache), name=label)
+    if arg.startswith("s3://"):
+        spec = resolve_checkpoint(localize(arg, cache))
+        parts = arg.rstrip("/").split("/")
+        parts = parts[:-1] if parts[-1] == "lora.safetensors" else parts
+        return dataclasses.replace(spec, name="/".join(parts[-2:]))
+    return resolve_checkpoint(arg)
+
+
+def checkpoint_id(spec: CheckpointSpec, generation: str = "") -> str:
+    """A filesystem-safe id that changes when the weights do: ``base`` or ``<name>-<sha256[:10]>``,
+    suffixed with ``generation`` (:func:`generation_key`) so assets made with other settings are never
+    mistaken for finished ones."""
+    suffix = f"-{generation}" if generation else ""
+    if spec.is_base:
+        return BASE + suffix
+    digest = hashlib.sha256((Path(spec.path) / "lora.safetensors").read_bytes()).hexdigest()[:10]
+    return f"{slug(spec.name)}-{digest}{suffix}"
+
+
+def generation_key(settings: dict[str, Any]) -> str:
+    """Short hash of what makes an asset (backend, weights, sampler, render, mesh/turntable options)."""
+    import json
+
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:8]
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_")[:60] or "x"
+
+
+def prompt_hash(prompt: str) -> str:
+    return hashlib.sha256(prompt.encode()).hexdigest()[:16]
+
+
+def asset_dir(ckpt_id: str, prompt: str, seed: int) -> str:
+    return f"{ckpt_id}/{prompt_hash(prompt)}/{int(seed)}"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# settings and the per-asset worker
+
+
+@dataclass
+class RegenSettings:
+    """Everything a worker needs besides the work items (picklable)."""
+
+    out: str
+    checkpoints: list[CheckpointSpec]
+    ids: dict[str, str]  # checkpoint name -> checkpoint id
+    sources: dict[str, str] = field(default_factory=dict)  # checkpoint name -> the URI it was given as
+    backend: str = "tiny"
+    weights: str | None = None
+    rewards: list[Any] = field(default_factory=lambda: [AlignConfig().reward])  # the first is ``reward``
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    render: RenderConfig = field(default_factory=RenderConfig)
+    device: str = "cpu"
+    turntable_frames: int = 12
+    turntable_size: int = 96
+    mesh: bool = True
+    mesh_resolution: int = 64
+
+
+def _reward_name(spec: Any) -> str:
+    from r2d3.config import reward_label
+
+    return slug(reward_label(spec))
+
+
+class AssetWorker:
+    """Builds the models and rewards once; ``process`` turns one ``(checkpoint, prompt, seed)`` into
+    files and a manifest row (or an error row); calling it on a batch of items returns all rows."""
+
+    def __init__(self, settings: RegenSettings):
+        from r2d3.eval.job import ModelBank, _device
+        from r2d3.rewards import build_reward
+
+        self.settings = settings
+        self.device = _device(settings.device)
+        specs = []
+        for spec in settings.checkpoints:  # an S3 checkpoint may not be on this node yet
+            if not spec.is_base and not (Path(spec.path) / "lora.safetensors").is_file():
+                spec = dataclasses.replace(spec, path=localize(settings.sources[spec.name]))
+            specs.append(spec)
+        self.specs = {s.name: s for s in specs}
+        self.bank = ModelBank(settings.backend, settings.weights, self.device, specs)
+        self.rewards = [build_reward(r) for r in settings.rewards]
+        for fn in self.rewards:
+            if isinstance(fn, torch.nn.Module):
+                fn.to(self.device).requires_grad_(False)
+        self.store = Store(settings.out)
+        self._contexts: dict[int, Any] = {}
+
+    def _context(self, backend):
+        from r2d3.algos import AlignContext
+        from r2d3.diffusion import StochasticSampler, scheduler_from_config
+
+        if id(backend) not in self._contexts:
+            s = self.settings.sampler
+            sampler = StochasticSampler(scheduler_from_config(backend.scheduler_config, kind=s.kind), s.num_steps,
+                                        eta=s.eta)
+            self._contexts[id(backend)] = AlignContext(backend, sampler, self.rewards[0], self.settings.render,
+                                                       s.guidance_scale, backend.encode_prompts([""]))
+        return self._contexts[id(backend)]
+
+    @torch.no_grad()
+    def _make(self, spec: CheckpointSpec, prompt: str, seed: int) -> dict[str, Any]:
+        from r2d3.data.procedural import PromptParseError, parse_prompt
+        from r2d3.eval.image_stats import image_stats
+        from r2d3.eval.prompt_following import prompt_following
+        from r2d3.export import encode_gif, encode_ply, encode_png, make_grid, render_turntable
+        from r2d3.train.align_job import sample_and_render
+
+        s = self.settings
+        ckpt_id = s.ids[spec.name]
+        where = asset_dir(ckpt_id, prompt, seed)
+        t0 = time.perf_counter()
+        backend, disable = self.bank.backend_for(spec)
+        noise = initial_noise([noise_seed(prompt, seed)], s.sampler.num_steps, backend.latent_shape)
+        latents, rewards, render = sample_and_render(self._context(backend), [prompt], noise, base=disable)
+        on_device = backend.decode(latents)[0:1]  # one asset, rendered where it was sampled
+        gaussians = on_device.detach().to(torch.device("cpu"))
+        t1 = time.perf_counter()
+        rgb = render.rgb.float().cpu()
+        frames = render_turntable(on_device, num_frames=s.turntable_frames, size=s.turntable_size)
+        files = {"ply": encode_ply(gaussians), "preview": encode_png(make_grid(rgb[0], row_labels=[prompt])),
+                 "turntable": encode_gif(frames.float().cpu(), fps=8)}
+        if s.mesh:
+            files["glb"] = self._glb(gaussians)
+        paths = {}
+        for kind, data in files.items():
+            rel = f"{where}/{FILE_NAMES[kind]}"
+            self.store.write_bytes(rel, data)
+            paths[f"{kind}_path"] = rel
+        t2 = time.perf_counter()
+        scores: dict[str, Any] = {"reward": float(rewards[0])}
+        for spec_r, fn in zip(s.rewards[1:], self.rewards[1:]):
+            scores[f"reward_{_reward_name(spec_r)}"] = float(fn(render, [prompt])[0])
+        scores.update({k: float(v[0]) for k, v in image_stats(render).items()})
+        try:
+            parse_prompt(prompt)
+            pf = prompt_following(render, [prompt])["per_sample"][0]
+            scores["color_ok"], scores["shape_ok"] = float(pf["color_ok"]), float(pf["shape_ok"])
+        except PromptParseError:  # free text: only the grammar's prompts can be graded
+            scores["color_ok"] = scores["shape_ok"] = None
+        t3 = time.perf_counter()
+        return {**scores, **paths, "t_sample_s": t1 - t0, "t_export_s": t2 - t1, "t_score_s": t3 - t2,
+                "t_total_s": t3 - t0}
+
+    def _glb(self, gaussians) -> bytes:
+        from r2d3.export.mesh import gaussians_to_mesh, write_glb
+
+        mesh = gaussians_to_mesh(gaussians, resolution=self.settings.mesh_resolution)
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "mesh.glb"
+            write_glb(mesh, path)
+            return path.read_bytes()
+
+    def process(self, checkpoint: str, prompt: str, seed: int) -> dict[str, Any]:
+        """The manifest row of one asset (written to its ``done.json``), or an error row (``error`` set)."""
+        spec = self.specs[checkpoint]
+        key = {"checkpoint": checkpoint, "checkpoint_id": self.settings.ids[checkpoint], "prompt": prompt,
+               "prompt_hash": prompt_hash(prompt), "seed": int(seed), "noise_seed": noise_seed(prompt, int(seed))}
+        try:
+            row = {**key, **self._make(spec, prompt, int(seed)), "error": None}
+        except Exception as err:  # one bad asset must not end a nightly run
+            log.warning("asset %s / %r / seed %s failed: %s", checkpoint, prompt, seed, err)
+            return {**key, "error": f"{type(err).__name__}: {err}",
+                    "traceback": "".join(traceback.format_exception(err))[-4000:]}
+        self.store.write_bytes(f"{asset_dir(key['checkpoint_id'], prompt, seed)}/{DONE}",
+                               json.dumps(row).encode())  # last: the asset is finished
+        return row
+
+    def __call__(self, batch: dict[str, Any]) -> list[dict[str, Any]]:
+        return [self.process(str(c), str(p), int(s))
+                for c, p, s in zip(batch["checkpoint"], batch["prompt"], batch["seed"])]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# manifest, errors and resumption
+
+
+def manifest_schema(extra_rewards: Sequence[str] = ()):
+    import pyarrow as pa
+
+    fields = [("checkpoint", pa.string()), ("checkpoint_id", pa.string()), ("prompt", pa.string()),
+              ("prompt_hash", pa.string()), ("seed", pa.int64()), ("noise_seed", pa.int64()),
+              ("reward", pa.float64()), *[(f"reward_{r}", pa.float64()) for r in extra_rewards],
+              *[(m, pa.float64()) for m in METRICS], *[(f"{k}_path", pa.string()) for k in FILES],
+              *[(t, pa.float64()) for t in TIMINGS], ("error", pa.string())]
+    return pa.schema(fields)
+
+
+def error_schema():
+    import pyarrow as pa
+
+    return pa.schema([("stage", pa.string()), ("source", pa.string()), ("row", pa.int64()),
+                      ("checkpoint", pa.string()), ("prompt", pa.string()), ("seed", pa.int64()),
+                      ("reason", pa.string()), ("traceback", pa.string())])
+
+
+def row_key(row: dict[str, Any]) -> tuple[str, str, int]:
+    return row["checkpoint_id"], row["prompt"], int(row["seed"])
+
+
+def finished_rows(store: Store) -> dict[tuple[str, str, int], dict[str, Any]]:
+    """Rows of finished assets: the committed manifest plus every ``done.json`` (a run killed before it
+    committed the manifest), keyed by (checkpoint_id, prompt, seed)."""
+    rows: dict[tuple[str, str, int], dict[str, Any]] = {}
+    if store.exists(MANIFEST):
+        for r in store.read_table(MANIFEST).to_pylist():
+            if not r.get("error"):
+                rows[row_key(r)] = r
+    for rel in store.find(DONE):
+        try:
+            r = json.loads(store.read_bytes(rel))
+        except (OSError, ValueError) as err:  # cannot happen with atomic writes; redo the asset if it does
+            log.warning("ignoring unreadable marker %s: %s", rel, err)
+            continue
+        rows.setdefault(row_key(r), r)
+    return rows
+
+
+def sort_rows(rows: list[dict[str, Any]], checkpoints: Sequence[str], prompts: Sequence[str], seeds: Sequence[int]):
+    corder = {n: i for i, n in enumerate(checkpoints)}
+    porder = {p: i for i, p in enumerate(prompts)}
+    sorder = {s: i for i, s in enumerate(seeds)}
+    big = 1 << 30
+    return sorted(rows, key=lambda r: (corder.get(r["checkpoint"], big), porder.get(r["prompt"], big),
+                                       sorder.get(int(r["seed"]), big), r["prompt"], int(r["seed"])))
+
+
+def rows_to_table(rows: list[dict[str, Any]], schema):
+    import pyarrow as pa
+
+    return pa.Table.from_pylist([{k: r.get(k) for k in schema.names} for r in rows], schema=schema)
+
+
+__all__ = ["AssetWorker", "DONE", "ERRORS", "GALLERY", "MANIFEST", "RegenSettings", "Store", "asset_dir",
+           "checkpoint_id", "error_schema", "finished_rows", "localize", "manifest_schema", "prompt_hash", "resolve",
+           "row_key", "rows_to_table", "sort_rows"]

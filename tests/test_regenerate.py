@@ -1,0 +1,234 @@
+"""pipelines/regenerate.py: outputs, idempotent reruns, resumption after a kill, bad rows, S3, meshes and
+the gallery in headless Chromium, on a tiny random-init backend."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from r2d3.backends import TinySplatBackend
+from r2d3.data.procedural import VOCABULARY
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "pipelines"))
+
+PROMPTS = ["a red cube", "a blue sphere", "a small green cone"]
+FAST = ["--steps", "3", "--views", "2", "--resolution", "24", "--turntable-frames", "3", "--turntable-size", "24",
+        "--mesh-resolution", "16", "--no-progress"]
+TIMINGS = {"t_sample_s", "t_export_s", "t_score_s", "t_total_s"}
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """Tiny base weights and one LoRA checkpoint directory (non-zero adapters, so it differs from base)."""
+    from safetensors.torch import save_file
+
+    from r2d3.train.lora import add_lora, lora_state_dict
+
+    root = tmp_path_factory.mktemp("models")
+    torch.manual_seed(0)
+    backend = TinySplatBackend.random_init(num_gaussians=24, dim=16, vocab=VOCABULARY)
+    torch.nn.init.normal_(backend.denoiser.proj_out.weight, std=0.05)
+    backend.save_pretrained(root / "w")
+    add_lora(backend.denoiser, 2, None, backend.lora_target_modules)
+    for name, p in backend.denoiser.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.5)
+    ckpt = root / "run" / "checkpoint_000001"
+    ckpt.mkdir(parents=True)
+    save_file(lora_state_dict(backend.denoiser), ckpt / "lora.safetensors")
+    return {"weights": str(root / "w"), "checkpoint": str(ckpt)}
+
+
+def _prompt_file(path: Path, values) -> str:
+    pq.write_table(pa.table({"prompt": pa.array(values, pa.string())}), path)
+    return str(path)
+
+
+def _manifest(out) -> list[dict]:
+    return pq.read_table(Path(out) / "manifest.parquet").to_pylist()
+
+
+def _stable(rows):
+    return [{k: v for k, v in r.items() if k not in TIMINGS} for r in rows]
+
+
+def test_outputs_comparison_gallery_and_idempotent_rerun(tmp_path, models):
+    import regenerate
+
+    prompts = _prompt_file(tmp_path / "p.parquet", PROMPTS[:2])
+    out = tmp_path / "out"
+    args = ["--prompts", prompts, "--weights", models["weights"], "--compare", f"aligned={models['checkpoint']}",
+            "--seeds", "0", "1", "--out", str(out), "--actors", "0", *FAST]
+    first = regenerate.main(args)
+    assert first["made"] == 8 and first["manifest_rows"] == 8 and first["errors"] == 0
+    rows = _manifest(out)
+    assert [(r["checkpoint"], r["prompt"], r["seed"]) for r in rows] == \
+        [(c, p, s) for c in ("base", "aligned") for p in PROMPTS[:2] for s in (0, 1)]
+    assert rows[0]["checkpoint_id"].startswith("base-") and rows[-1]["checkpoint_id"].startswith("aligned-")
+    for r in rows:
+        assert r["error"] is None and r["reward"] is not None and r["t_total_s"] > 0
+        for kind in ("ply", "glb", "preview", "turntable"):
+            assert (out / r[f"{kind}_path"]).is_file() and not os.path.isabs(r[f"{kind}_path"])
+    # same prompt, seed and noise -> paired samples; the adapters change them
+    by = {(r["checkpoint"], r["prompt"], r["seed"]): r for r in rows}
+    assert by[("base", PROMPTS[0], 0)]["noise_seed"] == by[("aligned", PROMPTS[0], 0)]["noise_seed"]
+    assert by[("base", PROMPTS[0], 0)]["reward"] != by[("aligned", PROMPTS[0], 0)]["reward"]
+    from r2d3.export import read_ply
+
+    assert read_ply(out / rows[0]["ply_path"]).means.shape[-2] == 24
+    page = (out / "gallery.html").read_text()
+    assert "Δ reward vs base" in page and 'id="filter"' in page and "http" not in page.split("<body>")[1]
+    assert rows[0]["preview_path"] in page and (tmp_path / "p.parquet").exists()
+    # rerun: nothing new, the same manifest, no duplicate rows
+    again = regenerate.main(args)
+    assert again["made"] == 0 and again["skipped"] == 8
+    assert _stable(_manifest(out)) == _stable(rows)
+    # more seeds: only the new ones are made, the old rows kept as they were
+    more = regenerate.main(args[:args.index("--seeds")] + ["--seeds", "0", "1", "2"] + args[args.index("--out"):])
+    assert more["made"] == 4 and more["manifest_rows"] == 12
+    assert _stable([r for r in _manifest(out) if r["seed"] != 2]) == _stable(rows)
+    # other generation settings: new assets under new ids, never the old ones taken as finished
+    other = regenerate.main(args + ["--turntable-frames", "4"])
+    new_ids = {r["checkpoint_id"] for r in _manifest(out)} - {r["checkpoint_id"] for r in rows}
+    assert other["made"] == 8 and len(new_ids) == 2
+
+
+def test_bad_rows_land_in_errors_and_the_job_continues(tmp_path, models, monkeypatch):
+    import regenerate
+
+    from r2d3.regenerate import AssetWorker
+
+    make = AssetWorker._make
+
+    def flaky(self, spec, prompt, seed):
+        if prompt == PROMPTS[1] and seed == 1:
+            raise RuntimeError("simulated decoder failure")
+        return make(self, spec, prompt, seed)
+
+    monkeypatch.setattr(AssetWorker, "_make", flaky)
+    prompts = _prompt_file(tmp_path / "p.parquet", [PROMPTS[0], None, "  ", PROMPTS[1]])
+    out = tmp_path / "out"
+    summary = regenerate.main(["--prompts", prompts, "--weights", models["weights"], "--seeds", "0", "1",
+                               "--out", str(out), "--actors", "0", "--no-mesh", *FAST])
+    assert summary["made"] == 3 and summary["errors"] == 3
+    errors = pq.read_table(out / "errors.parquet").to_pylist()
+    assert sorted((e["stage"], e["row"]) for e in errors if e["stage"] == "prompt") == [("prompt", 1), ("prompt", 2)]
+    asset = [e for e in errors if e["stage"] == "asset"]
+    assert len(asset) == 1 and "simulated decoder failure" in asset[0]["reason"] and asset[0]["seed"] == 1
+    assert {(r["prompt"], r["seed"]) for r in _manifest(out)} == {(PROMPTS[0], 0), (PROMPTS[0], 1), (PROMPTS[1], 0)}
+    monkeypatch.setattr(AssetWorker, "_make", make)  # the failure is gone: a rerun makes only the missing asset
+    again = regenerate.main(["--prompts", prompts, "--weights", models["weights"], "--seeds", "0", "1",
+                             "--out", str(out), "--actors", "0", "--no-mesh", *FAST])
+    assert again["made"] == 1 and again["manifest_rows"] == 4
+
+
+def test_killed_run_resumes_to_the_uninterrupted_manifest(tmp_path, models):
+    prompts = _prompt_file(tmp_path / "p.parquet", PROMPTS)
+    cmd = [sys.executable, str(ROOT / "pipelines" / "regenerate.py"), "--prompts", prompts, "--weights",
+           models["weights"], "--seeds", "0", "1", "2", "3", "--actors", "0", "--no-mesh", *FAST,
+           "--turntable-frames", "8", "--turntable-size", "32"]  # slower assets: room to kill mid-way
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(cmd + ["--out", str(killed)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while time.time() < deadline and proc.poll() is None and len(list(killed.rglob("done.json"))) < 2:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done_before = len(list(killed.rglob("done.json")))
+    assert 2 <= done_before < 12 and not (killed / "manifest.parquet").exists(), "the run was not killed mid-way"
+    import regenerate
+
+    resumed = regenerate.main(cmd[2:] + ["--out", str(killed)])  # the rerun (in this process: faster)
+    assert resumed["skipped"] >= done_before and resumed["made"] == 12 - resumed["skipped"]
+    full = tmp_path / "full"
+    regenerate.main(cmd[2:] + ["--out", str(full)])  # the same run, uninterrupted
+    assert len(_manifest(killed)) == 12
+    assert _stable(_manifest(killed)) == _stable(_manifest(full))
+    assert not list(killed.rglob("*.partial*"))  # no temporary file left under a final name
+
+
+def test_glb_loads_back_and_renders(tmp_path, models):
+    import regenerate
+
+    from r2d3.export.mesh import load_glb
+    from r2d3.render import orbit_cameras
+    from r2d3.render.mesh import render_mesh
+
+    out = tmp_path / "out"
+    regenerate.main(["--prompts", _prompt_file(tmp_path / "p.parquet", PROMPTS[:1]), "--weights", models["weights"],
+                     "--out", str(out), "--actors", "0", *FAST])
+    mesh = load_glb(out / _manifest(out)[0]["glb_path"])
+    assert len(mesh.vertices) > 0 and len(mesh.faces) > 0
+    colors = torch.as_tensor(mesh.visual.vertex_colors[:, :3], dtype=torch.float32) / 255
+    cams = orbit_cameras(20.0, [0, 90], distance=2.5, fov_deg=40.0, width=32, height=32)
+    rgb, alpha = render_mesh(torch.as_tensor(mesh.vertices, dtype=torch.float32),
+                             torch.as_tensor(mesh.faces, dtype=torch.int64), colors, cams)
+    assert alpha.sum() > 0 and (rgb < 0.99).any()
+
+
+def _chromium() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+
+
+@pytest.mark.skipif(_chromium() is None, reason="headless Chromium not installed (apt-get install -y chromium)")
+def test_gallery_opens_in_headless_chromium(tmp_path, models):
+    import numpy as np
+    from PIL import Image
+
+    import regenerate
+
+    out = tmp_path / "out"
+    regenerate.main(["--prompts", _prompt_file(tmp_path / "p.parquet", PROMPTS[:2]), "--weights", models["weights"],
+                     "--compare", models["checkpoint"], "--out", str(out), "--actors", "0", "--no-mesh", *FAST])
+    page = (out / "gallery.html").resolve().as_uri()
+    flags = [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+             f"--user-data-dir={tmp_path / 'profile'}", "--allow-file-access-from-files",
+             "--virtual-time-budget=5000"]
+    shot = tmp_path / "gallery.png"
+    subprocess.run(flags + [f"--screenshot={shot}", "--window-size=1200,900", page], check=True,
+                   capture_output=True, timeout=60)
+    pixels = np.asarray(Image.open(shot).convert("RGB"))
+    assert pixels.shape[:2] == (900, 1200) and pixels.std() > 5  # not a blank page
+    dom = subprocess.run(flags + ["--dump-dom", page], check=True, capture_output=True, text=True, timeout=60).stdout
+    loaded = dom.split('data-images-loaded="', 1)[1].split('"', 1)[0]
+    ok, total = map(int, loaded.split("/"))
+    assert total == 2 * 2 * 2 and ok == total  # preview + turntable per asset, every one decoded
+
+
+@pytest.mark.slow
+def test_s3_round_trip_on_ray(tmp_path, models, s3_server, ray_local):
+    import boto3
+    import s3fs
+
+    import regenerate
+
+    boto3.client("s3").create_bucket(Bucket="regen")
+    fs = s3fs.S3FileSystem()
+    fs.put(_prompt_file(tmp_path / "p.parquet", [PROMPTS[0], None, PROMPTS[1]]), "regen/prompts/part-0.parquet")
+    fs.put(models["checkpoint"] + "/lora.safetensors", "regen/runs/x/checkpoint_000001/lora.safetensors")
+    args = ["--prompts", "s3://regen/prompts/", "--weights", models["weights"], "--checkpoint",
+            "s3://regen/runs/x/checkpoint_000001", "--seeds", "0", "1", "--out", "s3://regen/nightly",
+            "--actors", "2", "--batch-size", "2", "--cpus-per-actor", "1", *FAST]
+    summary = regenerate.main(args)
+    assert summary["made"] == 4 and summary["errors"] == 1
+    with fs.open("regen/nightly/manifest.parquet", "rb") as f:
+        rows = pq.read_table(f).to_pylist()
+    assert len(rows) == 4 and {r["checkpoint"] for r in rows} == {"x/checkpoint_000001"}
+    for r in rows:
+        for kind in ("ply", "glb", "preview", "turntable"):
+            assert fs.exists(f"regen/nightly/{r[f'{kind}_path']}")
+    assert fs.exists("regen/nightly/gallery.html") and fs.exists("regen/nightly/errors.parquet")
+    assert regenerate.main(args)["made"] == 0
+    with fs.open("regen/nightly/manifest.parquet", "rb") as f:
+        assert _stable(pq.read_table(f).to_pylist()) == _stable(rows)
+    assert json.loads(fs.cat(f"regen/nightly/{Path(rows[0]['ply_path']).parent}/done.json"))["seed"] == rows[0]["seed"]
