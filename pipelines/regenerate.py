@@ -3,7 +3,7 @@ Parquet manifest and a static HTML gallery, as a streaming Ray Data job.
 
     python pipelines/regenerate.py --prompts prompts/ --checkpoint runs/x --seeds 0 1 2 --out out/nightly
     python pipelines/regenerate.py --prompts s3://b/prompts/ --checkpoint s3://b/runs/x/checkpoint_000024 \\
-        --out s3://b/nightly/2026-11-26 --actors 8 --gpus-per-actor 1
+        --out s3://b/nightly/<date> --actors 8 --gpus-per-actor 1
     python pipelines/regenerate.py --compare runs/x --prompts procedural:heldout --out out/cmp   # base vs aligned
     python pipelines/regenerate.py ... --actors 0                          # no Ray (debugging)
 
