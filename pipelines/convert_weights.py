@@ -1,0 +1,58 @@
+"""Convert original reward checkpoints to the safetensors files the real-model rewards load.
+
+    # LAION aesthetic head (.pth state dict) -> one safetensors file, next to the CLIP ViT-L/14 checkpoint
+    python pipelines/convert_weights.py aesthetic --input sac+logos+ava1-l14-linearMSE.pth \
+        --output weights/laion_aesthetic/aesthetic_mlp.safetensors
+
+    # HPS v2.1 (OpenCLIP ViT-H-14 checkpoint) -> a transformers CLIP directory (config.json,
+    # model.safetensors, preprocessor_config.json); then copy the CLIP tokenizer files into it
+    python pipelines/convert_weights.py hpsv2 --input HPS_v2.1_compressed.pt --output weights/hpsv2
+
+    # a transformers checkpoint published only as pytorch_model.bin -> model.safetensors next to it
+    python pipelines/convert_weights.py bin --input weights/pickscore/pytorch_model.bin \
+        --output weights/pickscore/model.safetensors
+
+Inputs are read with ``torch.load(weights_only=True)``: tensors only, no code. See README, "Using real
+models", for where each original file comes from.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from safetensors.torch import save_file
+
+from r2d3.rewards.convert import (
+    convert_aesthetic_head,
+    load_torch_checkpoint,
+    openclip_to_transformers,
+    plain_tensors,
+    save_transformers_clip,
+)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("what", choices=["aesthetic", "hpsv2", "bin"], help="which checkpoint to convert")
+    parser.add_argument("--input", required=True, help="the original .pth/.pt file")
+    parser.add_argument("--output", required=True,
+                        help="aesthetic, bin: the .safetensors file to write; hpsv2: the directory to write")
+    parser.add_argument("--hidden-act", default="gelu", choices=["gelu", "quick_gelu"],
+                        help="hpsv2/OpenCLIP only: the MLP activation (gelu for OpenCLIP-trained ViT-H-14)")
+    args = parser.parse_args(argv)
+    state = load_torch_checkpoint(args.input)
+    output = Path(args.output)
+    if args.what in ("aesthetic", "bin"):
+        output.parent.mkdir(parents=True, exist_ok=True)
+        tensors = convert_aesthetic_head(state) if args.what == "aesthetic" else plain_tensors(state)
+        save_file(tensors, str(output))
+    else:
+        converted, config = openclip_to_transformers(state, hidden_act=args.hidden_act)
+        save_transformers_clip(converted, config, output)
+    print(f"wrote {output}")
+
+
+if __name__ == "__main__":
+    main()
