@@ -232,7 +232,7 @@ class AssetWorker:
 
     def __init__(self, settings: RegenSettings):
         from r2d3.eval.job import ModelBank, _device
-        from r2d3.rewards import build_reward
+        from r2d3.rewards import load_reward
 
         self.settings = settings
         self.device = _device(settings.device)
@@ -243,23 +243,16 @@ class AssetWorker:
             specs.append(spec)
         self.specs = {s.name: s for s in specs}
         self.bank = ModelBank(settings.backend, settings.weights, self.device, specs)
-        self.rewards = [build_reward(r) for r in settings.rewards]
-        for fn in self.rewards:
-            if isinstance(fn, torch.nn.Module):
-                fn.to(self.device).requires_grad_(False)
+        self.rewards = [load_reward(r, self.device) for r in settings.rewards]
         self.store = Store(settings.out)
         self._contexts: dict[int, Any] = {}
 
     def _context(self, backend):
-        from r2d3.algos import AlignContext
-        from r2d3.diffusion import StochasticSampler, scheduler_from_config
+        from r2d3.algos.base import make_context
 
         if id(backend) not in self._contexts:
-            s = self.settings.sampler
-            sampler = StochasticSampler(scheduler_from_config(backend.scheduler_config, kind=s.kind), s.num_steps,
-                                        eta=s.eta)
-            self._contexts[id(backend)] = AlignContext(backend, sampler, self.rewards[0], self.settings.render,
-                                                       s.guidance_scale, backend.encode_prompts([""]))
+            self._contexts[id(backend)] = make_context(backend, self.settings.sampler, self.rewards[0],
+                                                       self.settings.render)
         return self._contexts[id(backend)]
 
     @torch.no_grad()

@@ -16,8 +16,8 @@ from torch import Tensor
 
 from r2d3.backends.base import Backend
 from r2d3.backends.text import PromptEmbeds
-from r2d3.config import AlgoConfig, RenderConfig
-from r2d3.diffusion import StochasticSampler, Trajectory, guided_model_fn
+from r2d3.config import AlgoConfig, RenderConfig, SamplerConfig
+from r2d3.diffusion import StochasticSampler, Trajectory, guided_model_fn, scheduler_from_config
 from r2d3.render import render_gaussians
 from r2d3.render.cameras import Cameras, jittered_orbit_cameras
 from r2d3.render.gaussians import Gaussians
@@ -99,6 +99,16 @@ class AlignContext:
         if self.scorer is not None:
             return self.scorer(self.backend.decode(x0), cameras, prompts)
         return self.reward_fn(self.render_latents(x0, cameras), prompts)
+
+
+def make_context(backend: Backend, sampler: SamplerConfig, reward_fn: Callable[[RenderOutput, Sequence[str]], Tensor],
+                 render: RenderConfig, scorer: Scorer | None = None) -> AlignContext:
+    """An :class:`AlignContext` for ``backend`` with the configured stochastic sampler: what the trainer,
+    the evaluation job and the regeneration job all sample with."""
+    stochastic = StochasticSampler(scheduler_from_config(backend.scheduler_config, kind=sampler.kind),
+                                   sampler.num_steps, eta=sampler.eta)
+    return AlignContext(backend, stochastic, reward_fn, render, sampler.guidance_scale,
+                        backend.encode_prompts([""]), scorer=scorer)
 
 
 class Algorithm(Protocol):

@@ -225,7 +225,7 @@ class PromptEvaluator:
 
     def __init__(self, settings: EvalSettings):
         from r2d3.eval.extractors import load_extractor
-        from r2d3.rewards import build_reward
+        from r2d3.rewards import load_reward
 
         if len(settings.seeds) < 1 or len(set(settings.seeds)) != len(settings.seeds):
             raise ValueError(f"need at least one seed and no repeats, got {settings.seeds}")
@@ -234,22 +234,16 @@ class PromptEvaluator:
         self.settings = settings
         self.device = _device(settings.device)
         self.bank = ModelBank(settings.backend, settings.weights, self.device, settings.checkpoints)
-        self.reward_fn = build_reward(settings.reward)
-        if isinstance(self.reward_fn, torch.nn.Module):
-            self.reward_fn.to(self.device).requires_grad_(False)
+        self.reward_fn = load_reward(settings.reward, self.device)
         self.extractor = load_extractor(settings.extractor, self.device)
         self._contexts: dict[int, Any] = {}
 
     def _context(self, backend):
-        from r2d3.algos import AlignContext
-        from r2d3.diffusion import StochasticSampler, scheduler_from_config
+        from r2d3.algos.base import make_context
 
         if id(backend) not in self._contexts:
-            s = self.settings.sampler
-            sampler = StochasticSampler(scheduler_from_config(backend.scheduler_config, kind=s.kind), s.num_steps,
-                                        eta=s.eta)
-            self._contexts[id(backend)] = AlignContext(backend, sampler, self.reward_fn, self.settings.render,
-                                                       s.guidance_scale, backend.encode_prompts([""]))
+            self._contexts[id(backend)] = make_context(backend, self.settings.sampler, self.reward_fn,
+                                                       self.settings.render)
         return self._contexts[id(backend)]
 
     @torch.no_grad()

@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 
 from r2d3.export._atomic import atomic_path
+from r2d3.export.ply import single_asset
 from r2d3.render.gaussians import Gaussians
 from r2d3.render.projection import quat_to_rotmat
 
@@ -116,13 +117,7 @@ def gaussians_to_mesh(
     import trimesh
     from skimage.measure import marching_cubes
 
-    if not isinstance(gaussians, Gaussians):
-        raise TypeError(f"expected a Gaussians instance, got {type(gaussians).__name__}")
-    gaussians = gaussians.detach().validate()
-    if gaussians.batch_size != 1:
-        raise ValueError(
-            f"gaussians_to_mesh meshes one asset, got a batch of {gaussians.batch_size}; pass gaussians[i]"
-        )
+    gaussians = single_asset(gaussians, "gaussians_to_mesh meshes")
     if gaussians.num_gaussians == 0:
         raise ValueError("cannot mesh an asset with no Gaussians")
     if isinstance(resolution, bool) or not isinstance(resolution, int) or resolution < 8:

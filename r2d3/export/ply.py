@@ -49,15 +49,14 @@ class PlyFormatError(ValueError):
     """A ``.ply`` file that is not a readable 3DGS splat file (names the file and what is missing)."""
 
 
-def _single_asset(gaussians: Gaussians) -> Gaussians:
+def single_asset(gaussians: Gaussians, what: str = "a .ply file holds") -> Gaussians:
+    """``gaussians`` validated and detached, with a batch of exactly one asset (``what`` words the error:
+    files and meshes hold one asset each)."""
     if not isinstance(gaussians, Gaussians):
         raise TypeError(f"expected a Gaussians instance, got {type(gaussians).__name__}")
     gaussians = gaussians.detach().validate()
     if gaussians.batch_size != 1:
-        raise ValueError(
-            f"a .ply file holds one asset, got a batch of {gaussians.batch_size}; "
-            "write gaussians[i] for each asset to its own file"
-        )
+        raise ValueError(f"{what} one asset, got a batch of {gaussians.batch_size}; pass gaussians[i] for each asset")
     return gaussians
 
 
@@ -67,7 +66,7 @@ def gaussians_to_ply_array(gaussians: Gaussians) -> np.ndarray:
     Raises :class:`~r2d3.render.gaussians.InvalidGaussiansError` for invalid values (NaN, scales <= 0,
     wrong shapes) and ``ValueError`` for a batch of more than one asset.
     """
-    g = _single_asset(gaussians).to(device="cpu", dtype=torch.float64)
+    g = single_asset(gaussians).to(device="cpu", dtype=torch.float64)
     means, scales, quats = g.means[0], g.scales[0], g.quats[0]
     opacity = g.opacities[0].clamp(_OPACITY_EPS, 1.0 - _OPACITY_EPS)
     columns = {

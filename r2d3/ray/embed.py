@@ -37,8 +37,9 @@ class EncoderActor:
 
     def __init__(self, backend_name: str, weights: str | None, column: str, device: str):
         from r2d3.backends import load_backend
+        from r2d3.ray.actors import actor_device
 
-        self.backend = load_backend(backend_name, weights=weights, device=device)
+        self.backend = load_backend(backend_name, weights=weights, device=actor_device(device))
         self.fingerprint = encoder_fingerprint(self.backend)
         self.column = column
 
@@ -123,7 +124,7 @@ def embed_prompts(source: str, output: str, backend_name: str = "tiny", weights:
     ds = ds.map_batches(
         EncoderActor,
         fn_constructor_kwargs={"backend_name": backend_name, "weights": weights, "column": column,
-                               "device": "cuda" if gpus_per_actor > 0 else "cpu"},
+                               "device": "auto"},
         batch_size=batch_size, batch_format="pyarrow", zero_copy_batch=True,
         compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=cpus_per_actor,
         **({"num_gpus": gpus_per_actor} if gpus_per_actor > 0 else {}),

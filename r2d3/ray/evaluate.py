@@ -26,12 +26,10 @@ from typing import Any
 
 import pyarrow as pa
 
-import ray
-import ray.data
-
 from r2d3.config import reward_label
 from r2d3.eval.job import (EvalSettings, PromptEvaluator, previews_from_rows, row_schema, rows_to_table, sort_rows,
                            summarize)
+from r2d3.ray.actors import map_with_actors
 
 log = logging.getLogger(__name__)
 SUMMARY_VERSION = 1
@@ -43,12 +41,9 @@ class EvalActor:
     def __init__(self, settings: EvalSettings):
         import dataclasses
 
-        import torch
+        from r2d3.ray.actors import actor_device
 
-        torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1") or 1)))
-        if settings.device == "auto":  # a GPU only when Ray gave this actor one
-            use_gpu = bool(ray.get_gpu_ids()) and torch.cuda.is_available()
-            settings = dataclasses.replace(settings, device="cuda" if use_gpu else "cpu")
+        settings = dataclasses.replace(settings, device=actor_device(settings.device))
         self.evaluator = PromptEvaluator(settings)
         self.schema = row_schema(previews=True)
 
@@ -72,14 +67,8 @@ def run_units(settings: EvalSettings, prompts: list[str], actors: int = 2, batch
     if actors == 0:
         evaluator = PromptEvaluator(settings)
         return [r for u in units for r in evaluator({"prompt_index": [u["prompt_index"]], "prompt": [u["prompt"]]})]
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"), configure_logging=False)
-    ds = ray.data.from_items(units, override_num_blocks=max(1, min(len(units), 4 * actors)))
-    ds = ds.map_batches(
-        EvalActor, fn_constructor_kwargs={"settings": settings}, batch_size=batch_size,
-        compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=cpus_per_actor,
-        **({"num_gpus": gpus_per_actor} if gpus_per_actor > 0 else {}),
-    )
+    ds = map_with_actors(units, EvalActor, {"settings": settings}, actors, batch_size, cpus_per_actor,
+                         gpus_per_actor)
     return [_plain(r) for r in ds.take_all()]
 
 

@@ -13,7 +13,6 @@ and the manifest is rewritten from scratch from all finished rows — never appe
 from __future__ import annotations
 
 import logging
-import os
 import sys
 import time
 from typing import Any, Sequence
@@ -30,13 +29,9 @@ class RegenActor:
     def __init__(self, settings: RegenSettings):
         import dataclasses
 
-        import ray
-        import torch
+        from r2d3.ray.actors import actor_device
 
-        torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1") or 1)))
-        if settings.device == "auto":  # a GPU only when Ray gave this actor one
-            use_gpu = bool(ray.get_gpu_ids()) and torch.cuda.is_available()
-            settings = dataclasses.replace(settings, device="cuda" if use_gpu else "cpu")
+        settings = dataclasses.replace(settings, device=actor_device(settings.device))
         self.worker = AssetWorker(settings)
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
@@ -78,17 +73,10 @@ def run_items(settings: RegenSettings, items: list[dict[str, Any]], actors: int 
             bar.update(row)
             yield row
         return
-    import ray
-    import ray.data
+    from r2d3.ray.actors import map_with_actors
 
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"), configure_logging=False)
-    ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 4 * actors)))
-    ds = ds.map_batches(
-        RegenActor, fn_constructor_kwargs={"settings": settings}, batch_size=batch_size,
-        compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=cpus_per_actor,
-        **({"num_gpus": gpus_per_actor} if gpus_per_actor > 0 else {}),
-    )
+    ds = map_with_actors(items, RegenActor, {"settings": settings}, actors, batch_size, cpus_per_actor,
+                         gpus_per_actor)
     for rec in ds.iter_rows():
         row = json.loads(rec["row"])
         bar.update(row)

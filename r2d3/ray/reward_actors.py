@@ -32,7 +32,8 @@ from torch import Tensor
 from r2d3.config import AlignConfig, RenderConfig, reward_label
 from r2d3.render.cameras import Cameras
 from r2d3.render.gaussians import Gaussians
-from r2d3.rewards import build_reward
+from r2d3.ray.actors import actor_device
+from r2d3.rewards import load_reward
 from r2d3.rewards.remote import RemoteScorer, score_with_grad
 
 
@@ -41,10 +42,8 @@ class RewardActor:
     """Holds one reward model and the render settings; scores batches of decoded assets."""
 
     def __init__(self, reward_spec: Any, render: RenderConfig):
-        self.device = torch.device("cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu")
-        self.reward_fn = build_reward(reward_spec)
-        if isinstance(self.reward_fn, torch.nn.Module):  # as in the trainer (r2d3.train.loop.build_worker)
-            self.reward_fn.to(self.device).requires_grad_(False)
+        self.device = torch.device(actor_device())
+        self.reward_fn = load_reward(reward_spec, self.device)
         self.render = render
         self.label = reward_label(reward_spec)
 

@@ -6,7 +6,7 @@ repo) and the real pretrained models of :mod:`r2d3.rewards.clip_models` (``clip_
 ``laion_aesthetic``, ``hpsv2``, ``pickscore``; weights from local files). Build one, or a weighted sum, from a config spec with :func:`build_reward`.
 """
 
-from r2d3.rewards.base import Reward, WeightedSum, available_rewards, build_reward, register_reward
+from r2d3.rewards.base import Reward, WeightedSum, available_rewards, build_reward, load_reward, register_reward
 from r2d3.rewards.clip_models import (
     ClipScoreReward,
     HPSv2Reward,
@@ -28,6 +28,7 @@ __all__ = [
     "PickScoreReward",
     "Reward",
     "WeightedSum",
+    "load_reward",
     "available_rewards",
     "build_reward",
     "colorfulness",

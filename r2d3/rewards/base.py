@@ -24,6 +24,7 @@ from collections.abc import Mapping
 from collections.abc import Sequence as SequenceABC
 from typing import Any, Callable, Sequence
 
+import torch
 from torch import Tensor, nn
 
 from r2d3.render.output import RenderOutput
@@ -163,6 +164,15 @@ def build_reward(spec: str | Mapping[str, Any] | Sequence[Mapping[str, Any]] | R
         return WeightedSum([_entry(item) for item in spec])
     raise ValueError(f"cannot build a reward from {spec!r}: expected a name, a {{name: weight}} mapping or a "
                      f"list of {{name, weight, kwargs}}; valid rewards: {', '.join(available_rewards())}")
+
+
+def load_reward(spec: Any, device: torch.device | str = "cpu") -> Reward:
+    """:func:`build_reward`, moved to ``device`` and frozen: how trainers, actors and evaluation jobs
+    hold a reward (its parameters never train; gradients flow only to the renders)."""
+    reward = build_reward(spec)
+    if isinstance(reward, torch.nn.Module):
+        reward.to(device).requires_grad_(False)
+    return reward
 
 
 def views_as_batch(x: Tensor) -> Tensor:

@@ -18,12 +18,11 @@ import torch
 from tqdm.auto import tqdm
 
 from r2d3.algos import AlignContext, SampleBatch, build_algorithm
-from r2d3.algos.base import Scorer, prepare_batch
+from r2d3.algos.base import Scorer, make_context, prepare_batch
 from r2d3.backends import available_backends, load_backend
 from r2d3.config import AlignConfig, to_yaml
 from r2d3.data.prompts import load_prompts
-from r2d3.diffusion import StochasticSampler, scheduler_from_config
-from r2d3.rewards import build_reward
+from r2d3.rewards import build_reward, load_reward
 from r2d3.render import SPLAT_BACKENDS
 from r2d3.train.checkpoint import check_compatible, load_checkpoint, save_checkpoint, TrainState
 from r2d3.train.lora import add_lora, load_lora_state_dict, lora_state_dict
@@ -107,14 +106,8 @@ def build_worker(config: AlignConfig, scorer: Scorer | None = None, load_prompt_
         backend.encode_prompts = load_embedding_cache(config.data.embeddings, backend).encode
     targets = config.model.lora_targets or backend.lora_target_modules
     params = add_lora(backend.denoiser, config.model.lora_rank, config.model.lora_alpha, targets)
-    scheduler = scheduler_from_config(backend.scheduler_config, kind=config.sampler.kind)
-    sampler = StochasticSampler(scheduler, config.sampler.num_steps, eta=config.sampler.eta)
     algorithm = build_algorithm(config.algo, config.sampler.num_steps)
-    reward_fn = build_reward(config.reward)
-    if isinstance(reward_fn, torch.nn.Module):
-        reward_fn.to(device).requires_grad_(False)
-    ctx = AlignContext(backend, sampler, reward_fn, config.render, config.sampler.guidance_scale,
-                       backend.encode_prompts([""]), scorer=scorer)
+    ctx = make_context(backend, config.sampler, load_reward(config.reward, device), config.render, scorer)
     t = config.train
     optimizer = torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.adam_betas), eps=t.adam_eps,
                                   weight_decay=t.weight_decay)
