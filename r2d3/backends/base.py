@@ -45,7 +45,7 @@ def load_pretrained_dir(cls: Any, path: Path, label: str, rebuild: str, device: 
 @runtime_checkable
 class Backend(Protocol):
     name: str
-    #: the module that LoRA adapts; its forward is ``denoiser(x, t, cond) -> raw network output``
+    #: the module that LoRA adapts (``denoise`` runs it; its own forward signature is the backend's business)
     denoiser: nn.Module
     #: shape of one sample's latent, without the batch axis
     latent_shape: tuple[int, ...]

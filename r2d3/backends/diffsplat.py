@@ -1,0 +1,457 @@
+"""``diffsplat``: DiffSplat's text-to-3D model on PixArt-Σ, the base model of the Nabla-R2D3 paper.
+
+DiffSplat generates an object as four *splatter images*: one 256 x 256 map of Gaussian parameters per
+fixed input camera, stored as SDXL-VAE latents. Three pieces, built here from diffusers/transformers
+classes so that DiffSplat's released checkpoints load with strict key and shape matching:
+
+* **Multi-view transformer** (:class:`MultiViewPixArtTransformer`): diffusers' PixArt-Σ transformer with
+  the self-attention of every block spanning the tokens of all views of an object (cross-view attention;
+  cross-attention to the T5 prompt stays per view). Its input is the 4-channel view latent concatenated
+  with the 6-channel Plücker rays of that view's camera (10 channels); its output has 8 channels, the
+  epsilon prediction and a learned-variance half that sampling ignores. Parameter names are those of
+  ``PixArtTransformer2DModel``, which DiffSplat's ``PixArtTransformerMV2DModel`` also keeps.
+* **GSVAE** (:class:`GSVAE`): an SDXL ``AutoencoderKL`` whose input and output convolutions carry 12
+  channels (RGB 3, scale 3, rotation 4, opacity 1, depth 1, all in [-1, 1]), plus the distilled tiny
+  decoder DiffSplat trains alongside it (an ``AutoencoderTiny`` decoder with a 12-channel output).
+* **Gaussians from splatter images** (:meth:`DiffSplatBackend.decode`): each pixel of each view becomes
+  one Gaussian, placed by unprojecting its depth (offset by the camera distance) along the ray of the
+  fixed input camera; colour, opacity and scale are affine maps of the [-1, 1] channels.
+
+Conventions reproduced because the released weights were trained with them: the input cameras orbit at
+radius 1.4 and elevation 10 deg with azimuths 0/90/180/270, normalised focal 1422.222 / 1024; Plücker
+rays use DiffSplat's pixel coordinate ``j / (W - 1)`` shifted by half a normalised unit (its "bug = True"
+convention, off-centre rays) while depth unprojection uses ``j / (W - 1)`` centred on 0.5; scales map
+u = (x + 1) / 2 to ``scale_min * u + scale_max * (1 - u)``. Quaternions are normalised before rendering.
+
+Sampling settings of the paper (20-step first-order SDE-DPM-Solver++ on PixArt-Σ's linear schedule,
+CFG 5, empty negative prompt) are this backend's defaults; see ``configs/`` for the alignment setups.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, AutoencoderTiny, PixArtTransformer2DModel
+from diffusers.loaders import PeftAdapterMixin
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from r2d3.backends.base import WeightsError, register_backend
+from r2d3.backends.text import PromptEmbeds
+from r2d3.render.cameras import orbit_cameras
+from r2d3.render.gaussians import Gaussians
+
+GS_CHANNELS = 12  # rgb 3, scale 3, rotation 4, opacity 1, depth 1
+LATENT_CHANNELS = 4
+PLUCKER_CHANNELS = 6
+#: PEFT targets of the paper's LoRA (attention, feed-forward, caption/timestep projections, patch embedding)
+LORA_TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0", "proj_out", "ff.net.0.proj", "ff.net.2", "proj",
+                       "linear", "linear_1", "linear_2"]
+#: PixArt-Σ's training schedule with the step settings of the paper's sampler
+DEFAULT_SCHEDULER_CONFIG: dict[str, Any] = {
+    "_class_name": "DPMSolverMultistepScheduler",
+    "num_train_timesteps": 1000,
+    "beta_schedule": "linear",
+    "beta_start": 0.0001,
+    "beta_end": 0.02,
+    "prediction_type": "epsilon",
+    "timestep_spacing": "linspace",
+    "steps_offset": 1,
+}
+#: the fixed input cameras and Gaussian activations of the released model
+DEFAULT_GEOMETRY: dict[str, Any] = {
+    "num_views": 4,
+    "input_res": 256,
+    "fxfy": 1422.222 / 1024,
+    "elevation_deg": 10.0,
+    "azimuths_deg": [0.0, 90.0, 180.0, 270.0],
+    "distance": 1.4,
+    "scale_min": 0.0005,
+    "scale_max": 0.02,
+}
+MAX_PROMPT_TOKENS = 300  # PixArt-Σ's T5 sequence length
+
+TRANSFORMER_DIR, GSVAE_DIR, TEXT_ENCODER_DIR, TOKENIZER_DIR = "transformer", "gsvae", "text_encoder", "tokenizer"
+GSVAE_WEIGHTS, VAE_CONFIG, TINY_CONFIG = "model.safetensors", "vae_config.json", "tiny_decoder_config.json"
+BACKEND_FILE = "backend.json"
+LAYOUT_HELP = (
+    "Expected layout (README, 'Using real models'): transformer/ = DiffSplat's "
+    "gsdiff_gobj83k_pas_fp16__render/checkpoints/<iter>/transformer_ema (config.json + safetensors); "
+    "gsvae/model.safetensors = gsvae_gobj265k_sdxl_fp16/checkpoints/<iter>/model.safetensors, with "
+    "gsvae/vae_config.json = PixArt-Σ's vae/config.json; text_encoder/ and tokenizer/ = "
+    "PixArt-alpha/pixart_sigma_sdxlvae_T5_diffusers's folders of those names."
+)
+
+
+class MultiViewAttnProcessor:
+    """Self-attention over the tokens of all ``num_views`` views of an object (batch ``(b v) n d``).
+
+    Why: DiffSplat's views are one object; joint attention lets each view's Gaussians agree with the
+    others. PixArt's self-attention has no mask, norms or residual inside the processor, which this
+    checks rather than silently ignoring."""
+
+    def __init__(self, num_views: int):
+        if num_views < 1:
+            raise ValueError(f"num_views must be >= 1, got {num_views}")
+        self.num_views = num_views
+
+    def __call__(self, attn: nn.Module, hidden_states: Tensor, encoder_hidden_states: Tensor | None = None,
+                 attention_mask: Tensor | None = None, **_: Any) -> Tensor:
+        if encoder_hidden_states is not None or attention_mask is not None:
+            raise ValueError("multi-view self-attention takes no context or mask")
+        if attn.norm_q is not None or attn.residual_connection or attn.spatial_norm is not None:
+            raise ValueError("multi-view attention processor supports PixArt's plain self-attention only")
+        bv, n, dim = hidden_states.shape
+        if bv % self.num_views:
+            raise ValueError(f"batch {bv} is not a multiple of num_views={self.num_views}")
+        b, heads = bv // self.num_views, attn.heads
+        x = hidden_states.reshape(b, self.num_views * n, dim)
+        split = lambda y: y.view(b, -1, heads, y.shape[-1] // heads).transpose(1, 2)  # noqa: E731
+        out = F.scaled_dot_product_attention(split(attn.to_q(x)), split(attn.to_k(x)), split(attn.to_v(x)))
+        out = out.transpose(1, 2).reshape(b, self.num_views * n, -1).to(x.dtype)
+        out = attn.to_out[1](attn.to_out[0](out))
+        return out.reshape(bv, n, -1) / attn.rescale_output_factor
+
+
+class MultiViewPixArtTransformer(PixArtTransformer2DModel, PeftAdapterMixin):
+    """PixArt-Σ transformer with cross-view self-attention (parameters identical to the 2D model's)."""
+
+    def set_num_views(self, num_views: int) -> None:
+        for block in self.transformer_blocks:
+            block.attn1.set_processor(MultiViewAttnProcessor(num_views))
+
+
+class GSVAE(nn.Module):
+    """DiffSplat's GSAutoencoderKL, decoding side: ``vae`` (12-channel SDXL VAE) and ``tiny_decoder``.
+
+    Attribute names match the released checkpoint's keys (``vae.*``, ``tiny_decoder.*``)."""
+
+    def __init__(self, vae_config: dict[str, Any], tiny_config: dict[str, Any] | None = None):
+        super().__init__()
+        vae_config = {k: v for k, v in vae_config.items() if not k.startswith("_")}
+        self.vae = AutoencoderKL(**{**vae_config, "in_channels": GS_CHANNELS, "out_channels": GS_CHANNELS})
+        tiny_config = {k: v for k, v in (tiny_config or {}).items() if not k.startswith("_")}
+        self.tiny_decoder = AutoencoderTiny(**{**tiny_config, "in_channels": 3, "out_channels": GS_CHANNELS}).decoder
+        self.scaling_factor = float(self.vae.config.scaling_factor or 1.0)
+        self.shift_factor = float(self.vae.config.shift_factor or 0.0)
+        self.vae_config, self.tiny_config = dict(self.vae.config), tiny_config
+
+    def decode(self, latents: Tensor, tiny: bool = False) -> Tensor:
+        """Diffusion latents (scaled, ``[N, 4, h, w]``) -> splatter images ``[N, 12, H, W]`` in [-1, 1]."""
+        if tiny:  # the tiny decoder reads the scaled latents directly
+            x = self.tiny_decoder(self.vae.post_quant_conv(latents))
+        else:
+            z = latents / self.scaling_factor + self.shift_factor
+            x = self.vae.decoder(self.vae.post_quant_conv(z))
+        return x.clamp(-1.0, 1.0)
+
+
+def _c2w(geometry: dict[str, Any], dtype: torch.dtype = torch.float32) -> Tensor:
+    """Camera-to-world (OpenCV) matrices of the fixed input cameras, ``[V, 4, 4]``.
+
+    DiffSplat's orbit (y up, azimuth from +z towards +x, its elevation sign flipped) is the same placement
+    as :func:`r2d3.render.orbit_cameras`, so its C2W is the inverse of our view matrices."""
+    cams = orbit_cameras(geometry["elevation_deg"], geometry["azimuths_deg"], distance=geometry["distance"],
+                         dtype=torch.float64)
+    return torch.linalg.inv(cams.viewmats).to(dtype)
+
+
+def plucker_rays(c2w: Tensor, fxfy: float, res: int) -> Tensor:
+    """Plücker embeddings ``[V, 6, res, res]`` (o x d, d) in DiffSplat's pixel convention (see module doc)."""
+    coords = torch.arange(res, dtype=torch.float64) / (res - 1)
+    y, x = torch.meshgrid(coords, coords, indexing="ij")
+    dirs = torch.stack([x / fxfy, y / fxfy, torch.ones_like(x)], dim=-1).reshape(-1, 3)  # (x + .5 - .5) / f
+    rot = c2w[:, :3, :3].double()
+    d = F.normalize(dirs[None] @ rot.transpose(1, 2), dim=-1)  # [V, res*res, 3]
+    o = c2w[:, None, :3, 3].double().expand_as(d)
+    plucker = torch.cat([torch.linalg.cross(o, d, dim=-1), d], dim=-1)
+    return plucker.reshape(len(c2w), res, res, 6).permute(0, 3, 1, 2).float()
+
+
+def unproject_depth(depth: Tensor, c2w: Tensor, fxfy: float) -> Tensor:
+    """World positions ``[B, V, H, W, 3]`` of depth maps ``[B, V, H, W]`` seen by cameras ``c2w`` ``[V, 4, 4]``
+    (normalised pinhole, principal point 0.5, pixel coordinate ``j / (W - 1)`` as DiffSplat)."""
+    h, w = depth.shape[-2:]
+    ys = torch.arange(h, device=depth.device, dtype=depth.dtype) / (h - 1)
+    xs = torch.arange(w, device=depth.device, dtype=depth.dtype) / (w - 1)
+    y, x = torch.meshgrid(ys, xs, indexing="ij")
+    cam = torch.stack([(x - 0.5) / fxfy, (y - 0.5) / fxfy, torch.ones_like(x)], dim=-1) * depth[..., None]
+    c2w = c2w.to(depth)
+    return torch.einsum("vij,bvhwj->bvhwi", c2w[:, :3, :3], cam) + c2w[None, :, None, None, :3, 3]
+
+
+class DiffSplatBackend:
+    """DiffSplat-PixArt-Σ behind the backend protocol (registry name ``diffsplat``).
+
+    Latents are ``[B, V * 4, h, w]`` (views stacked on the channel axis, as the paper stores them).
+    The T5 text encoder is loaded on first use, so jobs that read precomputed prompt embeddings only
+    pay for it once (the empty negative prompt)."""
+
+    name = "diffsplat"
+    lora_target_modules = LORA_TARGET_MODULES
+
+    def __init__(self, transformer: MultiViewPixArtTransformer, gsvae: GSVAE, text_encoder: Any = None,
+                 tokenizer: Any = None, scheduler_config: dict[str, Any] | None = None,
+                 geometry: dict[str, Any] | None = None, tiny_decoder: bool = False,
+                 text_encoder_loader: Any = None):
+        self.denoiser = transformer
+        self.gsvae = gsvae.eval().requires_grad_(False)
+        self.scheduler_config = dict(scheduler_config or DEFAULT_SCHEDULER_CONFIG)
+        self.geometry = {**DEFAULT_GEOMETRY, **(geometry or {})}
+        self.tiny_decoder = tiny_decoder
+        self._text_encoder, self._tokenizer, self._text_loader = text_encoder, tokenizer, text_encoder_loader
+        cfg = transformer.config
+        expected_in = LATENT_CHANNELS + PLUCKER_CHANNELS
+        if cfg.in_channels != expected_in or transformer.out_channels not in (LATENT_CHANNELS, 2 * LATENT_CHANNELS):
+            raise WeightsError(f"DiffSplat transformer must take {expected_in} input channels (latent + Plücker) "
+                               f"and give 4 or 8; its config has in_channels={cfg.in_channels}, "
+                               f"out_channels={transformer.out_channels}")
+        self.num_views = int(self.geometry["num_views"])
+        if len(self.geometry["azimuths_deg"]) != self.num_views:
+            raise ValueError(f"geometry: {len(self.geometry['azimuths_deg'])} azimuths for {self.num_views} views")
+        transformer.set_num_views(self.num_views)
+        self.c2w = _c2w(self.geometry)
+        res = int(cfg.sample_size)
+        # Plücker rays at the input resolution, bilinearly resized to the latent grid (as DiffSplat)
+        full = plucker_rays(self.c2w, self.geometry["fxfy"], int(self.geometry["input_res"]))
+        self.plucker = F.interpolate(full, size=(res, res), mode="bilinear", align_corners=False)
+
+    # ---- protocol ------------------------------------------------------------------------------
+    @property
+    def latent_shape(self) -> tuple[int, ...]:
+        res = int(self.denoiser.config.sample_size)
+        return (self.num_views * LATENT_CHANNELS, res, res)
+
+    @property
+    def device(self) -> torch.device:
+        return self.denoiser.device
+
+    def to(self, device: torch.device | str) -> "DiffSplatBackend":
+        self.denoiser.to(device)
+        self.gsvae.to(device)
+        if self._text_encoder is not None:
+            self._text_encoder.to(device)
+        return self
+
+    def _text(self) -> tuple[Any, Any]:
+        if self._text_encoder is None:
+            if self._text_loader is None:
+                raise WeightsError("this DiffSplat backend has no text encoder; load it with a weights directory "
+                                   "holding text_encoder/ and tokenizer/, or pass precomputed prompt embeddings")
+            self._text_encoder, self._tokenizer = self._text_loader()
+            self._text_encoder.to(self.device)
+        return self._text_encoder, self._tokenizer
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: Sequence[str]) -> PromptEmbeds:
+        """T5 embeddings padded to 300 tokens with their attention mask (PixArt-Σ's encoding, no caption
+        cleaning: prompts are used as given)."""
+        encoder, tokenizer = self._text()
+        batch = tokenizer(list(prompts), padding="max_length", max_length=MAX_PROMPT_TOKENS, truncation=True,
+                          add_special_tokens=True, return_tensors="pt").to(self.device)
+        tokens = encoder(batch.input_ids, attention_mask=batch.attention_mask)[0]
+        return PromptEmbeds(tokens.float(), batch.attention_mask.bool())
+
+    def denoise(self, x: Tensor, t: Tensor, cond: PromptEmbeds) -> Tensor:
+        """``[B, V*4, h, w]`` -> epsilon ``[B, V*4, h, w]`` (the learned-variance half is dropped)."""
+        if x.ndim != 4 or tuple(x.shape[1:]) != self.latent_shape:
+            raise ValueError(f"diffsplat denoiser expects latents [B, {', '.join(map(str, self.latent_shape))}], "
+                             f"got {tuple(x.shape)}")
+        b, v = x.shape[0], self.num_views
+        dtype = self.denoiser.dtype
+        views = x.reshape(b * v, LATENT_CHANNELS, *x.shape[-2:])
+        plucker = self.plucker.to(x.device, x.dtype).repeat(b, 1, 1, 1)
+        t = (t.expand(b) if t.ndim == 0 else t).to(x.device)
+        out = self.denoiser(
+            torch.cat([views, plucker], dim=1).to(dtype),
+            encoder_hidden_states=cond.tokens.to(x.device, dtype).repeat_interleave(v, dim=0),
+            encoder_attention_mask=cond.mask.to(x.device).repeat_interleave(v, dim=0).to(dtype),
+            timestep=t.repeat_interleave(v),
+            added_cond_kwargs={"resolution": None, "aspect_ratio": None},
+            return_dict=False,
+        )[0]
+        return out[:, :LATENT_CHANNELS].to(x.dtype).reshape(x.shape)
+
+    def splatter_images(self, latents: Tensor) -> Tensor:
+        """Latents ``[B, V*4, h, w]`` -> splatter images ``[B, V, 12, H, W]`` in [-1, 1] (differentiable)."""
+        b, v = latents.shape[0], self.num_views
+        z = latents.reshape(b * v, LATENT_CHANNELS, *latents.shape[-2:]).to(self.gsvae.vae.dtype)
+        images = self.gsvae.decode(z, tiny=self.tiny_decoder).float()
+        return images.reshape(b, v, GS_CHANNELS, *images.shape[-2:])
+
+    def decode(self, latents: Tensor) -> Gaussians:
+        """One Gaussian per splatter-image pixel: ``V * H * W`` Gaussians per object."""
+        g = self.splatter_images(latents)
+        b = g.shape[0]
+        flat = lambda y: y.permute(0, 1, 3, 4, 2).reshape(b, -1, y.shape[2])  # noqa: E731
+        u_scale = (g[:, :, 3:6] + 1) / 2
+        scales = self.geometry["scale_min"] * u_scale + self.geometry["scale_max"] * (1 - u_scale)
+        depth = g[:, :, 11] + self.c2w[:, :3, 3].norm(dim=-1).to(g)[None, :, None, None]
+        means = unproject_depth(depth, self.c2w.to(g.device), self.geometry["fxfy"]).reshape(b, -1, 3)
+        return Gaussians(
+            means=means,
+            scales=flat(scales),
+            quats=F.normalize(flat(g[:, :, 6:10]), dim=-1, eps=1e-8),
+            opacities=flat((g[:, :, 10:11] + 1) / 2)[..., 0],
+            colors=flat((g[:, :, 0:3] + 1) / 2),
+        )
+
+    # ---- weights -------------------------------------------------------------------------------
+    def save_pretrained(self, path: str | os.PathLike) -> None:
+        """Write the layout :meth:`from_pretrained` reads (text encoder and tokenizer when loaded)."""
+        path = Path(path)
+        self.denoiser.save_pretrained(path / TRANSFORMER_DIR, safe_serialization=True)
+        (path / GSVAE_DIR).mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in self.gsvae.state_dict().items()}, path / GSVAE_DIR / GSVAE_WEIGHTS)
+        (path / GSVAE_DIR / VAE_CONFIG).write_text(json.dumps(self.gsvae.vae_config, indent=2, default=list))
+        (path / GSVAE_DIR / TINY_CONFIG).write_text(json.dumps(self.gsvae.tiny_config, indent=2, default=list))
+        if self._text_encoder is not None:
+            self._text_encoder.save_pretrained(path / TEXT_ENCODER_DIR, safe_serialization=True)
+            self._tokenizer.save_pretrained(path / TOKENIZER_DIR)
+        (path / BACKEND_FILE).write_text(json.dumps(
+            {"name": self.name, "scheduler": self.scheduler_config, "geometry": self.geometry,
+             "tiny_decoder": self.tiny_decoder}, indent=2))
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, device: str = "cpu", dtype: str | None = None) -> "DiffSplatBackend":
+        """Load DiffSplat from a local directory (layout in :data:`LAYOUT_HELP`); strict key/shape matching.
+
+        ``dtype`` (or ``backend.json``'s ``"dtype"``): the transformer/GSVAE weights' precision; LoRA
+        adapters train in float32 regardless. Default float32."""
+        path = Path(path)
+        meta = _read_json(path / BACKEND_FILE, "DiffSplat backend settings") if (path / BACKEND_FILE).is_file() else {}
+        torch_dtype = getattr(torch, dtype or meta.get("dtype", "float32"))
+        transformer = load_transformer(path / TRANSFORMER_DIR)
+        gsvae = load_gsvae(path / GSVAE_DIR)
+
+        def text() -> tuple[Any, Any]:
+            return load_text_encoder(path, torch_dtype)
+
+        backend = cls(transformer.to(torch_dtype), gsvae.to(torch_dtype), scheduler_config=meta.get("scheduler"),
+                      geometry=meta.get("geometry"), tiny_decoder=bool(meta.get("tiny_decoder", False)),
+                      text_encoder_loader=text)
+        return backend.to(device)
+
+
+def _read_json(file: Path, label: str) -> dict[str, Any]:
+    try:
+        return json.loads(file.read_text())
+    except (OSError, ValueError) as err:
+        raise WeightsError(f"could not read {label} {file}: {err}") from err
+
+
+def _require(files: Sequence[Path], what: str) -> None:
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing:
+        raise WeightsError(f"DiffSplat {what} is missing: {', '.join(missing)}. {LAYOUT_HELP}")
+
+
+def load_state_dict_files(directory: Path, stem: str) -> dict[str, Tensor]:
+    """A safetensors state dict, single-file (``<stem>.safetensors``) or sharded (``<stem>.safetensors.index.json``)."""
+    single, index = directory / f"{stem}.safetensors", directory / f"{stem}.safetensors.index.json"
+    if single.is_file():
+        return load_file(single)
+    if index.is_file():
+        shards = sorted(set(_read_json(index, "safetensors index")["weight_map"].values()))
+        _require([directory / s for s in shards], "weight shard")
+        state: dict[str, Tensor] = {}
+        for shard in shards:
+            state.update(load_file(directory / shard))
+        return state
+    raise WeightsError(f"DiffSplat weights are missing: neither {single} nor {index} exists. {LAYOUT_HELP}")
+
+
+def load_strict(module: nn.Module, state: dict[str, Tensor], label: str) -> None:
+    """``load_state_dict`` that names every missing, unexpected and mis-shaped key (no silent partial load)."""
+    own = module.state_dict()
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+              for k in sorted(set(own) & set(state)) if own[k].shape != state[k].shape]
+    if missing or unexpected or shapes:
+        raise WeightsError(f"{label} does not match the architecture: {len(missing)} missing keys {missing[:5]}, "
+                           f"{len(unexpected)} unexpected keys {unexpected[:5]}, {len(shapes)} shape mismatches "
+                           f"{shapes[:5]}")
+    module.load_state_dict(state, strict=True)
+
+
+def load_transformer(directory: Path) -> MultiViewPixArtTransformer:
+    _require([directory / "config.json"], "transformer config")
+    config = _read_json(directory / "config.json", "transformer config")
+    known = set(MultiViewPixArtTransformer.extract_init_dict(config)[0])
+    model = MultiViewPixArtTransformer.from_config({k: v for k, v in config.items() if k in known or k.startswith("_")})
+    load_strict(model, load_state_dict_files(directory, "diffusion_pytorch_model"), f"DiffSplat transformer {directory}")
+    return model.eval().requires_grad_(False)
+
+
+def load_gsvae(directory: Path) -> GSVAE:
+    _require([directory / GSVAE_WEIGHTS, directory / VAE_CONFIG], "GSVAE")
+    tiny = _read_json(directory / TINY_CONFIG, "tiny decoder config") if (directory / TINY_CONFIG).is_file() else None
+    model = GSVAE(_read_json(directory / VAE_CONFIG, "VAE config"), tiny)
+    load_strict(model, load_file(directory / GSVAE_WEIGHTS), f"DiffSplat GSVAE {directory / GSVAE_WEIGHTS}")
+    return model.eval().requires_grad_(False)
+
+
+def load_text_encoder(path: Path, dtype: torch.dtype) -> tuple[Any, Any]:
+    """PixArt-Σ's T5 encoder and tokenizer from ``path/text_encoder`` and ``path/tokenizer``."""
+    from transformers import AutoTokenizer, T5EncoderModel
+
+    _require([path / TEXT_ENCODER_DIR / "config.json"], "T5 text encoder")
+    if not (path / TOKENIZER_DIR).is_dir():
+        raise WeightsError(f"DiffSplat tokenizer is missing: {path / TOKENIZER_DIR}. {LAYOUT_HELP}")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path / TOKENIZER_DIR)
+        encoder = T5EncoderModel.from_pretrained(path / TEXT_ENCODER_DIR, use_safetensors=True, dtype=dtype)
+    except (OSError, ValueError, ImportError) as err:
+        raise WeightsError(f"could not load the T5 text encoder/tokenizer under {path} ({err}). A SentencePiece "
+                           f"tokenizer needs `pip install sentencepiece`. {LAYOUT_HELP}") from err
+    return encoder.eval().requires_grad_(False), tokenizer
+
+
+def tiny_diffsplat(text_dim: int = 16, vocab: Sequence[str] = (), seed: int = 0, sample_size: int = 4,
+                   num_views: int = 4, **geometry: Any) -> DiffSplatBackend:
+    """A small randomly initialised DiffSplat from the same classes (tests, smoke runs): a 1-layer
+    transformer on ``sample_size``² latents, a 2-level GSVAE (splatter images of 2 * sample_size) and a
+    1-layer T5 with a word-level tokenizer over ``vocab``."""
+    import tokenizers
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import Whitespace
+    from tokenizers.processors import TemplateProcessing
+    from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    transformer = MultiViewPixArtTransformer(
+        num_attention_heads=2, attention_head_dim=8, in_channels=LATENT_CHANNELS + PLUCKER_CHANNELS, out_channels=8,
+        num_layers=1, cross_attention_dim=16, sample_size=sample_size, patch_size=2, caption_channels=text_dim,
+        norm_type="ada_norm_single", use_additional_conditions=False)
+    vae = {"block_out_channels": [8, 8], "down_block_types": ["DownEncoderBlock2D"] * 2,
+           "up_block_types": ["UpDecoderBlock2D"] * 2, "layers_per_block": 1, "norm_num_groups": 4,
+           "latent_channels": LATENT_CHANNELS, "sample_size": 2 * sample_size, "scaling_factor": 0.13025}
+    tiny = {"encoder_block_out_channels": [8], "decoder_block_out_channels": [8, 8], "num_encoder_blocks": [1],
+            "num_decoder_blocks": [1, 1], "upsampling_scaling_factor": 2}
+    gsvae = GSVAE(vae, tiny)
+    words = ["[PAD]", "[UNK]", "</s>", *dict.fromkeys(w.lower() for w in vocab)]
+    tok = tokenizers.Tokenizer(WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = Whitespace()
+    tok.post_processor = TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 2)])  # T5 appends EOS
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", eos_token="</s>")
+    encoder = T5EncoderModel(T5Config(vocab_size=len(words), d_model=text_dim, d_kv=8, d_ff=32, num_layers=1,
+                                      num_heads=2, pad_token_id=0, eos_token_id=2)).eval().requires_grad_(False)
+    geometry = {"num_views": num_views, "azimuths_deg": [360.0 * i / num_views for i in range(num_views)],
+                "input_res": 8 * sample_size, **geometry}
+    return DiffSplatBackend(transformer.eval().requires_grad_(False), gsvae, encoder, tokenizer, geometry=geometry)
+
+
+@register_backend("diffsplat")
+def _load_diffsplat(weights: str | None = None, device: str = "cpu") -> DiffSplatBackend:
+    if weights is None:
+        raise WeightsError("the diffsplat backend needs model.weights=<directory>. " + LAYOUT_HELP)
+    return DiffSplatBackend.from_pretrained(weights, device=device)
+
+
+__all__ = ["DiffSplatBackend", "GSVAE", "MultiViewAttnProcessor", "MultiViewPixArtTransformer", "plucker_rays",
+           "tiny_diffsplat", "unproject_depth"]
