@@ -232,3 +232,20 @@ def test_sample_render_reward_and_lora(backend):
     assert any("pos_embed.proj" in n for n in names) and any("ff.net.2" in n for n in names)
     assert any("adaln_single" in n for n in names) and any("caption_projection" in n for n in names)
     assert params
+
+
+def test_padding_is_zeroed_and_changes_nothing(backend):
+    """Zeroed padded T5 features give the same prediction as the raw ones (they are masked out), and the
+    embedding cache then stores only the real tokens."""
+    from r2d3.backends.text import PromptEmbeds
+    from r2d3.data.embeddings import encoder_fingerprint
+
+    cond = backend.encode_prompts(["a red chair"])
+    assert (cond.tokens[0, 4:] == 0).all() and cond.tokens[0, :4].abs().sum() > 0
+    encoder, tokenizer = backend._text()
+    batch = tokenizer(["a red chair"], padding="max_length", max_length=300, return_tensors="pt")
+    raw = PromptEmbeds(encoder(batch.input_ids, attention_mask=batch.attention_mask)[0], cond.mask)
+    assert raw.tokens[0, 4:].abs().sum() > 0
+    x, t = torch.randn(1, *backend.latent_shape), torch.tensor([300])
+    assert torch.allclose(backend.denoise(x, t, cond), backend.denoise(x, t, raw), atol=1e-6)
+    assert encoder_fingerprint(backend).startswith("diffsplat:")

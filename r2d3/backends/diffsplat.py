@@ -238,6 +238,11 @@ class DiffSplatBackend:
             self._text_encoder.to(device)
         return self
 
+    @property
+    def text_encoder(self) -> nn.Module:
+        """The T5 encoder (loaded on first use); precomputed embeddings are fingerprinted by it."""
+        return self._text()[0]
+
     def _text(self) -> tuple[Any, Any]:
         if self._text_encoder is None:
             if self._text_loader is None:
@@ -249,13 +254,16 @@ class DiffSplatBackend:
 
     @torch.no_grad()
     def encode_prompts(self, prompts: Sequence[str]) -> PromptEmbeds:
-        """T5 embeddings padded to 300 tokens with their attention mask (PixArt-Σ's encoding, no caption
-        cleaning: prompts are used as given)."""
+        """T5 embeddings padded to 300 tokens with their attention mask (PixArt-Σ's encoding without its
+        optional caption cleaning: prompts are used as given)."""
         encoder, tokenizer = self._text()
         batch = tokenizer(list(prompts), padding="max_length", max_length=MAX_PROMPT_TOKENS, truncation=True,
                           add_special_tokens=True, return_tensors="pt").to(self.device)
-        tokens = encoder(batch.input_ids, attention_mask=batch.attention_mask)[0]
-        return PromptEmbeds(tokens.float(), batch.attention_mask.bool())
+        mask = batch.attention_mask.bool()
+        # padded positions are masked out of the cross-attention; zeroing them changes no output and lets
+        # the embedding cache store only the real tokens (T5 gives padding non-zero features)
+        tokens = encoder(batch.input_ids, attention_mask=batch.attention_mask)[0].float() * mask[..., None]
+        return PromptEmbeds(tokens, mask)
 
     def denoise(self, x: Tensor, t: Tensor, cond: PromptEmbeds) -> Tensor:
         """``[B, V*4, h, w]`` -> epsilon ``[B, V*4, h, w]`` (the learned-variance half is dropped)."""

@@ -79,7 +79,8 @@ def encoder_fingerprint(backend: Any) -> str:
     h = hashlib.sha256()
     config = getattr(module, "config", None)
     if config is not None:
-        public = {k: v for k, v in dict(config).items() if not str(k).startswith("_")}
+        items = config.to_dict() if hasattr(config, "to_dict") else dict(config)  # transformers / diffusers
+        public = {k: v for k, v in items.items() if not str(k).startswith("_")}
         h.update(json.dumps(public, sort_keys=True, default=str).encode())
     for name, tensor in sorted(module.state_dict().items()):
         _update_with_tensor(h, name, tensor)
