@@ -8,6 +8,11 @@
     # model.safetensors, preprocessor_config.json); then copy the CLIP tokenizer files into it
     python pipelines/convert_weights.py hpsv2 --input HPS_v2.1_compressed.pt --output weights/hpsv2
 
+    # ImageReward (THUDM/ImageReward: ImageReward.pt + med_config.json) + the bert-base-uncased tokenizer
+    # files -> the image_reward directory (vision/, text/, tokenizer, head.safetensors, image_reward.json)
+    python pipelines/convert_weights.py image_reward --input ImageReward.pt --med-config med_config.json \
+        --tokenizer weights/bert-base-uncased --output weights/image_reward
+
     # a transformers checkpoint published only as pytorch_model.bin -> model.safetensors next to it
     python pipelines/convert_weights.py bin --input weights/pickscore/pytorch_model.bin \
         --output weights/pickscore/model.safetensors
@@ -19,15 +24,18 @@ models", for where each original file comes from.
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 from safetensors.torch import save_file
 
 from r2d3.rewards.convert import (
     convert_aesthetic_head,
+    imagereward_to_blip,
     load_torch_checkpoint,
     openclip_to_transformers,
     plain_tensors,
+    save_image_reward,
     save_transformers_clip,
 )
 
@@ -35,19 +43,30 @@ from r2d3.rewards.convert import (
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["aesthetic", "hpsv2", "bin"], help="which checkpoint to convert")
+    parser.add_argument("what", choices=["aesthetic", "hpsv2", "image_reward", "bin"],
+                        help="which checkpoint to convert")
     parser.add_argument("--input", required=True, help="the original .pth/.pt file")
     parser.add_argument("--output", required=True,
-                        help="aesthetic, bin: the .safetensors file to write; hpsv2: the directory to write")
+                        help="aesthetic, bin: the .safetensors file to write; hpsv2, image_reward: the "
+                             "directory to write")
     parser.add_argument("--hidden-act", default="gelu", choices=["gelu", "quick_gelu"],
                         help="hpsv2/OpenCLIP only: the MLP activation (gelu for OpenCLIP-trained ViT-H-14)")
+    parser.add_argument("--med-config", help="image_reward only: ImageReward's med_config.json")
+    parser.add_argument("--tokenizer",
+                        help="image_reward only: a directory with the bert-base-uncased tokenizer files")
     args = parser.parse_args(argv)
+    if args.what == "image_reward" and not (args.med_config and args.tokenizer):
+        parser.error("image_reward needs --med-config med_config.json and "
+                     "--tokenizer <bert-base-uncased dir>")
     state = load_torch_checkpoint(args.input)
     output = Path(args.output)
     if args.what in ("aesthetic", "bin"):
         output.parent.mkdir(parents=True, exist_ok=True)
         tensors = convert_aesthetic_head(state) if args.what == "aesthetic" else plain_tensors(state)
         save_file(tensors, str(output))
+    elif args.what == "image_reward":
+        med_config = json.loads(Path(args.med_config).read_text())
+        save_image_reward(*imagereward_to_blip(state, med_config), args.tokenizer, output)
     else:
         converted, config = openclip_to_transformers(state, hidden_act=args.hidden_act)
         save_transformers_clip(converted, config, output)

@@ -198,13 +198,14 @@ class DiffSplatBackend:
     def __init__(self, transformer: MultiViewPixArtTransformer, gsvae: GSVAE, text_encoder: Any = None,
                  tokenizer: Any = None, scheduler_config: dict[str, Any] | None = None,
                  geometry: dict[str, Any] | None = None, tiny_decoder: bool = False,
-                 text_encoder_loader: Any = None):
+                 text_encoder_loader: Any = None, text_encoder_device: str | None = None):
         self.denoiser = transformer
         self.gsvae = gsvae.eval().requires_grad_(False)
         self.scheduler_config = dict(scheduler_config or DEFAULT_SCHEDULER_CONFIG)
         self.geometry = {**DEFAULT_GEOMETRY, **(geometry or {})}
         self.tiny_decoder = tiny_decoder
         self._text_encoder, self._tokenizer, self._text_loader = text_encoder, tokenizer, text_encoder_loader
+        self.text_encoder_device = text_encoder_device  # e.g. "cpu": keep T5-XXL (9.5 GB bf16) off the GPU
         cfg = transformer.config
         expected_in = LATENT_CHANNELS + PLUCKER_CHANNELS
         if cfg.in_channels != expected_in or transformer.out_channels not in (LATENT_CHANNELS, 2 * LATENT_CHANNELS):
@@ -235,7 +236,7 @@ class DiffSplatBackend:
         self.denoiser.to(device)
         self.gsvae.to(device)
         if self._text_encoder is not None:
-            self._text_encoder.to(device)
+            self._text_encoder.to(self.text_encoder_device or device)
         return self
 
     @property
@@ -249,7 +250,7 @@ class DiffSplatBackend:
                 raise WeightsError("this DiffSplat backend has no text encoder; load it with a weights directory "
                                    "holding text_encoder/ and tokenizer/, or pass precomputed prompt embeddings")
             self._text_encoder, self._tokenizer = self._text_loader()
-            self._text_encoder.to(self.device)
+            self._text_encoder.to(self.text_encoder_device or self.device)
         return self._text_encoder, self._tokenizer
 
     @torch.no_grad()
@@ -258,12 +259,12 @@ class DiffSplatBackend:
         optional caption cleaning: prompts are used as given)."""
         encoder, tokenizer = self._text()
         batch = tokenizer(list(prompts), padding="max_length", max_length=MAX_PROMPT_TOKENS, truncation=True,
-                          add_special_tokens=True, return_tensors="pt").to(self.device)
+                          add_special_tokens=True, return_tensors="pt").to(encoder.device)
         mask = batch.attention_mask.bool()
         # padded positions are masked out of the cross-attention; zeroing them changes no output and lets
         # the embedding cache store only the real tokens (T5 gives padding non-zero features)
         tokens = encoder(batch.input_ids, attention_mask=batch.attention_mask)[0].float() * mask[..., None]
-        return PromptEmbeds(tokens, mask)
+        return PromptEmbeds(tokens.to(self.device), mask.to(self.device))
 
     def denoise(self, x: Tensor, t: Tensor, cond: PromptEmbeds) -> Tensor:
         """``[B, V*4, h, w]`` -> epsilon ``[B, V*4, h, w]`` (the learned-variance half is dropped)."""
@@ -323,14 +324,15 @@ class DiffSplatBackend:
             self._tokenizer.save_pretrained(path / TOKENIZER_DIR)
         (path / BACKEND_FILE).write_text(json.dumps(
             {"name": self.name, "scheduler": self.scheduler_config, "geometry": self.geometry,
-             "tiny_decoder": self.tiny_decoder}, indent=2))
+             "tiny_decoder": self.tiny_decoder, "text_encoder_device": self.text_encoder_device}, indent=2))
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, device: str = "cpu", dtype: str | None = None) -> "DiffSplatBackend":
         """Load DiffSplat from a local directory (layout in :data:`LAYOUT_HELP`); strict key/shape matching.
 
-        ``dtype`` (or ``backend.json``'s ``"dtype"``): the transformer/GSVAE weights' precision; LoRA
-        adapters train in float32 regardless. Default float32."""
+        Optional ``backend.json`` keys: ``dtype`` (weights' precision, default float32; LoRA adapters train in
+        float32 regardless), ``text_encoder_device`` (e.g. ``"cpu"``), ``tiny_decoder`` (decode with the
+        distilled decoder), ``scheduler`` and ``geometry`` (defaults: the released model's)."""
         path = Path(path)
         meta = _read_json(path / BACKEND_FILE, "DiffSplat backend settings") if (path / BACKEND_FILE).is_file() else {}
         torch_dtype = getattr(torch, dtype or meta.get("dtype", "float32"))
@@ -342,7 +344,7 @@ class DiffSplatBackend:
 
         backend = cls(transformer.to(torch_dtype), gsvae.to(torch_dtype), scheduler_config=meta.get("scheduler"),
                       geometry=meta.get("geometry"), tiny_decoder=bool(meta.get("tiny_decoder", False)),
-                      text_encoder_loader=text)
+                      text_encoder_loader=text, text_encoder_device=meta.get("text_encoder_device"))
         return backend.to(device)
 
 

@@ -11,6 +11,15 @@ loads (used by ``pipelines/convert_weights.py``).
   ln_final,text_projection,logit_scale}``; each residual block has ``ln_1, attn.in_proj_{weight,bias}`` (q, k,
   v stacked), ``attn.out_proj, ln_2, mlp.c_fc, mlp.c_proj``. OpenCLIP's projections are ``x @ proj``, so
   they are transposed into ``nn.Linear`` weights.
+- :func:`imagereward_to_blip` + :func:`save_image_reward`: ImageReward's ``ImageReward.pt``
+  (THUDM/ImageReward, a plain state dict of its ``ImageReward`` module) + its ``med_config.json`` + a
+  ``bert-base-uncased`` tokenizer -> the directory :mod:`r2d3.rewards.image_reward` loads (``vision/`` a
+  ``transformers`` ``BlipVisionModel``, ``text/`` a ``BlipTextModel`` with cross-attention, the tokenizer
+  with BLIP's ``[DEC]``/``[ENC]`` tokens, ``head.safetensors``, ``image_reward.json``). Source layout:
+  ``blip.visual_encoder.{cls_token,pos_embed,patch_embed.proj,blocks.N.{norm1,attn.qkv,attn.proj,norm2,
+  mlp.fc1,mlp.fc2},norm}`` (BLIP's timm-style ViT, LayerNorm eps 1e-6), ``blip.text_encoder.*`` (BLIP's
+  ``med.py`` BERT, already named like ``BlipTextModel``) and ``mlp.layers.{0,2,4,6,7}`` (the LAION-style
+  linear head).
 
 Pickled checkpoints are read with ``torch.load(weights_only=True)`` (tensors and plain containers only).
 """
@@ -171,10 +180,197 @@ def save_transformers_clip(state: Mapping[str, Tensor], config: Any, output: str
          "crop_size": {"height": size, "width": size}}, indent=2))
 
 
+# --------------------------------------------------------------------------------------------------------
+# ImageReward (BLIP ViT + BERT with cross-attention + linear MLP head)
+
+#: ImageReward's score normalisation, ``(mlp(x) - mean) / std`` (constants of its ``ImageReward`` class)
+IMAGE_REWARD_SCORE_MEAN = 0.16717362830052426
+IMAGE_REWARD_SCORE_STD = 1.0333394966054072
+
+#: source keys that the score never uses and the conversion drops: BLIP_Pretrain's contrastive projections
+#: (``vision_proj``/``text_proj``, used by BLIPScore, not by ImageReward) and the ``position_ids`` buffer
+#: older ``transformers`` versions saved (it is ``arange(max_position_embeddings)``, rebuilt on load)
+IMAGE_REWARD_IGNORED = ("blip.vision_proj.weight", "blip.vision_proj.bias", "blip.text_proj.weight",
+                        "blip.text_proj.bias", "blip.text_encoder.embeddings.position_ids")
+
+_VIT_BLOCK = (("norm1", "layer_norm1"), ("attn.qkv", "self_attn.qkv"), ("attn.proj", "self_attn.projection"),
+              ("norm2", "layer_norm2"), ("mlp.fc1", "mlp.fc1"), ("mlp.fc2", "mlp.fc2"))
+
+
+def _in_vocab(token_id: int, vocab: int) -> int | None:
+    return token_id if 0 <= token_id < vocab else None
+
+
+def imagereward_to_blip(state: Mapping[str, Tensor], med_config: Mapping[str, Any],
+                        head_width: int = 64) -> tuple[dict[str, Tensor], Any, dict[str, Tensor], Any,
+                                                       dict[str, Tensor]]:
+    """``(vision state, BlipVisionConfig, text state, BlipTextConfig, head state)`` from ImageReward's state
+    dict and its ``med_config.json`` (as a dict).
+
+    The ViT sizes are read from the tensor shapes; ``head_width`` is its attention head size (64 for BLIP's
+    ViT-B/16 and ViT-L/16: 12 and 16 heads), which shapes cannot tell. ViT LayerNorms use eps 1e-6 and exact
+    GELU, as BLIP's ``vit.py``. The text tower follows ``med_config`` (its ``encoder_width`` is replaced by
+    the ViT width, as BLIP does). Strict: a missing source key or one left unconsumed (beyond
+    :data:`IMAGE_REWARD_IGNORED`) raises ``ValueError`` listing them."""
+    from transformers import BlipTextConfig, BlipVisionConfig
+
+    from r2d3.rewards.clip_models import AestheticHead
+
+    v, t = "blip.visual_encoder.", "blip.text_encoder."
+    required = (v + "cls_token", v + "pos_embed", v + "patch_embed.proj.weight",
+                t + "embeddings.word_embeddings.weight", "mlp.layers.0.weight")
+    missing = [k for k in required if k not in state]
+    if missing:
+        raise ValueError(f"not an ImageReward checkpoint: missing keys {missing} "
+                         f"(found e.g. {sorted(state)[:8]})")
+    if med_config.get("position_embedding_type", "absolute") != "absolute":
+        raise ValueError("med_config.json: only absolute position embeddings are supported, got "
+                         f"{med_config['position_embedding_type']!r}")
+    if not med_config.get("add_cross_attention", False):
+        raise ValueError("med_config.json: ImageReward's text encoder needs add_cross_attention=true")
+
+    width, _, patch, _ = state[v + "patch_embed.proj.weight"].shape
+    n_pos = state[v + "pos_embed"].shape[1]
+    grid = round((n_pos - 1) ** 0.5)
+    if grid * grid != n_pos - 1:
+        raise ValueError(f"{v}pos_embed has {n_pos} rows, not 1 + a square grid")
+    if int(width) % head_width:
+        raise ValueError(f"ViT width {int(width)} is not a multiple of head_width={head_width}")
+    v_layers = _block_count(state, v + "blocks.")
+    vision_config = BlipVisionConfig(
+        hidden_size=int(width), intermediate_size=int(state[v + "blocks.0.mlp.fc1.weight"].shape[0]),
+        num_hidden_layers=v_layers, num_attention_heads=int(width) // head_width,
+        image_size=int(grid * patch), patch_size=int(patch), hidden_act="gelu", layer_norm_eps=1e-6,
+        attention_dropout=0.0)
+
+    vocab, t_width = state[t + "embeddings.word_embeddings.weight"].shape
+    t_layers = _block_count(state, t + "encoder.layer.")
+    sizes = (int(med_config.get("vocab_size", vocab)), int(med_config.get("hidden_size", t_width)))
+    if sizes != (vocab, t_width):
+        raise ValueError(f"med_config.json (vocab_size {med_config.get('vocab_size')}, hidden_size "
+                         f"{med_config.get('hidden_size')}) does not match the checkpoint's word embeddings "
+                         f"{tuple(state[t + 'embeddings.word_embeddings.weight'].shape)}")
+    if int(med_config.get("num_hidden_layers", t_layers)) != t_layers:
+        raise ValueError(f"med_config.json has num_hidden_layers={med_config['num_hidden_layers']} but the "
+                         f"checkpoint has {t_layers} text layers")
+    text_config = BlipTextConfig(
+        vocab_size=int(vocab), hidden_size=int(t_width), encoder_hidden_size=int(width),
+        intermediate_size=int(med_config["intermediate_size"]), num_hidden_layers=t_layers,
+        num_attention_heads=int(med_config["num_attention_heads"]),
+        max_position_embeddings=int(med_config["max_position_embeddings"]),
+        hidden_act=str(med_config.get("hidden_act", "gelu")),
+        layer_norm_eps=float(med_config.get("layer_norm_eps", 1e-12)),
+        hidden_dropout_prob=float(med_config.get("hidden_dropout_prob", 0.0)),
+        attention_probs_dropout_prob=float(med_config.get("attention_probs_dropout_prob", 0.0)),
+        pad_token_id=int(med_config.get("pad_token_id", 0)),
+        # BLIP's [DEC] (bos), [SEP] and BERT's [unused1]; kept only where they fit the vocabulary
+        bos_token_id=_in_vocab(30522, int(vocab)), sep_token_id=_in_vocab(102, int(vocab)),
+        eos_token_id=_in_vocab(2, int(vocab)),
+        is_decoder=True)  # BlipTextLayer builds its cross-attention only for is_decoder configs
+
+    used: set[str] = set()
+    absent: list[str] = []
+
+    def take(key: str) -> Tensor:
+        if key not in state:
+            absent.append(key)
+            return torch.empty(0)
+        used.add(key)
+        return state[key]
+
+    vision: dict[str, Tensor] = {
+        "embeddings.class_embedding": take(v + "cls_token"),
+        "embeddings.position_embedding": take(v + "pos_embed"),
+        "embeddings.patch_embedding.weight": take(v + "patch_embed.proj.weight"),
+        "embeddings.patch_embedding.bias": take(v + "patch_embed.proj.bias"),
+        "post_layernorm.weight": take(v + "norm.weight"),
+        "post_layernorm.bias": take(v + "norm.bias"),
+    }
+    for i in range(v_layers):
+        for src, dst in _VIT_BLOCK:
+            for p in ("weight", "bias"):
+                vision[f"encoder.layers.{i}.{dst}.{p}"] = take(f"{v}blocks.{i}.{src}.{p}")
+
+    # BLIP's med.py BERT already uses the names of transformers' BlipTextModel: check against the real module
+    from transformers import BlipTextModel
+
+    with torch.device("meta"):
+        text_keys = list(BlipTextModel(text_config, add_pooling_layer=False).state_dict())
+    text = {k: take(t + k) for k in text_keys}
+
+    head_keys = list(AestheticHead(int(state["mlp.layers.0.weight"].shape[1])).state_dict())
+    head = {k: take("mlp." + k) for k in head_keys}
+    if absent:
+        raise ValueError(f"not a complete ImageReward checkpoint: missing keys {absent[:16]}"
+                         + (f" and {len(absent) - 16} more" if len(absent) > 16 else ""))
+    if head["layers.0.weight"].shape[1] != t_width:
+        raise ValueError(f"the MLP head takes {head['layers.0.weight'].shape[1]} features, the text encoder "
+                         f"gives {int(t_width)}")
+
+    unused = sorted(set(state) - used - set(IMAGE_REWARD_IGNORED))
+    if unused:
+        raise ValueError(f"unexpected ImageReward keys (not consumed by the conversion): {unused[:16]}"
+                         + (f" and {len(unused) - 16} more" if len(unused) > 16 else ""))
+
+    def plain(d: dict[str, Tensor]) -> dict[str, Tensor]:
+        return {k: x.detach().float().contiguous() for k, x in d.items()}
+
+    return plain(vision), vision_config, plain(text), text_config, plain(head)
+
+
+def save_image_reward(vision: Mapping[str, Tensor], vision_config: Any, text: Mapping[str, Tensor],
+                      text_config: Any, head: Mapping[str, Tensor], tokenizer_dir: str | Path,
+                      output: str | Path, max_length: int = 35) -> None:
+    """Write the ``image_reward`` directory: ``vision/`` and ``text/`` (``save_pretrained``, safetensors, each
+    model loaded strictly first), ``head.safetensors``, the BERT tokenizer from ``tokenizer_dir`` with BLIP's
+    special tokens added (``[DEC]`` as bos, ``[ENC]`` as an additional special token; its vocabulary must then
+    match the text encoder's) and ``image_reward.json`` (score mean/std, image size and mean/std,
+    max_length)."""
+    import json
+
+    from safetensors.torch import save_file
+    from transformers import AutoTokenizer, BlipTextModel, BlipVisionModel
+
+    from r2d3.eval.extractors import CLIP_MEAN, CLIP_STD
+
+    tokenizer_dir = Path(tokenizer_dir)
+    if not tokenizer_dir.is_dir():
+        raise FileNotFoundError(f"tokenizer directory {tokenizer_dir} not found: pass the files of the "
+                                "Hugging Face repo `bert-base-uncased` (vocab.txt, tokenizer.json, "
+                                "tokenizer_config.json)")
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
+    tokenizer.add_special_tokens({"bos_token": "[DEC]"})
+    tokenizer.add_special_tokens({"additional_special_tokens": ["[ENC]"]})
+    if len(tokenizer) != text_config.vocab_size:
+        raise ValueError(f"the tokenizer in {tokenizer_dir} has {len(tokenizer)} tokens with [DEC]/[ENC] "
+                         f"added, the text encoder {text_config.vocab_size}: not the bert-base-uncased "
+                         "tokenizer?")
+    output = Path(output)
+    for sub, cls, state, config, kwargs in (("vision", BlipVisionModel, vision, vision_config, {}),
+                                            ("text", BlipTextModel, text, text_config,
+                                             {"add_pooling_layer": False})):
+        model = cls(config, **kwargs)
+        model.load_state_dict(dict(state), strict=True)
+        model.save_pretrained(str(output / sub), safe_serialization=True)
+    save_file(dict(head), str(output / "head.safetensors"))
+    tokenizer.save_pretrained(str(output))
+    (output / "image_reward.json").write_text(json.dumps({
+        "score_mean": IMAGE_REWARD_SCORE_MEAN, "score_std": IMAGE_REWARD_SCORE_STD,
+        "image_size": int(vision_config.image_size), "image_mean": list(CLIP_MEAN),
+        "image_std": list(CLIP_STD), "max_length": int(max_length),
+        "enc_token_id": int(tokenizer.convert_tokens_to_ids("[ENC]")),
+    }, indent=2))
+
+
 __all__ = [
+    "IMAGE_REWARD_IGNORED",
+    "IMAGE_REWARD_SCORE_MEAN",
+    "IMAGE_REWARD_SCORE_STD",
     "convert_aesthetic_head",
+    "imagereward_to_blip",
     "load_torch_checkpoint",
     "openclip_to_transformers",
     "plain_tensors",
+    "save_image_reward",
     "save_transformers_clip",
 ]
