@@ -235,6 +235,7 @@ class DiffSplatBackend:
     def to(self, device: torch.device | str) -> "DiffSplatBackend":
         self.denoiser.to(device)
         self.gsvae.to(device)
+        self.c2w, self.plucker = self.c2w.to(device), self.plucker.to(device)
         if self._text_encoder is not None:
             self._text_encoder.to(self.text_encoder_device or device)
         return self
@@ -301,7 +302,7 @@ class DiffSplatBackend:
         u_scale = (g[:, :, 3:6] + 1) / 2
         scales = self.geometry["scale_min"] * u_scale + self.geometry["scale_max"] * (1 - u_scale)
         depth = g[:, :, 11] + self.c2w[:, :3, 3].norm(dim=-1).to(g)[None, :, None, None]
-        means = unproject_depth(depth, self.c2w.to(g.device), self.geometry["fxfy"]).reshape(b, -1, 3)
+        means = unproject_depth(depth, self.c2w, self.geometry["fxfy"]).reshape(b, -1, 3)
         return Gaussians(
             means=means,
             scales=flat(scales),
