@@ -59,3 +59,31 @@ def ray_local(_ray_session):
 
         ray.data.DataContext.get_current().enable_progress_bars = False
     return ray
+
+
+def _rgb_grad_matches_finite_differences(reward, render, prompts, indices, eps: float = 1e-6) -> None:
+    """Backpropagate ``reward(render)`` to the rendered RGB and compare entries ``indices`` with central
+    differences (float64 renders)."""
+    import torch
+
+    from r2d3.render.output import RenderOutput
+
+    rgb = render.rgb.clone().requires_grad_(True)
+    render.rgb = rgb
+    reward(render, prompts).sum().backward()
+    assert rgb.grad is not None and torch.isfinite(rgb.grad).all() and rgb.grad.abs().sum() > 0
+    for idx in indices:
+        with torch.no_grad():
+            plus, minus = rgb.detach().clone(), rgb.detach().clone()
+            plus[idx] += eps
+            minus[idx] -= eps
+            f = [reward(RenderOutput(x, render.alpha, render.depth, render.normal, None), prompts).item()
+                 for x in (plus, minus)]
+        fd = (f[0] - f[1]) / (2 * eps)
+        assert abs(fd - rgb.grad[idx].item()) <= 1e-8 + 1e-5 * abs(fd), (idx, fd, rgb.grad[idx].item())
+
+
+@pytest.fixture
+def rgb_fd_check():
+    """The finite-difference check of a reward's gradient w.r.t. the rendered RGB."""
+    return _rgb_grad_matches_finite_differences

@@ -10,7 +10,7 @@ from diffusers.configuration_utils import register_to_config
 from diffusers.loaders import PeftAdapterMixin
 from torch import nn
 
-from r2d3.algos import AlignContext, SampleBatch, build_algorithm, stratified_transitions
+from r2d3.algos import AlignContext, build_algorithm, stratified_transitions
 from r2d3.algos.ddpo import per_prompt_advantages
 from r2d3.backends import TinySplatBackend
 from r2d3.backends.text import PromptEmbeds

@@ -4,7 +4,6 @@ sample -> decode -> render -> reward chain."""
 
 from __future__ import annotations
 
-import json
 import math
 
 import pytest
@@ -27,7 +26,6 @@ from r2d3.backends.diffsplat import (  # noqa: E402
     unproject_depth,
 )
 from r2d3.config import RenderConfig, SamplerConfig  # noqa: E402
-from r2d3.render import render_gaussians  # noqa: E402
 from r2d3.rewards import build_reward  # noqa: E402
 
 VOCAB = ["a", "red", "chair", "blue", "lamp"]
@@ -213,7 +211,7 @@ def test_decode_activations(backend):
 def test_sample_render_reward_and_lora(backend):
     """The aligner's chain on DiffSplat: SDE-DPM-Solver++ sampling with CFG, decode, render and a reward
     with a finite gradient w.r.t. the latents; LoRA attaches to the paper's target modules."""
-    from r2d3.train.lora import add_lora, adapters_disabled
+    from r2d3.train.lora import add_lora
 
     sampler = SamplerConfig(kind="sde-dpmsolver++", num_steps=3, guidance_scale=5.0)
     render = RenderConfig(num_views=2, resolution=16, distance=1.4, fov_deg=39.6, elevation_deg=0.0)

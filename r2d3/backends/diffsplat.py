@@ -343,7 +343,9 @@ class DiffSplatBackend:
         def text() -> tuple[Any, Any]:
             return load_text_encoder(path, torch_dtype)
 
-        backend = cls(transformer.to(torch_dtype), gsvae.to(torch_dtype), scheduler_config=meta.get("scheduler"),
+        if torch_dtype != torch.float32:
+            transformer, gsvae = transformer.to(torch_dtype), gsvae.to(torch_dtype)
+        backend = cls(transformer, gsvae, scheduler_config=meta.get("scheduler"),
                       geometry=meta.get("geometry"), tiny_decoder=bool(meta.get("tiny_decoder", False)),
                       text_encoder_loader=text, text_encoder_device=meta.get("text_encoder_device"))
         return backend.to(device)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from pathlib import Path
 from collections.abc import Sequence as SequenceABC
 from typing import Any, Callable, Sequence
 
@@ -173,6 +174,25 @@ def load_reward(spec: Any, device: torch.device | str = "cpu") -> Reward:
     if isinstance(reward, torch.nn.Module):
         reward.to(device).requires_grad_(False)
     return reward
+
+
+NEVER_DOWNLOADS = "(this project never downloads weights)"
+
+
+def local_weights_dir(weights: Any, reward: str, holding: str) -> Path:
+    """The local directory of a pretrained reward's weights; ``None`` or a missing directory raises
+    :class:`~r2d3.backends.base.WeightsError` saying what the directory must hold (``holding``)."""
+    from r2d3.backends.base import WeightsError
+
+    if weights is None or str(weights) == "":
+        raise WeightsError(f"reward {reward!r} needs `weights`: a local directory holding {holding}. Pass it in "
+                           f"the spec, e.g. {{'name': '{reward}', 'kwargs': {{'weights': '<dir>'}}}} "
+                           f"{NEVER_DOWNLOADS}.")
+    path = Path(weights)
+    if not path.is_dir():
+        raise WeightsError(f"{reward} weights not found: {path} is not a directory. Put {holding} there "
+                           f"{NEVER_DOWNLOADS}.")
+    return path
 
 
 def views_as_batch(x: Tensor) -> Tensor:

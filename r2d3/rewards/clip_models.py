@@ -40,7 +40,8 @@ from torch import Tensor, nn
 from r2d3.backends.base import WeightsError
 from r2d3.eval.extractors import CLIP_MEAN, CLIP_STD, _load_pretrained, _model_input, _normalisation
 from r2d3.render.output import RenderOutput
-from r2d3.rewards.base import Reward, check_prompts, register_reward, views_as_batch
+from r2d3.rewards.base import (Reward, check_prompts, local_weights_dir, register_reward,
+                               views_as_batch)
 
 #: file name of the converted LAION aesthetic head inside the ``laion_aesthetic`` weights directory
 AESTHETIC_HEAD_FILE = "aesthetic_mlp.safetensors"
@@ -68,20 +69,10 @@ DOWNLOADS = {
                  f"preprocessor_config.json and tokenizer files ({_TOKENIZER_FILES}) of "
                  "`laion/CLIP-ViT-H-14-laion2B-s32B-b79K`, all in one directory",
 }
-_NEVER = "(this project never downloads weights)"
 
 
 def _weights_dir(weights: str | os.PathLike | None, reward: str) -> Path:
-    if weights is None or str(weights) == "":
-        raise WeightsError(f"reward {reward!r} needs `weights`: a local directory holding "
-                           f"{DOWNLOADS[reward]}. "
-                           f"Pass it in the spec, e.g. {{'name': '{reward}', 'kwargs': "
-                           f"{{'weights': '<dir>'}}}} {_NEVER}.")
-    path = Path(weights)
-    if not path.is_dir():
-        raise WeightsError(f"{reward} weights not found: {path} is not a directory. "
-                           f"Put {DOWNLOADS[reward]} there {_NEVER}.")
-    return path
+    return local_weights_dir(weights, reward, DOWNLOADS[reward])
 
 
 def _load_tokenizer(path: Path, reward: str):

@@ -45,7 +45,8 @@ from torch import Tensor
 from r2d3.backends.base import WeightsError
 from r2d3.eval.extractors import _model_input
 from r2d3.render.output import RenderOutput
-from r2d3.rewards.base import Reward, check_prompts, register_reward, views_as_batch
+from r2d3.rewards.base import (NEVER_DOWNLOADS, Reward, check_prompts, local_weights_dir, register_reward,
+                               views_as_batch)
 from r2d3.rewards.clip_models import AestheticHead
 
 #: file names inside the ``image_reward`` weights directory
@@ -62,18 +63,10 @@ DOWNLOAD = ("`ImageReward.pt` and `med_config.json` from the Hugging Face model 
             "tokenizer_config.json) of the Hugging Face repo `bert-base-uncased` in a directory of their "
             "own, converted with "
             f"`{CONVERT_COMMAND}`")
-_NEVER = "(this project never downloads weights)"
 
 
 def _weights_dir(weights: str | os.PathLike | None) -> Path:
-    if weights is None or str(weights) == "":
-        raise WeightsError("reward 'image_reward' needs `weights`: a local directory converted from "
-                           f"{DOWNLOAD}. Pass it in the spec, e.g. {{'name': 'image_reward', 'kwargs': "
-                           f"{{'weights': '<dir>'}}}} {_NEVER}.")
-    path = Path(weights)
-    if not path.is_dir():
-        raise WeightsError(f"image_reward weights not found: {path} is not a directory. Download {DOWNLOAD} "
-                           f"{_NEVER}.")
+    path = local_weights_dir(weights, "image_reward", f"the output of converting {DOWNLOAD}")
     missing = [str(path / sub / f) for sub in (VISION_DIR, TEXT_DIR) for f in _MODEL_FILES
                if not (path / sub / f).is_file()]
     missing += [str(path / f) for f in (HEAD_FILE, SETTINGS_FILE) if not (path / f).is_file()]
@@ -84,7 +77,7 @@ def _weights_dir(weights: str | os.PathLike | None) -> Path:
         note = (f" Pickled files ({', '.join(sorted(pickles)[:4])}) are never loaded: convert them."
                 if pickles else "")
         raise WeightsError(f"image_reward weights incomplete in {path}: missing {', '.join(missing)}.{note} "
-                           f"Download {DOWNLOAD} {_NEVER}.")
+                           f"Download {DOWNLOAD} {NEVER_DOWNLOADS}.")
     return path
 
 
