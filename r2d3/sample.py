@@ -55,7 +55,7 @@ def generate(backend, prompts: list[str], seeds: list[int], num_steps: int = 20,
                           x_T=noise[:, 0], noises=noise[:, 1:],
                           cond={"tokens": both.tokens[: len(rows)], "mask": both.mask[: len(rows)]},
                           uncond={"tokens": both.tokens[len(rows):], "mask": both.mask[len(rows):]},
-                          guidance_scale=guidance_scale)
+                          guidance_scale=guidance_scale, final_x0=getattr(backend, "final_x0", False))
     return rows, traj.final, backend.decode(traj.final)
 
 

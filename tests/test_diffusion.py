@@ -161,6 +161,27 @@ def test_same_generator_same_trajectory_and_pre_drawn_noises() -> None:
     torch.testing.assert_close(replay.latents, first.latents, rtol=0, atol=0)
 
 
+
+@pytest.mark.parametrize("kind", ["ddim", "sde-dpmsolver++"])
+def test_final_x0_ends_with_the_models_clean_prediction(kind: str) -> None:
+    """``final_x0`` leaves every transition as it was and makes ``final`` the x_0 prediction of one more
+    model call at the last state, at the last step's next noise level (an independent recomputation)."""
+    sampler = _sampler(kind, prediction_type="sample")
+    model = TinyDenoiser()
+    plain = sampler.sample(model, shape=(BATCH, *LATENT), dtype=DTYPE, generator=torch.Generator().manual_seed(5))
+    clean = sampler.sample(model, plain.latents[:, 0], noises=plain.noises, final_x0=True)
+    torch.testing.assert_close(clean.latents, plain.latents, rtol=0, atol=0)
+    x_k = plain.latents[:, -1]
+    t0 = torch.full((BATCH,), int(sampler.next_timesteps[-1]))
+    torch.testing.assert_close(clean.final, model(x_k, t0).to(DTYPE))  # "sample" prediction: x0_hat = output
+    assert not torch.equal(clean.final, plain.final)
+    both = Trajectory.concat([clean.select([0]), clean.select([1])])
+    torch.testing.assert_close(both.final, clean.final[[0, 1]])
+    with pytest.raises(ValueError, match="with and without clean_final"):
+        Trajectory.concat([clean, plain])
+    with pytest.raises(ValueError, match="clean_final must have shape"):
+        Trajectory(**{**clean.__dict__, "clean_final": clean.clean_final[:, :1]})
+
 # --------------------------------------------------------------------------- Gaussian bookkeeping
 @pytest.mark.parametrize("kind,eta", STOCHASTIC_CASES)
 def test_log_prob_matches_float64_normal(kind: str, eta: float) -> None:

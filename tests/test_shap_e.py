@@ -237,3 +237,18 @@ def test_missing_or_corrupt_weights_raise(weights, tmp_path):
     (corrupt_text / "text_encoder" / "model.safetensors").write_bytes(b"\x00" * 10)
     with pytest.raises(WeightsError, match="openai/shap-e"):
         ShapEBackend.from_pretrained(corrupt_text)
+
+
+def test_shap_e_samples_end_with_the_priors_clean_prediction():
+    """Shap-E's cleanest training level is still noisy (alpha_bar 0.988), so its samples end, as its own
+    Heun sampler does, with the prior's x_0 prediction at the last state; the training loop samples so."""
+    from r2d3.train.loop import sample_batch
+
+    backend = ShapEBackend.random_init()
+    assert backend.final_x0
+    ctx = make_context(backend, SamplerConfig(num_steps=3, guidance_scale=1.0), build_reward("colorfulness"),
+                       RenderConfig(num_views=1, resolution=8))
+    batch = sample_batch(ctx, ["a chair"], torch.Generator().manual_seed(0))
+    traj = batch.trajectory
+    assert traj.clean_final is not None and not torch.equal(traj.final, traj.latents[:, -1])
+    assert float(ctx.sampler.alpha_bar_next[-1]) < 0.99

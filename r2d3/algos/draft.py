@@ -32,6 +32,9 @@ class DRaFT:
         for j in range(start, traj.num_steps):
             t = traj.timesteps[j].to(x.device).expand(x.shape[0])
             x = ctx.sampler.step(x, model_fn(x, t), j, noise=traj.noises[:, j]).prev_sample
+        if getattr(ctx.backend, "final_x0", False):  # the sample such a backend's chain ends with
+            t = traj.next_timesteps[-1].to(x.device).expand(x.shape[0])
+            x = ctx.sampler.predict_x0(x, model_fn(x, t), traj.num_steps - 1, at="next")
         reward = ctx.reward_of_latents(x, batch.prompts, ctx.cameras(len(batch), generator))
         loss = -self.config.reward_scale * reward.mean()
         (loss * scale).backward()

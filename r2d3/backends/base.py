@@ -53,6 +53,8 @@ class Backend(Protocol):
     lora_target_modules: list[str]
     #: the diffusers scheduler config the model was trained with (``prediction_type`` included)
     scheduler_config: dict[str, Any]
+    # Optional: ``final_x0 = True`` makes samplers end with the model's x̂_0 at the last state (see
+    # StochasticSampler.sample), for schedules whose cleanest training level is still noisy.
 
     def encode_prompts(self, prompts: Sequence[str]) -> PromptEmbeds: ...
 

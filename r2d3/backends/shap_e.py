@@ -56,9 +56,10 @@ same handedness. ``world_scale`` defaults to 2.5 / 4 = 0.625: Shap-E's pan camer
 0.7 rad (40 degree) field of view, ours at 2.5 with 40 degrees, so the default orbit frames an asset as
 Shap-E's own renders do (the box [-1, 1]^3 becomes [-0.625, 0.625]^3).
 
-Note for samplers: r2d3's last step lands on the noise level of training timestep 0, which for Shap-E's
-"exp" schedule is alpha_bar = exp(-12/1024) = 0.988 (noise std ~0.11 on latents in [-1, 1]); Shap-E's Heun
-sampler ends at zero noise.
+Final sample: r2d3's last stochastic step lands on the noise level of training timestep 0, which for
+Shap-E's "exp" schedule is alpha_bar = exp(-12/1024) = 0.988 (noise std ~0.11 on latents in [-1, 1]);
+Shap-E's Heun sampler ends with a deterministic jump to zero noise. ``final_x0 = True`` makes r2d3's
+samplers do the same: the decoded and rewarded sample is the prior's x_0 prediction at the last state.
 """
 
 from __future__ import annotations
@@ -138,6 +139,7 @@ class ShapEBackend:
 
     name = "shap_e"
     lora_target_modules = LORA_TARGET_MODULES
+    final_x0 = True  # see "Final sample" in the module docstring
 
     def __init__(
         self,

@@ -325,6 +325,7 @@ class StochasticSampler:
         guidance_scale: float = 1.0,
         record_scores: bool = False,
         grad_last_k: int = 0,
+        final_x0: bool = False,
         progress: bool = False,
         device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float32,
@@ -391,6 +392,11 @@ class StochasticSampler:
             outputs.append(output.detach())
             means.append(out.mean.detach().to(x_T.dtype))
             step_noises.append(out.noise.detach().to(x_T.dtype))
+        clean = None
+        if final_x0:
+            with torch.set_grad_enabled(grad_last_k > 0):
+                t = self.model_timesteps(steps - 1, batch, at="next", device=x.device)
+                clean = self.predict_x0(x, model_fn(x, t), steps - 1, at="next").to(x_T.dtype)
 
         return Trajectory(
             latents=torch.stack(latents, dim=1),
@@ -403,6 +409,7 @@ class StochasticSampler:
             noises=torch.stack(step_noises, dim=1),
             log_probs=torch.stack(log_probs, dim=1) if log_probs else None,
             scores=torch.stack(scores, dim=1) if scores else None,
+            clean_final=clean,
         )
 
     def __repr__(self) -> str:

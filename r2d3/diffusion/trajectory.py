@@ -27,7 +27,7 @@ from dataclasses import dataclass, fields, replace
 import torch
 from torch import Tensor
 
-_PER_SAMPLE = ("latents", "model_outputs", "means", "noises", "log_probs", "scores")
+_PER_SAMPLE = ("latents", "model_outputs", "means", "noises", "log_probs", "scores", "clean_final")
 _PER_STEP = ("timesteps", "next_timesteps", "step_indices", "stds")
 
 
@@ -45,6 +45,8 @@ class Trajectory:
     noises: Tensor
     log_probs: Tensor | None = None
     scores: Tensor | None = None
+    #: ``[B, *S]`` x̂_0 predicted at the last state, for models whose last noise level is far from clean
+    clean_final: Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.latents.ndim < 2:
@@ -62,6 +64,9 @@ class Trajectory:
                 raise ValueError(
                     f"Trajectory.{name} must have shape {[batch, steps, *latent_shape]}, got {list(value.shape)}"
                 )
+        if self.clean_final is not None and tuple(self.clean_final.shape) != (batch, *latent_shape):
+            raise ValueError(f"Trajectory.clean_final must have shape {[batch, *latent_shape]}, "
+                             f"got {list(self.clean_final.shape)}")
         if self.log_probs is not None and tuple(self.log_probs.shape) != (batch, steps):
             raise ValueError(f"Trajectory.log_probs must have shape [{batch}, {steps}], got {list(self.log_probs.shape)}")
 
@@ -85,8 +90,9 @@ class Trajectory:
 
     @property
     def final(self) -> Tensor:
-        """``[B, *S]`` the clean sample x_0 that is decoded and rewarded."""
-        return self.latents[:, -1]
+        """``[B, *S]`` the sample that is decoded and rewarded: the last state x_K, or x̂_0 predicted there
+        when the sampler recorded it (``final_x0``)."""
+        return self.latents[:, -1] if self.clean_final is None else self.clean_final
 
     def select(self, index: Tensor | Sequence[int] | slice) -> Trajectory:
         """The sub-batch of trajectories ``index`` (per-step tensors are shared)."""
@@ -124,6 +130,9 @@ class Trajectory:
             for name in _PER_STEP:
                 if not torch.equal(getattr(first, name), getattr(other, name)):
                     raise ValueError(f"cannot concatenate trajectories with different {name}")
+        if len({traj.clean_final is None for traj in trajectories}) > 1:
+            raise ValueError("cannot concatenate trajectories with and without clean_final: their final samples "
+                             "mean different things")
         updates = {}
         for name in _PER_SAMPLE:
             values = [getattr(traj, name) for traj in trajectories]

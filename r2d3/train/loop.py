@@ -127,7 +127,8 @@ def sample_batch(ctx: AlignContext, prompts: list[str], generator: torch.Generat
     noise = torch.randn(shape, generator=generator) if noise is None else noise
     noise = noise.to(device)
     cond = ctx.backend.encode_prompts(prompts)
-    traj = ctx.sampler.sample(ctx.model_fn(cond), x_T=noise[:, 0], noises=noise[:, 1:])
+    traj = ctx.sampler.sample(ctx.model_fn(cond), x_T=noise[:, 0], noises=noise[:, 1:],
+                              final_x0=getattr(ctx.backend, "final_x0", False))
     cameras = ctx.cameras(len(prompts), generator if jitter_cameras else None, jitter=jitter_cameras)
     rewards = ctx.reward_of_latents(traj.final, prompts, cameras)
     return SampleBatch(traj, prompts, cond, rewards)
@@ -216,8 +217,9 @@ def _buffer_tensors(batch: SampleBatch) -> dict[str, torch.Tensor]:
     t = batch.trajectory
     out = {"latents": t.latents, "model_outputs": t.model_outputs, "means": t.means, "noises": t.noises,
            "rewards": batch.rewards, "cond_tokens": batch.cond.tokens, "cond_mask": batch.cond.mask}
-    if t.log_probs is not None:
-        out["log_probs"] = t.log_probs
+    for name in ("log_probs", "clean_final"):
+        if getattr(t, name) is not None:
+            out[name] = getattr(t, name)
     return {k: v.detach().cpu() for k, v in out.items()}
 
 
@@ -231,7 +233,8 @@ def _buffer_from_tensors(ctx: AlignContext, data: dict[str, torch.Tensor], promp
                       next_timesteps=s.next_timesteps.clone(), step_indices=s.step_indices.clone(),
                       model_outputs=data["model_outputs"].to(dev), means=data["means"].to(dev),
                       stds=s.stds.clone(), noises=data["noises"].to(dev),
-                      log_probs=data["log_probs"].to(dev) if "log_probs" in data else None)
+                      log_probs=data["log_probs"].to(dev) if "log_probs" in data else None,
+                      clean_final=data["clean_final"].to(dev) if "clean_final" in data else None)
     cond = PromptEmbeds(data["cond_tokens"].to(dev), data["cond_mask"].to(dev))
     return SampleBatch(traj, prompts, cond, data["rewards"].to(dev))
 
