@@ -1,4 +1,9 @@
-"""Convert original reward checkpoints to the safetensors files the real-model rewards load.
+"""Convert original checkpoints to the safetensors layouts r2d3's real models load.
+
+    # DiffSplat-PixArt-Σ: lay out the DiffSplat release and PixArt-Σ's folders as the diffsplat backend
+    # reads them (symlinks, no copies) and check every key
+    python pipelines/convert_weights.py diffsplat --input downloads/DiffSplat \
+        --pixart downloads/pixart_sigma_sdxlvae_T5_diffusers --output weights/diffsplat-pas
 
     # LAION aesthetic head (.pth state dict) -> one safetensors file, next to the CLIP ViT-L/14 checkpoint
     python pipelines/convert_weights.py aesthetic --input sac+logos+ava1-l14-linearMSE.pth \
@@ -43,9 +48,10 @@ from r2d3.rewards.convert import (
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["aesthetic", "hpsv2", "image_reward", "bin"],
+    parser.add_argument("what", choices=["aesthetic", "hpsv2", "image_reward", "bin", "diffsplat"],
                         help="which checkpoint to convert")
-    parser.add_argument("--input", required=True, help="the original .pth/.pt file")
+    parser.add_argument("--input", required=True,
+                        help="the original .pth/.pt file; diffsplat: the DiffSplat release directory")
     parser.add_argument("--output", required=True,
                         help="aesthetic, bin: the .safetensors file to write; hpsv2, image_reward: the "
                              "directory to write")
@@ -54,7 +60,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--med-config", help="image_reward only: ImageReward's med_config.json")
     parser.add_argument("--tokenizer",
                         help="image_reward only: a directory with the bert-base-uncased tokenizer files")
+    parser.add_argument("--pixart", help="diffsplat only: the PixArt-Σ directory (vae/, text_encoder/, tokenizer/)")
+    parser.add_argument("--iteration", type=int,
+                        help="diffsplat only: the transformer checkpoint iteration (default: the newest)")
     args = parser.parse_args(argv)
+    if args.what == "diffsplat":
+        if not args.pixart:
+            parser.error("diffsplat needs --pixart <pixart_sigma_sdxlvae_T5_diffusers dir>")
+        from r2d3.backends.diffsplat import assemble_release
+
+        print(f"wrote {assemble_release(args.input, args.pixart, args.output, iteration=args.iteration)}")
+        return
     if args.what == "image_reward" and not (args.med_config and args.tokenizer):
         parser.error("image_reward needs --med-config med_config.json and "
                      "--tokenizer <bert-base-uncased dir>")

@@ -4,6 +4,7 @@ sample -> decode -> render -> reward chain."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -247,3 +248,50 @@ def test_padding_is_zeroed_and_changes_nothing(backend):
     x, t = torch.randn(1, *backend.latent_shape), torch.tensor([300])
     assert torch.allclose(backend.denoise(x, t, cond), backend.denoise(x, t, raw), atol=1e-6)
     assert encoder_fingerprint(backend).startswith("diffsplat:")
+
+
+def test_assemble_release_layout(backend, tmp_path):
+    """DiffSplat's and PixArt-Σ's folders as released -> the backend's layout (newest iteration), loading
+    to the same model; a missing piece is named."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "pipelines"))
+    import convert_weights
+
+    dl, pixart = tmp_path / "DiffSplat", tmp_path / "pixart"
+    runs = dl / "gsdiff_gobj83k_pas_fp16__render" / "checkpoints"
+    backend.denoiser.save_pretrained(runs / "000010" / "transformer_ema")
+    older = PixArtTransformer2DModel(**{k: v for k, v in backend.denoiser.config.items() if not k.startswith("_")})
+    older.save_pretrained(runs / "000005" / "transformer_ema")  # an older, different checkpoint
+    (dl / "gsvae_gobj265k_sdxl_fp16" / "checkpoints" / "000020").mkdir(parents=True)
+    save_file(backend.gsvae.state_dict(), dl / "gsvae_gobj265k_sdxl_fp16" / "checkpoints" / "000020" / "model.safetensors")
+    (pixart / "vae").mkdir(parents=True)
+    (pixart / "vae" / "config.json").write_text(json.dumps({**backend.gsvae.vae_config, "in_channels": 3,
+                                                            "out_channels": 3}, default=list))
+    encoder, tokenizer = backend._text()
+    encoder.save_pretrained(pixart / "text_encoder")
+    tokenizer.save_pretrained(pixart / "tokenizer")
+    tiny_cfg = tmp_path / "taesd.json"
+    tiny_cfg.write_text(json.dumps(backend.gsvae.tiny_config))
+    with pytest.raises(SystemExit):
+        convert_weights.main(["diffsplat", "--input", str(dl), "--output", str(tmp_path / "x")])  # no --pixart
+    from r2d3.backends.diffsplat import assemble_release
+
+    out = assemble_release(dl, pixart, tmp_path / "w", tiny_decoder_config=tiny_cfg)
+    loaded = load_backend("diffsplat", weights=str(out))
+    from r2d3.backends.diffsplat import DiffSplatBackend
+
+    expected = DiffSplatBackend(backend.denoiser, backend.gsvae, encoder, tokenizer)  # the released geometry
+    x, t = torch.randn(1, *backend.latent_shape), torch.tensor([400])
+    cond = backend.encode_prompts(["a red chair"])
+    assert torch.allclose(loaded.denoise(x, t, cond), expected.denoise(x, t, cond), atol=1e-6)  # newest picked
+    assert torch.allclose(loaded.decode(x).means, expected.decode(x).means, atol=1e-6)
+    assert torch.equal(loaded.encode_prompts(["a red chair"]).tokens, cond.tokens)
+    with pytest.raises(WeightsError, match="000007"):
+        assemble_release(dl, pixart, tmp_path / "w2", iteration=7)
+    import shutil
+
+    shutil.rmtree(pixart / "tokenizer")
+    with pytest.raises(WeightsError, match="tokenizer"):
+        assemble_release(dl, pixart, tmp_path / "w3")

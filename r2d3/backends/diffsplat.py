@@ -425,6 +425,55 @@ def load_text_encoder(path: Path, dtype: torch.dtype) -> tuple[Any, Any]:
     return encoder.eval().requires_grad_(False), tokenizer
 
 
+def _latest_checkpoint(run_dir: Path, needed: str, iteration: int | None) -> Path:
+    """``run_dir/checkpoints/<iteration>`` holding ``needed`` (the newest one unless ``iteration`` is given)."""
+    root = run_dir / "checkpoints"
+    if iteration is not None:
+        found = [root / f"{iteration:06d}"]
+    else:
+        found = sorted((d for d in root.glob("*") if d.name.isdigit()), key=lambda d: int(d.name), reverse=True)
+    for ckpt in found:
+        if (ckpt / needed).exists():
+            return ckpt
+    raise WeightsError(f"no DiffSplat checkpoint with {needed} under {root}"
+                       + (f" for iteration {iteration:06d}" if iteration is not None else "") + f". {LAYOUT_HELP}")
+
+
+def assemble_release(diffsplat: str | os.PathLike, pixart: str | os.PathLike, output: str | os.PathLike,
+                     transformer_run: str = "gsdiff_gobj83k_pas_fp16__render",
+                     gsvae_run: str = "gsvae_gobj265k_sdxl_fp16", iteration: int | None = None,
+                     tiny_decoder_config: str | os.PathLike | None = None, verify: bool = True) -> Path:
+    """Lay out DiffSplat's release (``chenguolin/DiffSplat``) and PixArt-Σ's
+    (``pixart_sigma_sdxlvae_T5_diffusers``) as this backend reads them, with symlinks (no copy of the
+    tens of GB), then, with ``verify``, load the transformer and GSVAE once to check every key.
+
+    ``iteration``: the transformer checkpoint (default: the newest; the paper used 013020)."""
+    diffsplat, pixart, output = Path(diffsplat), Path(pixart), Path(output)
+    transformer = _latest_checkpoint(diffsplat / transformer_run, "transformer_ema", iteration) / "transformer_ema"
+    gsvae = _latest_checkpoint(diffsplat / gsvae_run, GSVAE_WEIGHTS, None) / GSVAE_WEIGHTS
+    _require([pixart / "vae" / "config.json", pixart / TEXT_ENCODER_DIR / "config.json"], "PixArt-Σ file")
+    if not (pixart / TOKENIZER_DIR).is_dir():
+        raise WeightsError(f"PixArt-Σ tokenizer is missing: {pixart / TOKENIZER_DIR}. {LAYOUT_HELP}")
+    (output / GSVAE_DIR).mkdir(parents=True, exist_ok=True)
+    links = {output / TRANSFORMER_DIR: transformer, output / GSVAE_DIR / GSVAE_WEIGHTS: gsvae,
+             output / TEXT_ENCODER_DIR: pixart / TEXT_ENCODER_DIR, output / TOKENIZER_DIR: pixart / TOKENIZER_DIR}
+    for link, target in links.items():
+        if link.is_symlink() or link.exists():
+            link.unlink()
+        link.symlink_to(target.resolve(), target_is_directory=target.is_dir())
+    (output / GSVAE_DIR / VAE_CONFIG).write_text((pixart / "vae" / "config.json").read_text())
+    if tiny_decoder_config is not None:
+        (output / GSVAE_DIR / TINY_CONFIG).write_text(Path(tiny_decoder_config).read_text())
+    meta: dict[str, Any] = {"name": "diffsplat", "source": {"transformer": str(transformer), "gsvae": str(gsvae)}}
+    scheduler = pixart / "scheduler" / "scheduler_config.json"
+    meta["scheduler"] = _read_json(scheduler, "scheduler config") if scheduler.is_file() else DEFAULT_SCHEDULER_CONFIG
+    (output / BACKEND_FILE).write_text(json.dumps(meta, indent=2))
+    if verify:
+        load_transformer(output / TRANSFORMER_DIR)
+        load_gsvae(output / GSVAE_DIR)
+    return output
+
+
 def tiny_diffsplat(text_dim: int = 16, vocab: Sequence[str] = (), seed: int = 0, sample_size: int = 4,
                    num_views: int = 4, **geometry: Any) -> DiffSplatBackend:
     """A small randomly initialised DiffSplat from the same classes (tests, smoke runs): a 1-layer
@@ -466,5 +515,5 @@ def _load_diffsplat(weights: str | None = None, device: str = "cpu") -> DiffSpla
     return DiffSplatBackend.from_pretrained(weights, device=device)
 
 
-__all__ = ["DiffSplatBackend", "GSVAE", "MultiViewAttnProcessor", "MultiViewPixArtTransformer", "plucker_rays",
+__all__ = ["DiffSplatBackend", "GSVAE", "assemble_release", "MultiViewAttnProcessor", "MultiViewPixArtTransformer", "plucker_rays",
            "tiny_diffsplat", "unproject_depth"]
