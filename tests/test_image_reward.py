@@ -16,8 +16,9 @@ import torch.nn.functional as F
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
 
+from helpers import random_render  # noqa: E402
+
 from r2d3.backends.base import WeightsError  # noqa: E402
-from r2d3.render.output import RenderOutput  # noqa: E402
 from r2d3.rewards import ImageRewardReward, available_rewards, build_reward  # noqa: E402
 from r2d3.rewards.convert import imagereward_to_blip, save_image_reward  # noqa: E402
 
@@ -225,10 +226,7 @@ def weights(original, tmp_path_factory):
 
 
 def _render(b=2, v=2, size=40, seed=0, dtype=torch.float32):
-    g = torch.Generator().manual_seed(seed)
-    rgb = (0.2 + 0.6 * torch.rand(b, v, 3, size, size, generator=g)).to(dtype)
-    zeros = torch.zeros(b, v, 1, size, size, dtype=dtype)
-    return RenderOutput(rgb=rgb, alpha=zeros + 1, depth=zeros, normal=torch.zeros_like(rgb), cameras=None)
+    return random_render(b, v, size, seed, dtype)
 
 
 def test_converted_layout_and_tokenizer(weights):

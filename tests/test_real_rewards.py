@@ -12,10 +12,10 @@ import torch.nn.functional as F
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
 
+from helpers import random_render  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
 from r2d3.backends.base import WeightsError  # noqa: E402
-from r2d3.render.output import RenderOutput  # noqa: E402
 from r2d3.rewards import available_rewards, build_reward  # noqa: E402
 from r2d3.rewards.clip_models import AESTHETIC_HEAD_FILE, AestheticHead  # noqa: E402
 from r2d3.rewards.convert import openclip_to_transformers, save_transformers_clip  # noqa: E402
@@ -59,10 +59,7 @@ def weights(tmp_path_factory):
 
 
 def _render(b=2, v=2, size=20, seed=0, dtype=torch.float32):
-    g = torch.Generator().manual_seed(seed)
-    rgb = (0.2 + 0.6 * torch.rand(b, v, 3, size, size, generator=g)).to(dtype)
-    zeros = torch.zeros(b, v, 1, size, size, dtype=dtype)
-    return RenderOutput(rgb=rgb, alpha=zeros + 1, depth=zeros, normal=torch.zeros_like(rgb), cameras=None)
+    return random_render(b, v, size, seed, dtype)
 
 
 PROMPTS = ["a red cube", "a blue sphere"]
