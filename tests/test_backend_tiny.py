@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from r2d3.backends import TinySplatBackend, WeightsError, available_backends, load_backend
-from r2d3.backends.tiny import _quat_from_z_to, _rotate_z_by
+from r2d3.render.gaussians import quat_from_z_to, rotate_z_by
 from r2d3.train.lora import adapters_disabled, add_lora, load_lora_state_dict, lora_state_dict
 
 
@@ -43,9 +43,9 @@ def test_denoiser_rejects_wrong_latent_shape(backend):
 def test_quaternion_maps_z_to_normal_including_antipode():
     n = torch.nn.functional.normalize(torch.randn(500, 3, dtype=torch.float64), dim=-1)
     n = torch.cat([n, torch.tensor([[0.0, 0.0, -1.0], [0.0, 0.0, 1.0]], dtype=torch.float64)])
-    q = _quat_from_z_to(n)
+    q = quat_from_z_to(n)
     torch.testing.assert_close(q.norm(dim=-1), torch.ones(len(n), dtype=torch.float64))
-    torch.testing.assert_close(_rotate_z_by(q), n, atol=1e-9, rtol=0)
+    torch.testing.assert_close(rotate_z_by(q), n, atol=1e-9, rtol=0)
 
 
 def test_decode_then_encode_round_trips(backend):

@@ -77,8 +77,7 @@ from torch.utils.checkpoint import checkpoint
 
 from r2d3.backends.base import WEIGHTS_FILE, WeightsError, load_pretrained_dir, register_backend
 from r2d3.backends.text import PromptEmbeds
-from r2d3.backends.tiny import _quat_from_z_to
-from r2d3.render.gaussians import Gaussians
+from r2d3.render.gaussians import Gaussians, quat_from_z_to
 
 #: the prior's attention and feed-forward linears (diffusers ``BasicTransformerBlock`` names)
 LORA_TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"]
@@ -318,7 +317,7 @@ class ShapEBackend:
         normal = -torch.stack(grad, dim=-1).reshape(b, r ** 3, 3)
         rot = SHAP_E_TO_WORLD.to(device=device, dtype=dtype)
         normal = F.normalize(normal @ rot.T, dim=-1, eps=1e-3)
-        quats = _quat_from_z_to(normal)
+        quats = quat_from_z_to(normal)
 
         means = (self.world_scale * points.to(dtype) @ rot.T).expand(b, -1, -1)
         tangent = self.scale_factor * self.world_scale * step

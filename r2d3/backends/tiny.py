@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from r2d3.backends.base import WeightsError, register_backend
 from r2d3.backends.text import PromptEmbeds, TextEncoder
-from r2d3.render.gaussians import Gaussians
+from r2d3.render.gaussians import Gaussians, quat_from_z_to, rotate_z_by
 
 LATENT_CHANNELS = 9
 LORA_TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out", "fc1", "fc2"]
@@ -149,21 +149,6 @@ class TinySplatDenoiser(ModelMixin, ConfigMixin, PeftAdapterMixin):
         return self.proj_out(self.norm_out(h))
 
 
-def _quat_from_z_to(normal: Tensor) -> Tensor:
-    """Unit quaternion (w, x, y, z) rotating +z onto the unit vector ``normal`` (shortest arc)."""
-    nx, ny, nz = normal.unbind(-1)
-    q = torch.stack([1 + nz, -ny, nx, torch.zeros_like(nz)], dim=-1)
-    norm = q.norm(dim=-1, keepdim=True)
-    flip = q.new_tensor([0.0, 1.0, 0.0, 0.0]).expand_as(q)  # +z -> -z: half turn about x
-    return torch.where(norm > 1e-6, q / norm.clamp(min=1e-12), flip)
-
-
-def _rotate_z_by(quats: Tensor) -> Tensor:
-    """The image of +z under unit quaternions (w, x, y, z): the third column of the rotation matrix."""
-    w, x, y, z = quats.unbind(-1)
-    return torch.stack([2 * (x * z + w * y), 2 * (y * z - w * x), 1 - 2 * (x * x + y * y)], dim=-1)
-
-
 class TinySplatBackend:
     """The embedded default backend (registry name ``tiny``)."""
 
@@ -224,7 +209,7 @@ class TinySplatBackend:
         return Gaussians(
             means=latents[..., 0:3] * self.position_scale,
             scales=scales,
-            quats=_quat_from_z_to(normal),
+            quats=quat_from_z_to(normal),
             opacities=latents.new_full((b, n), self.opacity),
             colors=((latents[..., 3:6] + 1) / 2).clamp(0, 1),
         )
@@ -232,7 +217,7 @@ class TinySplatBackend:
     def encode_gaussians(self, gaussians: Gaussians) -> Tensor:
         """The training latent of a surface-Gaussian asset (inverse of :meth:`decode` up to the fixed
         scales/opacity): the normal is the Gaussian's local z axis, which must be its shortest axis."""
-        normal = _rotate_z_by(F.normalize(gaussians.quats, dim=-1))
+        normal = rotate_z_by(F.normalize(gaussians.quats, dim=-1))
         return torch.cat([gaussians.means / self.position_scale, gaussians.colors * 2 - 1, normal], dim=-1)
 
     # ---- weights -------------------------------------------------------------------------------

@@ -92,3 +92,18 @@ class Gaussians:
             raise InvalidGaussiansError("Gaussians.quats contains a zero quaternion (no rotation defined)")
         quats = self.quats / norm if normalize_quats else self.quats
         return Gaussians(self.means, self.scales, quats, self.opacities, self.colors)
+
+
+def quat_from_z_to(normal: Tensor) -> Tensor:
+    """Unit quaternion (w, x, y, z) rotating +z onto the unit vector ``normal`` (shortest arc)."""
+    nx, ny, nz = normal.unbind(-1)
+    q = torch.stack([1 + nz, -ny, nx, torch.zeros_like(nz)], dim=-1)
+    norm = q.norm(dim=-1, keepdim=True)
+    flip = q.new_tensor([0.0, 1.0, 0.0, 0.0]).expand_as(q)  # +z -> -z: half turn about x
+    return torch.where(norm > 1e-6, q / norm.clamp(min=1e-12), flip)
+
+
+def rotate_z_by(quats: Tensor) -> Tensor:
+    """The image of +z under unit quaternions (w, x, y, z): the third column of the rotation matrix."""
+    w, x, y, z = quats.unbind(-1)
+    return torch.stack([2 * (x * z + w * y), 2 * (y * z - w * x), 1 - 2 * (x * x + y * y)], dim=-1)
