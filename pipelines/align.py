@@ -19,10 +19,19 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from r2d3.backends.base import WeightsError
 from r2d3.config import AlignConfig, parse_cli, reward_label
 from r2d3.data.prompts import PromptSourceError
+from r2d3.ray.train import ClusterResourcesError
 from r2d3.train.align_job import format_summary, run_worker
-from r2d3.train.loop import validate
+from r2d3.train.checkpoint import CheckpointMismatchError, CorruptCheckpointError
+from r2d3.train.loop import TrainingAborted, validate
+from r2d3.train.run_dir import RunDirError, claim_run_dir
+
+#: failures a user can act on from one line (the message names the input); anything else is a bug and
+#: keeps its traceback
+KNOWN_ERRORS = (PromptSourceError, RunDirError, CorruptCheckpointError, CheckpointMismatchError, WeightsError,
+                TrainingAborted, ClusterResourcesError, OSError)
 
 
 def default_run_name(config: AlignConfig) -> str:
@@ -39,13 +48,31 @@ def _run(config: AlignConfig, run_dir: Path, output_dir: Path) -> dict:
     storage = config.scale.storage_path or str(output_dir)
     result = fit_on_ray(config, run_dir, storage_path=storage)
     if result.error is not None:
-        raise result.error
+        raise _root_cause(result.error)
     return read_summary(run_dir, storage)
 
 
+def _root_cause(err: BaseException) -> BaseException:
+    """The worker's own exception inside Ray Train's wrappers (``TrainingFailedError`` and friends), so
+    a known failure is reported as the one line it is."""
+    seen = set()
+    while id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, KNOWN_ERRORS):
+            return err
+        inner = getattr(err, "worker_failures", None) or {}
+        nxt = next(iter(inner.values()), None) if isinstance(inner, dict) else None
+        nxt = nxt or err.__cause__ or err.__context__
+        if nxt is None:
+            break
+        err = nxt
+    return err
+
+
 def main(argv: list[str] | None = None) -> dict:
+    config, args = parse_cli(AlignConfig, __doc__.split("\n")[0], argv, extra=[
+        (("--verbose",), {"action": "store_true", "help": "full tracebacks and Ray's log lines"})])
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    config, _ = parse_cli(AlignConfig, __doc__.split("\n")[0], argv)
     try:
         validate(config)
     except ValueError as err:
@@ -54,18 +81,15 @@ def main(argv: list[str] | None = None) -> dict:
         config = replace(config, run=replace(config.run, name=default_run_name(config)))
     output_dir = Path(config.run.output_dir).expanduser().resolve()
     run_dir = output_dir / config.run.name
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / ".write_test").write_text("")
-        (run_dir / ".write_test").unlink()
-    except OSError as err:
-        sys.exit(f"align: run directory {run_dir} is not writable: {err}")
     os.environ.setdefault("WANDB_MODE", config.run.wandb_mode)
     start = time.time()
     try:
-        summary = _run(config, run_dir, output_dir)
-    except PromptSourceError as err:
-        sys.exit(f"align: {err}")
+        with claim_run_dir(config, run_dir):
+            summary = _run(config, run_dir, output_dir)
+    except KNOWN_ERRORS as err:
+        if args.verbose:
+            raise
+        sys.exit(f"align: {type(err).__name__}: {err}")
     print(f"\nr2d3 align: {config.algo.name} on reward {reward_label(config.reward)}, {config.train.epochs} epochs, "
           f"{time.time() - start:.0f} s")
     print(format_summary(summary))

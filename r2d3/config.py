@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import math
 import sys
 import typing
 from dataclasses import dataclass, field
@@ -20,6 +21,9 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 T = TypeVar("T")
+
+#: values of ``run.wandb_mode``
+WANDB_MODES = ("offline", "online", "disabled")
 
 
 class ConfigError(ValueError):
@@ -48,6 +52,8 @@ class RunConfig:
     seed: int = opt(0, "seed for sampling noise, prompts, cameras and LoRA init")
     device: str = opt("auto", "auto | cpu | cuda | cuda:N")
     resume: bool = opt(True, "continue from the latest checkpoint in the run directory if there is one")
+    restart: bool = opt(False, "with run.resume=false on a directory that holds a run: move the old run aside "
+                               "(<name>.old-<time>) and start over (without it such a run is refused)")
     checkpoint_every: int = opt(5, "save a checkpoint every N epochs (and always at the end)")
     keep_checkpoints: int = opt(2, "how many recent checkpoints to keep")
     wandb_mode: str = opt("offline", "wandb mode: offline | online | disabled")
@@ -156,6 +162,8 @@ class ScaleConfig:
                                 "trainer process)")
     reward_actor_gpus: float = opt(0.0, "GPUs per render/reward actor (fractions share a GPU)")
     reward_actor_cpus: float = opt(1.0, "CPUs per render/reward actor")
+    resource_wait_s: float = opt(120.0, "how long to wait for the cluster to offer the requested CPUs/GPUs "
+                                        "(an autoscaler may add nodes) before failing with what is missing")
 
 
 @dataclass
@@ -226,6 +234,22 @@ def _merge(base: Any, layer: Any, cls: type) -> Any:
     return OmegaConf.merge(base, layer)
 
 
+def check_finite(value: Any, key: str = "") -> None:
+    """Reject NaN and infinity anywhere in a config (nested sections, lists, free-form reward specs):
+    ``algo.beta=nan`` would otherwise skip every optimizer step and still exit 0."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        for f in dataclasses.fields(value):
+            check_finite(getattr(value, f.name), f"{key}.{f.name}" if key else f.name)
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            check_finite(v, f"{key}.{k}" if key else str(k))
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            check_finite(v, f"{key}[{i}]")
+    elif isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{key}={value} is not a finite number")
+
+
 def build_config(cls: type[T], files: Sequence[str | Path] = (), overrides: Sequence[str] = ()) -> T:
     """Defaults <- YAML files (in order) <- ``key=value`` overrides, validated against ``cls``."""
     merged = OmegaConf.structured(cls)
@@ -244,9 +268,11 @@ def build_config(cls: type[T], files: Sequence[str | Path] = (), overrides: Sequ
         raise ConfigError(f"overrides must look like section.key=value, got: {' '.join(bad)}")
     try:
         merged = _merge(merged, OmegaConf.from_dotlist(list(overrides)), cls)
-        return OmegaConf.to_object(merged)  # type: ignore[return-value]
+        config = OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:
         raise ConfigError(f"invalid override: {err}") from None
+    check_finite(config)
+    return config  # type: ignore[return-value]
 
 
 def to_dict(config: Any) -> dict[str, Any]:
@@ -259,7 +285,9 @@ def to_yaml(config: Any) -> str:
 
 def from_dict(cls: type[T], data: dict[str, Any]) -> T:
     """Rebuild a config from :func:`to_dict` output (e.g. after crossing a process boundary)."""
-    return OmegaConf.to_object(_merge(OmegaConf.structured(cls), OmegaConf.create(data), cls))  # type: ignore
+    config = OmegaConf.to_object(_merge(OmegaConf.structured(cls), OmegaConf.create(data), cls))
+    check_finite(config)
+    return config  # type: ignore[return-value]
 
 
 def parse_cli(cls: type[T], description: str, argv: Sequence[str] | None = None,

@@ -14,8 +14,9 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
+import psutil
 import pyarrow.fs as pafs
 import torch
 import torch.distributed as dist
@@ -49,7 +50,7 @@ class RaySession:
         self.run_dir = run_dir
         if self.rank == 0:
             run_dir.mkdir(parents=True, exist_ok=True)
-        self._tmp = Path(tempfile.mkdtemp(prefix="r2d3-ckpt-"))
+        self._tmp = _checkpoint_scratch()
         self.prompt_stream = None
         if streamed:
             shard = ray.train.get_dataset_shard("prompts")
@@ -65,14 +66,32 @@ class RaySession:
 
             self.scorer = make_remote_scorer(config)
 
-    def latest_checkpoint(self) -> Path | None:
-        checkpoint = ray.train.get_checkpoint()
-        if checkpoint is None:
-            return None
+    def checkpoint_candidates(self) -> Iterator[Path]:
+        """Every checkpoint directory in the run's storage, newest first, each downloaded when asked for.
+
+        Not only the one ``ray.train.get_checkpoint()`` restores: Ray Train registers a reported
+        checkpoint when its controller next polls the worker, so a worker killed right after reporting
+        leaves a newer checkpoint in storage than the one Ray restores (or none at all, and the run would
+        start over). Partial uploads fail to load and fall back to the next older one."""
+        storage = ray.train.get_context().get_storage()
+        fs, root = storage.storage_filesystem, storage.experiment_fs_path
+        infos = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
+        names = sorted((i.path for i in infos if i.type == pafs.FileType.Directory
+                        and i.base_name.startswith("checkpoint_")), reverse=True)  # Ray names them by time
+        restored = ray.train.get_checkpoint()
+        if restored is not None and restored.path not in names:
+            names.insert(0, restored.path)
+        for path in names:
+            yield self._restore(Checkpoint(path, filesystem=fs))
+
+    def _restore(self, checkpoint: Checkpoint) -> Path:
         local = self._tmp / "restored"
         shutil.rmtree(local, ignore_errors=True)
         checkpoint.to_directory(str(local))
         return local
+
+    def close(self) -> None:
+        shutil.rmtree(self._tmp, ignore_errors=True)
 
     def checkpoint_path(self, epoch: int) -> Path:
         return self._tmp / f"checkpoint_{epoch:06d}"
@@ -91,6 +110,46 @@ class RaySession:
             tensor.div_(self.world_size)
 
 
+def _checkpoint_scratch() -> Path:
+    """This worker's scratch directory for checkpoints on their way to storage. The pid in its name lets
+    the next worker remove scratch left by killed ones (a SIGKILL runs no cleanup)."""
+    root = Path(tempfile.gettempdir())
+    for old in root.glob("r2d3-ckpt-*"):
+        try:
+            pid = int(old.name.split("-")[2])
+        except (IndexError, ValueError):
+            continue
+        if not psutil.pid_exists(pid):
+            shutil.rmtree(old, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix=f"r2d3-ckpt-{os.getpid()}-"))
+
+
+class ClusterResourcesError(RuntimeError):
+    """The cluster does not offer what the job asks for (after waiting for an autoscaler)."""
+
+
+def wait_for_resources(need: dict[str, float], timeout_s: float, poll_s: float = 2.0) -> None:
+    """Return once the cluster's total resources cover ``need``; otherwise fail after ``timeout_s``
+    naming what is missing. Ray itself would wait forever for a placement group it cannot place (a
+    ``scale.use_gpu=true`` job on a machine without a GPU retried its worker group endlessly)."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        have = ray.cluster_resources()
+        short = {k: (v, have.get(k, 0.0)) for k, v in need.items() if v > 0 and have.get(k, 0.0) + 1e-9 < v}
+        if not short:
+            return
+        if time.monotonic() >= deadline:
+            missing = ", ".join(f"{v:g} {k} (the cluster has {h:g})" for k, (v, h) in short.items())
+            hint = "scale.use_gpu=false, " if "GPU" in short else ""
+            waited = f" (waited {timeout_s:.0f} s, scale.resource_wait_s)" if timeout_s else ""
+            raise ClusterResourcesError(
+                f"the job needs {missing}{waited}; lower {hint}scale.num_workers, scale.cpus_per_worker or "
+                "scale.reward_actors, or add nodes")
+        time.sleep(poll_s)
+
+
 def _storage(uri: str) -> tuple[pafs.FileSystem, str]:
     return pafs.FileSystem.from_uri(uri) if "://" in uri else (pafs.LocalFileSystem(), str(Path(uri).resolve()))
 
@@ -101,7 +160,10 @@ def _worker_loop(payload: dict[str, Any]) -> None:
     config = from_dict(AlignConfig, payload["config"])
     run_dir = Path(payload["run_dir"])
     session = RaySession(run_dir, config, streamed=payload["streamed"])
-    align_job.run_worker(config, session)
+    try:
+        align_job.run_worker(config, session)
+    finally:
+        session.close()
     outputs = payload.get("outputs_uri")
     if session.rank == 0 and outputs:  # rank 0 may run on another node: publish next to the checkpoints
         fs, path = _storage(outputs)
@@ -126,11 +188,16 @@ def fit_on_ray(config: AlignConfig, run_dir: Path, storage_path: str, callbacks:
     ``run.name`` resumes from the last checkpoint, with any number of workers; ``FailureConfig``
     restarts a crashed worker group from it as well.
     """
+    started_here = not ray.is_initialized() and not os.environ.get("RAY_ADDRESS")
     if not ray.is_initialized():
         # the dashboard serves the state API that Train's controller polls (and `ray job submit`)
         ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True, configure_logging=False)
     gpu = str(config.scale.use_gpu).lower()  # a command-line `true` arrives as "True"
     use_gpu = gpu == "true" or (gpu == "auto" and torch.cuda.is_available())
+    s = config.scale
+    need = {"CPU": s.num_workers * s.cpus_per_worker + s.reward_actors * s.reward_actor_cpus,
+            "GPU": (s.num_workers if use_gpu else 0) + s.reward_actors * s.reward_actor_gpus}
+    wait_for_resources(need, 0.0 if started_here else s.resource_wait_s)
     scaling = ScalingConfig(num_workers=config.scale.num_workers, use_gpu=use_gpu,
                             resources_per_worker={"CPU": config.scale.cpus_per_worker})
     run_config = RunConfig(

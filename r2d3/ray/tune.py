@@ -225,6 +225,8 @@ def apply_params(config: AlignConfig, values: dict[str, Any]) -> AlignConfig:
         except OmegaConfBaseException as err:
             reason = getattr(err, "msg", err)
             raise SpaceError(f"{key}: invalid value {value!r}: {reason}") from None
+        except ConfigError as err:  # NaN / inf
+            raise SpaceError(f"{key}: invalid value {value!r}: {err}") from None
     return from_dict(AlignConfig, data)
 
 

@@ -13,6 +13,7 @@ Run directory layout::
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import os
@@ -138,16 +139,11 @@ class EpochLogger:
                                 mode=config.run.wandb_mode, config=to_dict(config), resume="allow",
                                 id=run_dir.name.replace("/", "-")[:120])
 
-    def __call__(self, worker: loop.Worker, epoch: int, samples, metrics: dict[str, float]) -> None:
+    def __call__(self, worker: loop.Worker, epoch: int, samples, metrics: dict[str, float],
+                 history: list[dict[str, float]]) -> None:
         if self.wandb is not None:
             self.wandb.log(metrics, step=epoch)
-        path = self.run_dir / "metrics.csv"
-        new = not path.exists()
-        with open(path, "a", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=sorted(metrics), extrasaction="ignore")
-            if new:
-                writer.writeheader()
-            writer.writerow(metrics)
+        write_metrics_table(history, self.run_dir / "metrics.csv")
         every = self.config.run.log_images_every
         if every and (epoch % every == 0 or epoch == self.config.train.epochs):
             from r2d3.export import save_preview_grid
@@ -167,6 +163,21 @@ class EpochLogger:
     def finish(self) -> None:
         if self.wandb is not None:
             self.wandb.finish()
+
+
+def write_metrics_table(history: list[dict[str, float]], path: Path) -> None:
+    """``metrics.csv`` rewritten whole from the run's history (which resumption restores from the
+    checkpoint): one row per epoch, never a re-done epoch twice, and one header naming every metric any
+    epoch logged (epochs without a metric, e.g. ``heldout/*`` between evaluations, leave its cell empty),
+    so pandas and spreadsheets read every run."""
+    from r2d3.export import atomic_write_bytes
+
+    columns = ["epoch"] + sorted({k for row in history for k in row} - {"epoch"})
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns, restval="")
+    writer.writeheader()
+    writer.writerows(history)
+    atomic_write_bytes(path, buf.getvalue().encode())
 
 
 def plot_history(history: list[dict[str, float]], path: Path, title: str) -> None:
@@ -197,7 +208,6 @@ def run_worker(config: AlignConfig, session: Session) -> dict[str, Any]:
         evaluator = Evaluator(config, run_dir)
         logger = EpochLogger(config, run_dir)
     summary_path = run_dir / "summary.json"
-    previous = json.loads(summary_path.read_text()) if session.rank == 0 and summary_path.exists() else {}
     try:
         result = loop.run(config, session, evaluate_fn=evaluator, on_epoch=logger)
     finally:
@@ -205,8 +215,6 @@ def run_worker(config: AlignConfig, session: Session) -> dict[str, Any]:
             logger.finish()
     result.pop("worker", None)
     if session.rank == 0:
-        if "before" not in result and "before" in previous:  # resumed run: keep the first evaluation
-            result["before"] = previous["before"]
         plot_history(result["history"], run_dir / "reward_curve.png",
                      f"{config.algo.name} on {reward_label(config.reward)}")
         summary_path.write_text(json.dumps(result, indent=1))

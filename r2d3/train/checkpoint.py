@@ -14,7 +14,6 @@ checkpoint that looks complete but is not.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -28,13 +27,17 @@ from safetensors.torch import load_file, save_file
 from r2d3.config import AlignConfig, to_dict, to_yaml
 
 #: options that may change between a run and its resumption without changing what is trained
-RESUMABLE_KEYS = {"run.resume", "run.progress", "run.wandb_mode", "run.log_images_every", "run.output_dir",
+RESUMABLE_KEYS = {"run.resume", "run.restart", "run.progress", "run.wandb_mode", "run.log_images_every", "run.output_dir",
                   "run.checkpoint_every", "run.keep_checkpoints", "run.name", "train.epochs", "eval",
                   "scale", "run.device", "data.embeddings", "data.shuffle_buffer"}
 
 
 class CheckpointMismatchError(ValueError):
     """Resuming a run with a config that changes what is trained."""
+
+
+class CorruptCheckpointError(ValueError):
+    """A checkpoint file that cannot be read or holds non-finite weights; the message names the file."""
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -72,6 +75,8 @@ class TrainState:
     optimizer_steps: int = 0
     bad_batches: int = 0
     history: list[dict[str, float]] = field(default_factory=list)
+    before: dict[str, Any] | None = None  # the base model's held-out metrics, kept across resumptions
+    resumes: list[int] = field(default_factory=list)  # the epoch each resumption started from
 
 
 def save_checkpoint(
@@ -87,20 +92,28 @@ def save_checkpoint(
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file(lora, tmp / "lora.safetensors")
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    save_file({"generator": generator.get_state()}, tmp / "rng.safetensors")
-    if buffer is not None:
-        save_file({k: v.contiguous() for k, v in buffer.items()}, tmp / "buffer.safetensors")
-        (tmp / "buffer.json").write_text(json.dumps({"prompts": buffer_prompts or []}))
-    meta = {"epoch": state.epoch, "optimizer_steps": state.optimizer_steps, "bad_batches": state.bad_batches,
-            "history": state.history, "fingerprint": training_fingerprint(config)}
-    (tmp / "state.json").write_text(json.dumps(meta, indent=1))
-    (tmp / "config.yaml").write_text(to_yaml(config))
-    if path.exists():
-        shutil.rmtree(path)
-    os.replace(tmp, path)
+    try:
+        tmp.mkdir(parents=True)
+        save_file(lora, tmp / "lora.safetensors")
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        save_file({"generator": generator.get_state()}, tmp / "rng.safetensors")
+        if buffer is not None:
+            save_file({k: v.contiguous() for k, v in buffer.items()}, tmp / "buffer.safetensors")
+            (tmp / "buffer.json").write_text(json.dumps({"prompts": buffer_prompts or []}))
+        meta = {"epoch": state.epoch, "optimizer_steps": state.optimizer_steps, "bad_batches": state.bad_batches,
+                "history": state.history, "before": state.before, "resumes": state.resumes, "fingerprint": training_fingerprint(config)}
+        (tmp / "state.json").write_text(json.dumps(meta, indent=1))
+        (tmp / "config.yaml").write_text(to_yaml(config))
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as err:  # torch reports a full disk as a RuntimeError from its zip writer
+        shutil.rmtree(tmp, ignore_errors=True)
+        free = shutil.disk_usage(path.parent if path.parent.exists() else Path.cwd()).free
+        full = "no space left on the device" if free < 64 * 2**20 or "No space" in str(err) or "enforce fail" in str(err) \
+            else str(err).splitlines()[0]
+        raise OSError(f"cannot write checkpoint {path}: {full} ({free / 2**20:.0f} MiB free there); the previous "
+                      "checkpoint is kept") from err
     return path
 
 
@@ -115,37 +128,67 @@ class LoadedCheckpoint:
     fingerprint: dict[str, Any]
 
 
+def _read(path: Path, name: str, reader):
+    try:
+        return reader(path / name)
+    except Exception as err:  # truncated/empty safetensors, bad zip, bad JSON: one message naming the file
+        raise CorruptCheckpointError(f"checkpoint file {path / name} is unreadable "
+                                     f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from err
+
+
+def load_lora_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """A ``lora.safetensors`` file's tensors, checked to be readable and finite (errors name the file)."""
+    path = Path(path)
+    lora = _read(path.parent, path.name, load_file)
+    bad = [k for k, v in lora.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise CorruptCheckpointError(f"checkpoint file {path} holds non-finite weights ({len(bad)} tensors, "
+                                     f"first {bad[0]})")
+    if not lora:
+        raise CorruptCheckpointError(f"checkpoint file {path} holds no tensors")
+    return lora
+
+
 def load_checkpoint(path: str | os.PathLike) -> LoadedCheckpoint:
+    """Every file of a checkpoint; :class:`CorruptCheckpointError` names the first unreadable one."""
     path = Path(path)
     needed = ["lora.safetensors", "optimizer.pt", "rng.safetensors", "state.json"]
     missing = [n for n in needed if not (path / n).is_file()]
     if missing:
-        raise FileNotFoundError(f"incomplete checkpoint {path}: missing {', '.join(missing)}")
-    meta = json.loads((path / "state.json").read_text())
+        raise CorruptCheckpointError(f"incomplete checkpoint {path}: missing {', '.join(missing)}")
+    meta = _read(path, "state.json", lambda p: json.loads(p.read_text()))
+    try:
+        state = TrainState(int(meta["epoch"]), int(meta["optimizer_steps"]), int(meta["bad_batches"]),
+                           list(meta.get("history", [])), meta.get("before"), list(meta.get("resumes", [])))
+        fingerprint = dict(meta["fingerprint"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise CorruptCheckpointError(f"checkpoint file {path / 'state.json'} lacks {err}") from err
     has_buffer = (path / "buffer.safetensors").is_file()
     return LoadedCheckpoint(
-        lora=load_file(path / "lora.safetensors"),
-        optimizer=torch.load(path / "optimizer.pt", weights_only=True),
-        generator_state=load_file(path / "rng.safetensors")["generator"],
-        state=TrainState(meta["epoch"], meta["optimizer_steps"], meta["bad_batches"], meta.get("history", [])),
-        buffer=load_file(path / "buffer.safetensors") if has_buffer else None,
-        buffer_prompts=json.loads((path / "buffer.json").read_text())["prompts"] if has_buffer else None,
-        fingerprint=meta["fingerprint"],
+        lora=load_lora_file(path / "lora.safetensors"),
+        optimizer=_read(path, "optimizer.pt", lambda p: torch.load(p, weights_only=True)),
+        generator_state=_read(path, "rng.safetensors", lambda p: load_file(p)["generator"]),
+        state=state,
+        buffer=_read(path, "buffer.safetensors", load_file) if has_buffer else None,
+        buffer_prompts=_read(path, "buffer.json", lambda p: json.loads(p.read_text())["prompts"]) if has_buffer
+        else None,
+        fingerprint=fingerprint,
     )
+
+
+def checkpoints_newest_first(run_dir: str | os.PathLike) -> list[Path]:
+    """The run's ``checkpoint_XXXXXX`` directories that were renamed into place, newest first."""
+    return sorted((p for p in Path(run_dir).glob("checkpoint_*") if p.is_dir() and not p.name.endswith(".tmp")
+                   and (p / "state.json").is_file()), reverse=True)
 
 
 def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     """The newest complete ``checkpoint_XXXXXX`` directory of a run, if any."""
-    ckpts = sorted(p for p in Path(run_dir).glob("checkpoint_*") if p.is_dir() and not p.name.endswith(".tmp")
-                   and (p / "state.json").is_file())
-    return ckpts[-1] if ckpts else None
+    ckpts = checkpoints_newest_first(run_dir)
+    return ckpts[0] if ckpts else None
 
 
 def prune_checkpoints(run_dir: str | os.PathLike, keep: int) -> None:
     ckpts = sorted(p for p in Path(run_dir).glob("checkpoint_*") if p.is_dir() and not p.name.endswith(".tmp"))
     for old in ckpts[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
-
-
-def config_digest(config: AlignConfig) -> str:
-    return hashlib.sha1(json.dumps(training_fingerprint(config), sort_keys=True).encode()).hexdigest()[:10]

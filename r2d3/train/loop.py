@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,11 +21,13 @@ from tqdm.auto import tqdm
 from r2d3.algos import AlignContext, SampleBatch, build_algorithm
 from r2d3.algos.base import Scorer, make_context, prepare_batch
 from r2d3.backends import available_backends, load_backend
-from r2d3.config import AlignConfig, to_yaml
+from r2d3.config import WANDB_MODES, AlignConfig, check_finite, to_yaml
+from r2d3.diffusion.schedules import SCHEDULER_KINDS
 from r2d3.data.prompts import load_prompts
 from r2d3.rewards import build_reward, load_reward
 from r2d3.render import SPLAT_BACKENDS
-from r2d3.train.checkpoint import check_compatible, load_checkpoint, save_checkpoint, TrainState
+from r2d3.train.checkpoint import (CorruptCheckpointError, TrainState, check_compatible, load_checkpoint,
+                                   save_checkpoint)
 from r2d3.train.lora import add_lora, load_lora_state_dict, lora_state_dict
 from r2d3.train.session import Session
 
@@ -41,10 +44,72 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+#: device names ``run.device`` accepts
+DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+#: a lower bound on the memory one rendered pixel costs in the reward pass (RGB, alpha, depth, normals
+#: and their gradients, float32): used to refuse sizes that cannot fit before any model loads
+BYTES_PER_RENDERED_PIXEL = 64
+
+
+def check_run_name(name: str | None) -> None:
+    """A run name is one directory below ``run.output_dir``: no separators, no ``..``, not absolute."""
+    if name is None:
+        return
+    if not name or name in (".", "..") or "/" in name or "\\" in name or name != name.strip():
+        raise ValueError(f"run.name must be a plain directory name (no '/', '..' or surrounding spaces) so the "
+                         f"run stays inside run.output_dir, got {name!r}")
+
+
+def _memory_bytes(device: str) -> tuple[int, str]:
+    if device.startswith("cuda") and torch.cuda.is_available():
+        index = int(device.split(":")[1]) if ":" in device else 0
+        return torch.cuda.get_device_properties(index).total_memory, f"GPU {index}"
+    import psutil
+
+    return psutil.virtual_memory().total, "this machine"
+
+
+def check_fits_in_memory(config: AlignConfig) -> None:
+    """Refuse render sizes whose reward pass alone cannot fit (a lower bound), naming the options; an
+    allocator error after the models loaded says neither which option nor by how much."""
+    r, t = config.render, config.train
+    per_batch = max(t.sample_batch_size, min(config.eval.num_prompts * config.eval.seeds_per_prompt, 16))
+    need = per_batch * r.num_views * r.resolution ** 2 * BYTES_PER_RENDERED_PIXEL
+    total, where = _memory_bytes(config.run.device)
+    if need > total:
+        raise ValueError(
+            f"render.resolution={r.resolution} x render.num_views={r.num_views} x train.sample_batch_size="
+            f"{t.sample_batch_size} needs at least {need / 2**30:.1f} GiB for one batch of reward renders, more "
+            f"than the {total / 2**30:.1f} GiB of {where}; lower them (or use more workers with smaller batches)")
+
+
 def validate(config: AlignConfig) -> None:
     """Reject bad hyperparameters before any model is loaded, naming the key."""
     t, s = config.train, config.sampler
+    check_finite(config)
+    check_run_name(config.run.name)
     checks = [
+        (DEVICE_PATTERN.fullmatch(config.run.device) is not None,
+         f"run.device must be auto, cpu, mps, cuda or cuda:N, got {config.run.device!r}"),
+        (config.run.wandb_mode in WANDB_MODES,
+         f"run.wandb_mode must be one of {', '.join(WANDB_MODES)}, got {config.run.wandb_mode!r}"),
+        (config.run.checkpoint_every >= 1, f"run.checkpoint_every must be >= 1, got {config.run.checkpoint_every}"),
+        (config.run.keep_checkpoints >= 1, f"run.keep_checkpoints must be >= 1, got {config.run.keep_checkpoints}"),
+        (config.run.log_images_every >= 0, f"run.log_images_every must be >= 0, got {config.run.log_images_every}"),
+        (config.model.lora_rank >= 1, f"model.lora_rank must be >= 1, got {config.model.lora_rank}"),
+        (config.model.lora_alpha is None or config.model.lora_alpha > 0,
+         f"model.lora_alpha must be > 0, got {config.model.lora_alpha}"),
+        (config.model.lora_targets is None or (len(config.model.lora_targets) > 0
+                                               and all(str(x).strip() for x in config.model.lora_targets)),
+         f"model.lora_targets must be null (the backend's list) or non-empty names, got {config.model.lora_targets}"),
+        (s.kind in SCHEDULER_KINDS, f"sampler.kind must be one of {', '.join(SCHEDULER_KINDS)}, got {s.kind!r}"),
+        (not (config.scale.in_process and (config.scale.num_workers > 1 or config.scale.reward_actors > 0)),
+         f"scale.in_process=true runs one worker without Ray: it conflicts with scale.num_workers="
+         f"{config.scale.num_workers} and scale.reward_actors={config.scale.reward_actors} (drop one)"),
+        (config.scale.cpus_per_worker > 0, f"scale.cpus_per_worker must be > 0, got {config.scale.cpus_per_worker}"),
+        (config.scale.max_failures >= -1, f"scale.max_failures must be >= -1 (-1: unlimited), got "
+                                          f"{config.scale.max_failures}"),
+        (config.scale.resource_wait_s > 0, f"scale.resource_wait_s must be > 0, got {config.scale.resource_wait_s}"),
         (s.num_steps >= 1, f"sampler.num_steps must be >= 1, got {s.num_steps}"),
         (0 < s.eta <= 1, f"sampler.eta must be in (0, 1] (the losses need stochastic steps), got {s.eta}"),
         (s.guidance_scale >= 1, f"sampler.guidance_scale must be >= 1, got {s.guidance_scale}"),
@@ -67,10 +132,13 @@ def validate(config: AlignConfig) -> None:
         (config.data.shuffle_buffer >= 0, f"data.shuffle_buffer must be >= 0, got {config.data.shuffle_buffer}"),
         (config.render.backend == "auto" or config.render.backend in SPLAT_BACKENDS,
          f"render.backend must be auto or one of {sorted(SPLAT_BACKENDS)}, got {config.render.backend!r}"),
+        (config.render.fov_deg > 0 and config.render.fov_deg < 180 and config.render.distance > 0,
+         "render.fov_deg must be in (0, 180) and render.distance > 0"),
     ]
     for ok, message in checks:
         if not ok:
             raise ValueError(message)
+    check_fits_in_memory(config)
     build_algorithm(config.algo, s.num_steps)  # algorithm hyperparameters, named on error
     build_reward(config.reward)  # unknown names and bad weights, listed/named on error
     if config.model.backend not in available_backends():
@@ -239,32 +307,55 @@ def _buffer_from_tensors(ctx: AlignContext, data: dict[str, torch.Tensor], promp
     return SampleBatch(traj, prompts, cond, data["rewards"].to(dev))
 
 
+def _load_newest_usable(session: Session):
+    """The newest checkpoint that loads; a corrupt one (named in the log) falls back to the one before it.
+    With checkpoints but none usable, the error names the newest one's bad file."""
+    first_error = None
+    for path in session.checkpoint_candidates():
+        try:
+            return path, load_checkpoint(path)
+        except CorruptCheckpointError as err:
+            log.warning("skipping checkpoint %s: %s", path, err)
+            first_error = first_error or err
+    if first_error is not None:
+        raise CorruptCheckpointError(f"{first_error}; no older complete checkpoint to resume from (start over "
+                                     "with run.resume=false run.restart=true)") from first_error
+    return None, None
+
+
 def run(config: AlignConfig, session: Session, evaluate_fn=None, on_epoch=None) -> dict[str, Any]:
     """Align for ``config.train.epochs`` epochs (resuming from the session's latest checkpoint).
 
     ``evaluate_fn(worker, tag)`` (rank 0) returns held-out metrics before and after training;
-    ``on_epoch(worker, epoch, samples, metrics)`` is called on rank 0 after each epoch (logging hooks).
+    ``on_epoch(worker, epoch, samples, metrics, history)`` is called on rank 0 after each epoch (logging hooks).
     """
     stream = getattr(session, "prompt_stream", None)  # streamed shards (Ray Data) instead of an in-memory list
     worker = build_worker(config, scorer=getattr(session, "scorer", None), load_prompt_list=stream is None)
     generator = torch.Generator().manual_seed(config.run.seed * 1000 + session.rank)
     state, buffer = TrainState(), None
-    ckpt_path = session.latest_checkpoint() if config.run.resume else None
-    if ckpt_path is not None:
-        ckpt = load_checkpoint(ckpt_path)
+    ckpt_path, ckpt = _load_newest_usable(session) if config.run.resume else (None, None)
+    if ckpt is not None:
         check_compatible(ckpt.fingerprint, config)
-        load_lora_state_dict(worker.ctx.backend.denoiser, {k: v.to(worker.device) for k, v in ckpt.lora.items()})
-        worker.optimizer.load_state_dict(ckpt.optimizer)
+        try:
+            load_lora_state_dict(worker.ctx.backend.denoiser, {k: v.to(worker.device) for k, v in ckpt.lora.items()})
+            worker.optimizer.load_state_dict(ckpt.optimizer)
+        except (RuntimeError, ValueError, KeyError) as err:  # wrong shapes / keys: a file from another model
+            raise CorruptCheckpointError(f"checkpoint {ckpt_path} does not fit this model: "
+                                         f"{str(err).splitlines()[0]}") from err
         generator.set_state(ckpt.generator_state)
         if session.rank:  # rank 0's saved stream, forked deterministically per rank
             generator.manual_seed(int(torch.randint(2**62, (1,), generator=generator)) + session.rank)
         state = ckpt.state
+        state.resumes.append(state.epoch)
         if ckpt.buffer is not None:
             buffer = _buffer_from_tensors(worker.ctx, ckpt.buffer, ckpt.buffer_prompts or [])
         log.info("resumed from %s at epoch %d", ckpt_path, state.epoch)
     summary: dict[str, Any] = {}
-    if evaluate_fn is not None and session.rank == 0 and state.epoch == 0:
-        summary["before"] = evaluate_fn(worker, "before")
+    if evaluate_fn is not None and session.rank == 0:
+        if state.before is None and state.epoch == 0:
+            state.before = evaluate_fn(worker, "before")
+        if state.before is not None:
+            summary["before"] = state.before
     t = config.train
     bar = tqdm(range(state.epoch, t.epochs), desc="align", disable=not (config.run.progress and session.rank == 0),
                initial=state.epoch, total=t.epochs)
@@ -321,15 +412,11 @@ def run(config: AlignConfig, session: Session, evaluate_fn=None, on_epoch=None) 
                                 worker.optimizer, generator, state,
                                 _buffer_tensors(buffer) if worker.algorithm.uses_lag else None, buffer.prompts)
         if on_epoch is not None and session.rank == 0:
-            on_epoch(worker, state.epoch, samples, metrics)
+            on_epoch(worker, state.epoch, samples, metrics, state.history)
         session.report(metrics, checkpoint_dir)
     if evaluate_fn is not None and session.rank == 0:
         summary["after"] = evaluate_fn(worker, "after")
     summary["history"] = state.history
+    summary["resumes"] = state.resumes
     summary["worker"] = worker
     return summary
-
-
-def save_resolved_config(config: AlignConfig, run_dir: Path) -> None:
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(to_yaml(config))

@@ -6,14 +6,13 @@ in :mod:`r2d3.ray.train` implements the same methods with ``ray.train.report`` a
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
-from typing import Protocol
+from typing import Iterator, Protocol
 
 import torch
 
-from r2d3.train.checkpoint import latest_checkpoint, prune_checkpoints
+from r2d3.train.checkpoint import checkpoints_newest_first, prune_checkpoints
 
 
 class Session(Protocol):
@@ -21,7 +20,9 @@ class Session(Protocol):
     world_size: int
     run_dir: Path  # where rank 0 writes previews, samples, metrics and the summary
 
-    def latest_checkpoint(self) -> Path | None: ...
+    def checkpoint_candidates(self) -> Iterator[Path]:
+        """Local directories of the run's checkpoints, newest first (resume takes the first complete one)."""
+        ...
 
     def checkpoint_path(self, epoch: int) -> Path: ...
 
@@ -47,15 +48,13 @@ class LocalSession:
         except OSError as err:
             raise PermissionError(f"run directory {self.run_dir} is not writable: {err}") from err
 
-    def latest_checkpoint(self) -> Path | None:
-        return latest_checkpoint(self.run_dir)
+    def checkpoint_candidates(self) -> Iterator[Path]:
+        return iter(checkpoints_newest_first(self.run_dir))
 
     def checkpoint_path(self, epoch: int) -> Path:
         return self.run_dir / f"checkpoint_{epoch:06d}"
 
     def report(self, metrics: dict[str, float], checkpoint_dir: Path | None = None) -> None:
-        with open(self.run_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(metrics) + "\n")
         if checkpoint_dir is not None:
             prune_checkpoints(self.run_dir, self.keep)
 
