@@ -20,7 +20,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from r2d3.backends.base import WeightsError
-from r2d3.config import AlignConfig, parse_cli, reward_label
+from r2d3.config import AlignConfig, ConfigError, parse_cli, reward_label
 from r2d3.data.prompts import PromptSourceError
 from r2d3.ray.train import ClusterResourcesError
 from r2d3.train.align_job import format_summary, run_worker
@@ -30,7 +30,7 @@ from r2d3.train.run_dir import RunDirError, claim_run_dir
 
 #: failures a user can act on from one line (the message names the input); anything else is a bug and
 #: keeps its traceback
-KNOWN_ERRORS = (PromptSourceError, RunDirError, CorruptCheckpointError, CheckpointMismatchError, WeightsError,
+KNOWN_ERRORS = (ConfigError, PromptSourceError, RunDirError, CorruptCheckpointError, CheckpointMismatchError, WeightsError,
                 TrainingAborted, ClusterResourcesError, OSError)
 
 

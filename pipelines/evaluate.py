@@ -94,7 +94,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from r2d3.data.prompts import PromptSourceError, load_prompts
     from r2d3.eval.job import EvalSettings, resolve_checkpoints, select_prompts
     from r2d3.eval.report import headline_rows
+    from r2d3.regenerate import Store
     from r2d3.rewards import build_reward
+    from r2d3.train.loop import check_sampler_and_render
 
     if args.num_prompts < 1:
         sys.exit(f"evaluate: --num-prompts must be >= 1, got {args.num_prompts}")
@@ -110,6 +112,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     sampler = replace(SamplerConfig(), kind=args.sampler, num_steps=args.steps, eta=args.eta,
                       guidance_scale=args.guidance_scale)
     render = replace(RenderConfig(), num_views=args.views, resolution=args.resolution)
+    out = Path(args.out or f"runs/eval-{time.strftime('%Y%m%d-%H%M%S')}")
+    try:
+        check_sampler_and_render(sampler, render, prefix=("--sampler/--steps/--eta/--guidance-scale: ",
+                                                          "--views/--resolution: "))
+        if args.actors < 0 or args.batch_size < 1 or args.bootstrap < 1 or args.fid_bootstrap < 1:
+            raise ValueError("--actors must be >= 0 and --batch-size, --bootstrap, --fid-bootstrap >= 1")
+        Store(str(out)).check_writable()  # before any sample is computed
+    except (ValueError, OSError) as err:
+        sys.exit(f"evaluate: {err}")
     for c in checkpoints:  # one sampler for all keeps the comparison fair; say when a run trained with another
         trained = c.config.get("sampler", {})
         diff = {k: (trained[k], getattr(sampler, k)) for k in ("kind", "num_steps", "eta", "guidance_scale")
@@ -123,7 +134,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     settings = EvalSettings(checkpoints=checkpoints, seeds=list(args.seeds), backend=args.backend,
                             weights=args.weights, reward=reward, extractor=args.extractor, sampler=sampler,
                             render=render, device=args.device)
-    out = Path(args.out or f"runs/eval-{time.strftime('%Y%m%d-%H%M%S')}")
     try:
         from r2d3.eval.extractors import load_extractor
 
@@ -140,6 +150,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"\nr2d3 evaluate: {len(prompts)} prompts x {len(args.seeds)} seeds x {len(checkpoints)} checkpoints = "
           f"{t['samples']} samples, {t['seconds_total']:.0f} s ({t['seconds_sampling']:.0f} s sampling)")
     print("\n".join(headline_rows(summary)))
+    for name, r in summary["checkpoints"].items():
+        bad = {k[: -len("_nonfinite")]: v for k, v in r.items() if k.endswith("_nonfinite")}
+        if bad:
+            print(f"  warning: {name} had non-finite scores ({bad}); its means use the prompts whose samples all "
+                  "scored")
     print(f"outputs: {out} (summary.json, samples.parquet" + ("" if args.no_report else ", report.md, report.html")
           + ")")
     print(json.dumps({n: {k: r.get(k) for k in ("reward_mean", "fid_vs_base", "similarity_mean")}

@@ -77,11 +77,31 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from r2d3.data.prompts import PromptSourceError, load_prompts
     from r2d3.eval.job import BASE
     from r2d3.ray.regenerate import run_regeneration
-    from r2d3.regenerate import RegenSettings, checkpoint_id, generation_key, resolve
+    from r2d3.regenerate import OutputError, RegenSettings, checkpoint_id, generation_key, resolve
     from r2d3.rewards import build_reward
+    from r2d3.train.loop import check_sampler_and_render
 
     if len(set(args.seeds)) != len(args.seeds):
         sys.exit(f"regenerate: --seeds must not repeat, got {args.seeds}")
+    sampler = replace(SamplerConfig(), kind=args.sampler, num_steps=args.steps, eta=args.eta,
+                      guidance_scale=args.guidance_scale)
+    render = replace(RenderConfig(), num_views=args.views, resolution=args.resolution)
+    positive = {"--max-prompts": args.max_prompts, "--max-assets": args.max_assets,
+                "--turntable-frames": args.turntable_frames, "--batch-size": args.batch_size}
+    sized = {"--turntable-size": args.turntable_size, "--mesh-resolution": args.mesh_resolution}
+    try:
+        check_sampler_and_render(sampler, render, prefix=("--sampler/--steps/--eta/--guidance-scale: ",
+                                                          "--views/--resolution: "))
+        for flag, value in positive.items():
+            if value is not None and value < 1:
+                raise ValueError(f"{flag} must be >= 1, got {value}")
+        for flag, value in sized.items():
+            if value < 8:
+                raise ValueError(f"{flag} must be >= 8, got {value}")
+        if args.actors < 0 or args.cpus_per_actor < 0 or args.gpus_per_actor < 0:
+            raise ValueError("--actors, --cpus-per-actor and --gpus-per-actor must be >= 0")
+    except ValueError as err:
+        sys.exit(f"regenerate: {err}")
     try:
         given = ([BASE, args.compare] if args.compare else []) + args.checkpoint
         given = list(dict.fromkeys(given or [BASE]))
@@ -98,9 +118,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     prompts = loaded.prompts[: args.max_prompts] if args.max_prompts else loaded.prompts
     bad = [{"source": loaded.source, "row": row, "checkpoint": None, "prompt": None, "seed": None, "reason": reason}
            for row, reason in loaded.skipped]
-    sampler = replace(SamplerConfig(), kind=args.sampler, num_steps=args.steps, eta=args.eta,
-                      guidance_scale=args.guidance_scale)
-    render = replace(RenderConfig(), num_views=args.views, resolution=args.resolution)
+    bad += [{"stage": "shard", "source": shard, "row": None, "checkpoint": None, "prompt": None, "seed": None,
+             "reason": f"shard skipped: {reason}"} for shard, reason in loaded.skipped_shards]
     generation = generation_key({"backend": args.backend, "weights": args.weights, "sampler": asdict(sampler),
                                  "render": asdict(render), "mesh": not args.no_mesh,
                                  "mesh_resolution": args.mesh_resolution, "turntable": [args.turntable_frames,
@@ -118,7 +137,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                    batch_size=args.batch_size, cpus_per_actor=args.cpus_per_actor,
                                    gpus_per_actor=args.gpus_per_actor, progress=not args.no_progress,
                                    gallery=not args.no_gallery, max_items=args.max_assets)
-    except (WeightsError, ValueError) as err:
+    except (WeightsError, ValueError, OutputError) as err:
         sys.exit(f"regenerate: {err}")
     print(json.dumps(summary))
     return summary

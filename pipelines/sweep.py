@@ -76,8 +76,13 @@ def main(argv: list[str] | None = None):
         validate(base)
         params, settings = load_space(args.space, sweep_overrides)
         check_space(params, base)
+        if args.baseline_evaluation:  # checked now, before Ray starts
+            from r2d3.eval.job import load_summary
+            from r2d3.ray.tune import baseline_from_evaluation
+
+            baseline_from_evaluation(load_summary(args.baseline_evaluation), base)
     except (ConfigError, ValueError) as err:
-        parser.error(str(err) if isinstance(err, ConfigError) else f"invalid base config: {err}")
+        parser.error(str(err))
     name = args.name or f"{Path(args.space).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     os.environ.setdefault("WANDB_MODE", base.run.wandb_mode)
     start = time.time()

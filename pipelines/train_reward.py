@@ -97,16 +97,14 @@ def main(argv: list[str] | None = None) -> dict:
     def views(split: str, num_objects: int, seed: int) -> RenderedViews:
         cache = None
         if args.cache_dir is not None:
-            cache = args.cache_dir / f"views-{split}-{num_objects}x{args.views}-seed{seed}.pt"
+            cache = args.cache_dir / f"views-{split}-{num_objects}x{args.views}-seed{seed}.safetensors"
             if cache.is_file():
                 _log(f"reusing rendered views {cache}")
-                return RenderedViews(**torch.load(cache, weights_only=False))
+                return RenderedViews.load(cache)
         rendered = render_procedural_views(split, num_objects, args.views, seed=seed,
                                            progress=progress(split))
         if cache is not None:
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            torch.save(vars(rendered), cache.with_suffix(".tmp"))
-            cache.with_suffix(".tmp").rename(cache)
+            rendered.save(cache)
         return rendered
 
     train = views("train", args.train_objects, args.seed)

@@ -60,6 +60,10 @@ TIMINGS = ("t_sample_s", "t_export_s", "t_score_s", "t_total_s")
 # storage
 
 
+class OutputError(OSError):
+    """The output location cannot be written."""
+
+
 class Store:
     """Files under a root that is a local directory or an ``s3://bucket/prefix`` (pyarrow filesystems;
     S3 endpoint and credentials from the standard ``AWS_*`` variables). Paths are relative, ``/``-separated."""
@@ -102,15 +106,28 @@ class Store:
 
         return self.fs.get_file_info(self.full(rel)).type == pafs.FileType.File
 
-    def find(self, name: str) -> list[str]:
-        """Relative paths of every file called ``name`` below the root."""
+    def listing(self) -> set[str]:
+        """Relative paths of every file below the root (one recursive listing)."""
         import pyarrow.fs as pafs
 
         if self.fs.get_file_info(self.base).type == pafs.FileType.NotFound:
-            return []
+            return set()
         infos = self.fs.get_file_info(pafs.FileSelector(self.base, recursive=True, allow_not_found=True))
-        return sorted(i.path[len(self.base) + 1:] for i in infos
-                      if i.type == pafs.FileType.File and i.path.rsplit("/", 1)[-1] == name)
+        return {i.path[len(self.base) + 1:] for i in infos if i.type == pafs.FileType.File}
+
+    def check_writable(self) -> None:
+        """Write and remove a probe object, so an output that is a file, read-only or unreachable fails
+        before any asset is computed (with the path in the message)."""
+        probe = ".write_test"
+        try:
+            if not self.is_s3:
+                if Path(self.base).exists() and not Path(self.base).is_dir():
+                    raise NotADirectoryError(f"{self.base} is a file")
+                Path(self.base).mkdir(parents=True, exist_ok=True)
+            self.write_bytes(probe, b"")
+            self.fs.delete_file(self.full(probe))
+        except OSError as err:
+            raise OutputError(f"output {self.uri} is not writable: {err}") from err
 
     def write_table(self, rel: str, table) -> None:
         import pyarrow.parquet as pq
@@ -355,22 +372,35 @@ def row_key(row: dict[str, Any]) -> tuple[str, str, int]:
     return row["checkpoint_id"], row["prompt"], int(row["seed"])
 
 
-def finished_rows(store: Store) -> dict[tuple[str, str, int], dict[str, Any]]:
-    """Rows of finished assets: the committed manifest plus every ``done.json`` (a run killed before it
-    committed the manifest), keyed by (checkpoint_id, prompt, seed)."""
+def asset_files(row: dict[str, Any]) -> list[str]:
+    """The files a finished row stands for: its exports and its ``done.json`` marker."""
+    files = [row[f"{k}_path"] for k in FILES if row.get(f"{k}_path")]
+    return files + [f"{asset_dir(row['checkpoint_id'], row['prompt'], row['seed'])}/{DONE}"]
+
+
+def finished_rows(store: Store) -> tuple[dict[tuple[str, str, int], dict[str, Any]], int]:
+    """Rows of finished assets, keyed by (checkpoint_id, prompt, seed): the committed manifest plus every
+    ``done.json`` (a run killed before it committed the manifest), kept only while all their files are
+    there (one listing of the output), so a deleted or partly deleted asset is made again. Also returns
+    how many rows were dropped for missing files."""
+    listing = store.listing()
     rows: dict[tuple[str, str, int], dict[str, Any]] = {}
-    if store.exists(MANIFEST):
+    if MANIFEST in listing:
         for r in store.read_table(MANIFEST).to_pylist():
             if not r.get("error"):
                 rows[row_key(r)] = r
-    for rel in store.find(DONE):
+    for rel in sorted(p for p in listing if p.rsplit("/", 1)[-1] == DONE):
         try:
             r = json.loads(store.read_bytes(rel))
         except (OSError, ValueError) as err:  # cannot happen with atomic writes; redo the asset if it does
             log.warning("ignoring unreadable marker %s: %s", rel, err)
             continue
         rows.setdefault(row_key(r), r)
-    return rows
+    complete = {k: r for k, r in rows.items() if all(f in listing for f in asset_files(r))}
+    if len(complete) < len(rows):
+        log.warning("regenerate: %d finished assets have missing files and will be made again",
+                    len(rows) - len(complete))
+    return complete, len(rows) - len(complete)
 
 
 def sort_rows(rows: list[dict[str, Any]], checkpoints: Sequence[str], prompts: Sequence[str], seeds: Sequence[int]):
@@ -388,6 +418,7 @@ def rows_to_table(rows: list[dict[str, Any]], schema):
     return pa.Table.from_pylist([{k: r.get(k) for k in schema.names} for r in rows], schema=schema)
 
 
-__all__ = ["AssetWorker", "DONE", "ERRORS", "GALLERY", "MANIFEST", "RegenSettings", "Store", "asset_dir",
+__all__ = ["AssetWorker", "DONE", "ERRORS", "GALLERY", "MANIFEST", "OutputError", "RegenSettings", "Store",
+           "asset_dir", "asset_files",
            "checkpoint_id", "error_schema", "finished_rows", "localize", "manifest_schema", "prompt_hash", "resolve",
            "row_key", "rows_to_table", "sort_rows"]

@@ -21,6 +21,22 @@ class WeightsError(RuntimeError):
     """Missing, unreadable or mismatching model weights; the message says which file and what to do."""
 
 
+def check_keys_match(module: nn.Module, directory: Path, filename: str = "diffusion_pytorch_model.safetensors") -> None:
+    """Strict loading for modules loaded through diffusers' ``from_pretrained``, which only warns about
+    unexpected tensors (and may initialise missing ones): both are a ``WeightsError`` naming the file."""
+    from safetensors import safe_open
+
+    file = directory / filename
+    with safe_open(str(file), framework="pt") as f:
+        saved = set(f.keys())
+    expected = set(module.state_dict())
+    missing, unexpected = sorted(expected - saved), sorted(saved - expected)
+    if missing or unexpected:
+        raise WeightsError(f"{file} does not match {type(module).__name__}: missing {missing[:5]}"
+                           f"{' ...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
+                           f"{' ...' if len(unexpected) > 5 else ''}")
+
+
 #: the file name diffusers' ``save_pretrained`` gives a model's safetensors weights
 WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
 

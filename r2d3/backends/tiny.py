@@ -28,7 +28,7 @@ from diffusers.configuration_utils import register_to_config
 from diffusers.loaders import PeftAdapterMixin
 from torch import Tensor, nn
 
-from r2d3.backends.base import WeightsError, register_backend
+from r2d3.backends.base import WeightsError, check_keys_match, register_backend
 from r2d3.backends.text import PromptEmbeds, TextEncoder
 from r2d3.render.gaussians import Gaussians, quat_from_z_to, rotate_z_by
 
@@ -250,6 +250,10 @@ class TinySplatBackend:
             meta = json.loads(meta_file.read_text())
             denoiser = TinySplatDenoiser.from_pretrained(path / "denoiser", use_safetensors=True)
             text_encoder = TextEncoder.from_pretrained(path / "text_encoder", use_safetensors=True)
+            check_keys_match(denoiser, path / "denoiser")
+            check_keys_match(text_encoder, path / "text_encoder")
+        except WeightsError:
+            raise
         except Exception as err:  # diffusers/safetensors raise several types for bad files
             raise WeightsError(f"could not load tiny backend weights from {path}: {err}") from err
         backend = cls(denoiser, text_encoder, meta["scheduler"], **meta["decoder"])

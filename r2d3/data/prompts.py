@@ -24,6 +24,7 @@ class PromptList:
     prompts: list[str]
     source: str
     skipped: list[tuple[int, str]] = field(default_factory=list)  # (row, reason)
+    skipped_shards: list[tuple[str, str]] = field(default_factory=list)  # (shard, reason)
 
 
 def _row_problem(value: object) -> str | None:
@@ -55,6 +56,16 @@ def is_parquet_source(source: str) -> bool:
     return not (source.startswith("procedural:") or source.endswith(".txt"))
 
 
+def is_text_type(tp) -> bool:
+    """Arrow types that hold prompt text: (large) strings, string views, and dictionary-encoded strings
+    (what pandas writes for a Categorical column)."""
+    import pyarrow as pa
+
+    if pa.types.is_dictionary(tp):
+        return is_text_type(tp.value_type)
+    return pa.types.is_string(tp) or pa.types.is_large_string(tp) or pa.types.is_string_view(tp)
+
+
 @dataclass
 class ShardCheck:
     files: list[str]  # readable shards with a string prompt column, as URIs/paths to pass to readers
@@ -62,9 +73,10 @@ class ShardCheck:
 
 
 def check_shards(source: str, column: str = "prompt") -> ShardCheck:
-    """List the Parquet shards of ``source`` and keep those whose footer is readable and whose
-    ``column`` holds strings; the others are skipped with a reason (a broken shard must not end a
-    week-long run). Reads footers only, so it is cheap for thousands of shards on S3."""
+    """List the Parquet shards of ``source`` and keep those whose ``column`` holds strings and reads
+    end to end; the others are skipped with a reason (a broken shard must not end a week-long run).
+    Reads the footer and then only the prompt column (its data pages: a shard can have an intact footer
+    and corrupt pages), which is small next to the rest of a row."""
     import pyarrow as pa
     import pyarrow.fs as pafs
     import pyarrow.parquet as pq
@@ -101,9 +113,15 @@ def check_shards(source: str, column: str = "prompt") -> ShardCheck:
             continue
         if column not in schema.names:
             check.skipped.append((scheme + path, f"no {column!r} column (columns: {schema.names})"))
-        elif not (pa.types.is_string(schema.field(column).type) or pa.types.is_large_string(schema.field(column).type)):
+        elif not is_text_type(schema.field(column).type):
             check.skipped.append((scheme + path, f"column {column!r} has type {schema.field(column).type}, not string"))
         else:
+            try:
+                with fs.open_input_file(path) as f:
+                    pq.read_table(f, columns=[column])
+            except Exception as err:
+                check.skipped.append((scheme + path, f"unreadable Parquet data in column {column!r}: {err}"))
+                continue
             check.files.append(scheme + path)
     for shard, reason in check.skipped:
         log.warning("skipped prompt shard %s: %s", shard, reason)
@@ -126,17 +144,27 @@ def load_prompts(source: str, column: str = "prompt") -> PromptList:
         path = Path(source)
         if not path.is_file():
             raise PromptSourceError(f"prompt file not found: {source}")
-        return _clean(path.read_text(encoding="utf-8", errors="replace").splitlines(), source)
+        data = path.read_bytes()
+        try:
+            text = data.decode("utf-8-sig")  # a byte-order mark is not part of the first prompt
+        except UnicodeDecodeError as err:
+            line = data[: err.start].count(b"\n") + 1
+            raise PromptSourceError(f"{source} is not UTF-8 (line {line}, byte {err.start}); re-save it as UTF-8, "
+                                    f"e.g. iconv -f latin1 -t utf-8") from None
+        return _clean(text.splitlines(), source)
     import pyarrow.parquet as pq
 
     shards = check_shards(source, column)
     values: list[object] = []
+    readable: list[tuple[str, str]] = []
     for shard in shards.files:
         try:
             values += pq.read_table(shard, columns=[column]).column(column).to_pylist()
-        except Exception as err:
-            raise PromptSourceError(f"cannot read Parquet prompts from {shard}: {err}") from err
-    return _clean(values, source)
+        except Exception as err:  # changed since the check: skip and record it, like the others
+            readable.append((shard, f"unreadable Parquet data: {err}"))
+    out = _clean(values, source)
+    out.skipped_shards = shards.skipped + readable
+    return out
 
 
 class PromptStream:

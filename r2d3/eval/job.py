@@ -28,6 +28,7 @@ features, for FID).
 
 from __future__ import annotations
 
+import logging
 import dataclasses
 import hashlib
 import io
@@ -47,6 +48,8 @@ BASE = "base"
 METRICS = ("reward", "similarity", "saturation", "contrast", "background_coverage", "edge_density",
            "drift_rgb_l2", "drift_dssim", "drift_alpha_l1", "drift_feature", "diversity", "diversity_latent",
            "color_ok", "shape_ok")
+
+log = logging.getLogger(__name__)
 
 
 def select_prompts(prompts: Sequence[str], n: int) -> list[str]:
@@ -343,20 +346,30 @@ def summarize(rows: list[dict[str, Any]], prompts: Sequence[str], seeds: Sequenc
         res: dict[str, Any] = {"samples": num_p * num_s}
         for m in METRICS:
             grid = _grid(rows, name, m, num_p, num_s)
-            if grid is None or torch.isnan(grid).any():
+            if grid is None:
                 continue
-            flat = grid.flatten()
+            finite = torch.isfinite(grid).all(dim=1)  # prompts whose every sample scored
+            if not finite.all():  # NaN/inf scores: counted, and the statistics use the complete prompts
+                res[f"{m}_nonfinite"] = int((~torch.isfinite(grid)).sum())
+                log.warning("%s: %d non-finite %s values; %s uses the %d prompts whose samples all scored",
+                            name, res[f"{m}_nonfinite"], m, m, int(finite.sum()))
+            if not finite.any():
+                continue
+            flat = grid[finite].flatten()
             res[f"{m}_mean"] = float(flat.mean())
-            res[f"{m}_ci95"] = list(bootstrap_ci(flat, num_p, draws))
+            res[f"{m}_ci95"] = list(bootstrap_ci(flat, int(finite.sum()), draws))
             if m == "reward":
                 res["reward_std"] = float(flat.std(unbiased=False))
                 res["reward_per_prompt"] = grid.mean(dim=1).tolist()
             if name != base and not m.startswith("drift_"):  # drift is already measured against the base
                 ref = _grid(rows, base, m, num_p, num_s)
                 if ref is not None:
-                    delta = (grid - ref).flatten()  # paired: same prompt, noise and cameras
+                    both = finite & torch.isfinite(ref).all(dim=1)
+                    if not both.any():
+                        continue
+                    delta = (grid - ref)[both].flatten()  # paired: same prompt, noise and cameras
                     res[f"{m}_delta_vs_base"] = float(delta.mean())
-                    res[f"{m}_delta_ci95"] = list(bootstrap_ci(delta, num_p, draws))
+                    res[f"{m}_delta_ci95"] = list(bootstrap_ci(delta, int(both.sum()), draws))
                     if m in ("reward", "similarity"):
                         res[f"{m}_delta_per_prompt"] = (grid - ref).mean(dim=1).tolist()
         if num_p * num_s >= 2:
@@ -376,7 +389,14 @@ def load_summary(path: str | os.PathLike) -> dict[str, Any]:
     import json
 
     path = Path(path)
-    return json.loads((path / "summary.json" if path.is_dir() else path).read_text())
+    file = path / "summary.json" if path.is_dir() else path
+    try:
+        summary = json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise ValueError(f"{file} is not an evaluation summary.json: {err}") from None
+    if not isinstance(summary, dict) or "checkpoints" not in summary:
+        raise ValueError(f"{file} is not an evaluation summary.json (no 'checkpoints' in it)")
+    return summary
 
 
 def scalar_metrics(summary: dict[str, Any], checkpoint: str | None = None) -> dict[str, float]:

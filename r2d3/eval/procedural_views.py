@@ -14,6 +14,9 @@ spaced in azimuth with one random offset in [0, 360), elevation uniform in
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import os
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -47,6 +50,28 @@ class RenderedViews:
     def rgb_float(self, index: Tensor | slice | None = None) -> Tensor:
         rgb = self.rgb if index is None else self.rgb[index]
         return rgb.float() / 255.0
+
+    def save(self, path: str | os.PathLike) -> None:
+        """One safetensors file (tensors, labels in its JSON metadata), written atomically: a cache that
+        loads without unpickling, so a file planted in the cache directory cannot run code."""
+        from safetensors.torch import save
+
+        from r2d3.export import atomic_write_bytes
+
+        meta = {"attributes": json.dumps([dataclasses.asdict(a) for a in self.attributes]),
+                "prompts": json.dumps(self.prompts), "seconds": repr(float(self.seconds))}
+        tensors = {"rgb": self.rgb.contiguous(), "alpha": self.alpha.contiguous(), "depth": self.depth.contiguous()}
+        atomic_write_bytes(path, save(tensors, metadata=meta))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "RenderedViews":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in ("rgb", "alpha", "depth")}
+        return cls(**tensors, attributes=[ShapeAttributes(**a) for a in json.loads(meta["attributes"])],
+                   prompts=json.loads(meta["prompts"]), seconds=float(meta.get("seconds", 0.0)))
 
 
 def render_procedural_views(

@@ -92,6 +92,8 @@ def plot_tradeoff(summary: dict[str, Any], path: Path) -> Path:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5.2, 3.6))
     for name, res in summary["checkpoints"].items():
+        if "reward_mean" not in res:  # no sample of it scored
+            continue
         x, y = res.get("fid_vs_base", 0.0), res["reward_mean"]
         xci = res.get("fid_ci95") or [x, x]
         yci = res["reward_ci95"]
@@ -227,8 +229,14 @@ def _blocks(summary: dict[str, Any], images: dict[str, Any]) -> list[tuple[str, 
     return blocks
 
 
+#: characters that Markdown (and the HTML it passes through) would interpret inside a table cell
+_MD_SPECIAL = re.compile(r"([\\`*_\[\]{}()#+!|~])")
+
+
 def _md_cell(text: str) -> str:
-    return str(text).replace("|", "\\|")
+    """Table-cell text (prompts are user input) shown literally: HTML escaped, Markdown punctuation
+    backslash-escaped, so no prompt can inject markup, links or images into the report."""
+    return _MD_SPECIAL.sub(r"\\\1", html.escape(str(text), quote=False))
 
 
 def to_markdown(blocks: list[tuple[str, Any]], out_dir: Path) -> str:

@@ -7,7 +7,8 @@ Each :class:`RegenActor` builds the backend (with every checkpoint's LoRA) and t
 writes each asset's files and ``done.json`` itself (:class:`r2d3.regenerate.AssetWorker`); only small
 rows travel back. ``actors=0`` runs the same code in this process without Ray. Finished assets (the
 manifest plus ``done.json`` markers) are skipped, so a rerun or a resumed run only does what is missing,
-and the manifest is rewritten from scratch from all finished rows — never appended to.
+and the manifest is rewritten from scratch from all finished rows under the output (whatever run made
+them) — never appended to, never narrowed.
 """
 
 from __future__ import annotations
@@ -96,9 +97,10 @@ def run_regeneration(settings: RegenSettings, prompts: Sequence[str], seeds: Seq
     if len(set(seeds)) != len(seeds) or not seeds:
         raise ValueError(f"need at least one seed and no repeats, got {list(seeds)}")
     store = Store(settings.out)
+    store.check_writable()
     names = [c.name for c in settings.checkpoints]
     prompts = list(dict.fromkeys(prompts))  # a prompt listed twice is one asset
-    done = finished_rows(store)
+    done, incomplete = finished_rows(store)
     wanted = [{"checkpoint": c, "prompt": p, "seed": int(s)} for c in names for p in prompts for s in seeds]
     todo = [it for it in wanted if (settings.ids[it["checkpoint"]], it["prompt"], it["seed"]) not in done]
     skipped = len(wanted) - len(todo)
@@ -117,19 +119,22 @@ def run_regeneration(settings: RegenSettings, prompts: Sequence[str], seeds: Seq
             done[row_key(row)] = row
             made += 1
     seconds = time.time() - start
-    wanted_keys = {(settings.ids[it["checkpoint"]], it["prompt"], it["seed"]) for it in wanted}
-    rows = sort_rows([r for k, r in done.items() if k in wanted_keys], names, prompts, seeds)
+    # the manifest covers every finished asset under --out, this run's selection first: a narrower
+    # rerun adds to the library, never drops what earlier runs made
+    rows = sort_rows(list(done.values()), names, prompts, seeds)
+    shown = names + sorted({r["checkpoint"] for r in rows} - set(names))
     extra = [_reward_name(r) for r in settings.rewards[1:]]
     schema = manifest_schema(extra)
     store.write_table(ERRORS, rows_to_table(errors, error_schema()))
     if gallery:
         from r2d3.export.gallery import gallery_html
 
-        store.write_bytes(GALLERY, gallery_html(rows, names, title=f"r2d3 regeneration: {', '.join(names)}",
+        store.write_bytes(GALLERY, gallery_html(rows, shown, title=f"r2d3 regeneration: {', '.join(names)}",
                                                 score_keys=["reward", *[f"reward_{e}" for e in extra]]).encode())
     store.write_table(MANIFEST, rows_to_table(rows, schema))  # committed last
     return {"out": settings.out, "wanted": len(wanted), "made": made, "skipped": skipped,
-            "manifest_rows": len(rows), "errors": len(errors), "seconds": round(seconds, 3),
+            "remade_incomplete": incomplete, "manifest_rows": len(rows), "errors": len(errors),
+            "seconds": round(seconds, 3),
             "assets_per_min": round(made / max(seconds, 1e-9) * 60, 2) if made else 0.0}
 
 

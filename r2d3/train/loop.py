@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from r2d3.algos import AlignContext, SampleBatch, build_algorithm
 from r2d3.algos.base import Scorer, make_context, prepare_batch
 from r2d3.backends import available_backends, load_backend
-from r2d3.config import WANDB_MODES, AlignConfig, check_finite, to_yaml
+from r2d3.config import WANDB_MODES, AlignConfig, ConfigError, RenderConfig, SamplerConfig, check_finite, to_yaml
 from r2d3.diffusion.schedules import SCHEDULER_KINDS
 from r2d3.data.prompts import load_prompts
 from r2d3.rewards import build_reward, load_reward
@@ -61,6 +61,8 @@ def check_run_name(name: str | None) -> None:
 
 
 def _memory_bytes(device: str) -> tuple[int, str]:
+    if device == "auto" and torch.cuda.is_available():
+        device = "cuda"
     if device.startswith("cuda") and torch.cuda.is_available():
         index = int(device.split(":")[1]) if ":" in device else 0
         return torch.cuda.get_device_properties(index).total_memory, f"GPU {index}"
@@ -83,6 +85,29 @@ def check_fits_in_memory(config: AlignConfig) -> None:
             f"than the {total / 2**30:.1f} GiB of {where}; lower them (or use more workers with smaller batches)")
 
 
+def check_sampler_and_render(s: SamplerConfig, r: RenderConfig, prefix: tuple[str, str] = ("sampler.", "render.")
+                             ) -> None:
+    """The sampler and render values every job shares (training, evaluation, regeneration): a bad one
+    is a ``ValueError`` naming it (``prefix`` names the options as the caller's CLI spells them)."""
+    sp, rp = prefix
+    check_finite(s)
+    check_finite(r)
+    checks = [
+        (s.kind in SCHEDULER_KINDS, f"{sp}kind must be one of {', '.join(SCHEDULER_KINDS)}, got {s.kind!r}"),
+        (s.num_steps >= 1, f"{sp}num_steps must be >= 1, got {s.num_steps}"),
+        (0 <= s.eta <= 1, f"{sp}eta must be in [0, 1], got {s.eta}"),
+        (s.guidance_scale >= 1, f"{sp}guidance_scale must be >= 1, got {s.guidance_scale}"),
+        (r.num_views >= 1, f"{rp}num_views must be >= 1, got {r.num_views}"),
+        (r.resolution >= 8, f"{rp}resolution must be >= 8, got {r.resolution}"),
+        (r.backend == "auto" or r.backend in SPLAT_BACKENDS,
+         f"{rp}backend must be auto or one of {sorted(SPLAT_BACKENDS)}, got {r.backend!r}"),
+        (0 < r.fov_deg < 180 and r.distance > 0, f"{rp}fov_deg must be in (0, 180) and {rp}distance > 0"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(message)
+
+
 def validate(config: AlignConfig) -> None:
     """Reject bad hyperparameters before any model is loaded, naming the key."""
     t, s = config.train, config.sampler
@@ -102,7 +127,6 @@ def validate(config: AlignConfig) -> None:
         (config.model.lora_targets is None or (len(config.model.lora_targets) > 0
                                                and all(str(x).strip() for x in config.model.lora_targets)),
          f"model.lora_targets must be null (the backend's list) or non-empty names, got {config.model.lora_targets}"),
-        (s.kind in SCHEDULER_KINDS, f"sampler.kind must be one of {', '.join(SCHEDULER_KINDS)}, got {s.kind!r}"),
         (not (config.scale.in_process and (config.scale.num_workers > 1 or config.scale.reward_actors > 0)),
          f"scale.in_process=true runs one worker without Ray: it conflicts with scale.num_workers="
          f"{config.scale.num_workers} and scale.reward_actors={config.scale.reward_actors} (drop one)"),
@@ -110,9 +134,7 @@ def validate(config: AlignConfig) -> None:
         (config.scale.max_failures >= -1, f"scale.max_failures must be >= -1 (-1: unlimited), got "
                                           f"{config.scale.max_failures}"),
         (config.scale.resource_wait_s > 0, f"scale.resource_wait_s must be > 0, got {config.scale.resource_wait_s}"),
-        (s.num_steps >= 1, f"sampler.num_steps must be >= 1, got {s.num_steps}"),
-        (0 < s.eta <= 1, f"sampler.eta must be in (0, 1] (the losses need stochastic steps), got {s.eta}"),
-        (s.guidance_scale >= 1, f"sampler.guidance_scale must be >= 1, got {s.guidance_scale}"),
+        (0 < s.eta, f"sampler.eta must be in (0, 1] (the losses need stochastic steps), got {s.eta}"),
         (t.epochs >= 1, f"train.epochs must be >= 1, got {t.epochs}"),
         (t.lr > 0, f"train.lr must be > 0, got {t.lr}"),
         (t.sample_batch_size >= 1 and t.sample_batches_per_epoch >= 1, "train.sample_batch_size and "
@@ -120,8 +142,6 @@ def validate(config: AlignConfig) -> None:
         (t.train_batch_size >= 1, f"train.train_batch_size must be >= 1, got {t.train_batch_size}"),
         (t.grad_accum >= 1, f"train.grad_accum must be >= 1, got {t.grad_accum}"),
         (t.max_grad_norm > 0, f"train.max_grad_norm must be > 0, got {t.max_grad_norm}"),
-        (config.render.num_views >= 1 and config.render.resolution >= 8, "render.num_views must be >= 1 and "
-         "render.resolution >= 8"),
         (config.eval.num_prompts >= 0 and config.eval.seeds_per_prompt >= 1, "eval.num_prompts must be >= 0 "
          "and eval.seeds_per_prompt >= 1"),
         (str(config.scale.use_gpu).lower() in ("auto", "true", "false"),
@@ -130,14 +150,11 @@ def validate(config: AlignConfig) -> None:
         (config.scale.reward_actors >= 0 and config.scale.reward_actor_gpus >= 0 and config.scale.reward_actor_cpus >= 0,
          "scale.reward_actors, scale.reward_actor_gpus and scale.reward_actor_cpus must be >= 0"),
         (config.data.shuffle_buffer >= 0, f"data.shuffle_buffer must be >= 0, got {config.data.shuffle_buffer}"),
-        (config.render.backend == "auto" or config.render.backend in SPLAT_BACKENDS,
-         f"render.backend must be auto or one of {sorted(SPLAT_BACKENDS)}, got {config.render.backend!r}"),
-        (config.render.fov_deg > 0 and config.render.fov_deg < 180 and config.render.distance > 0,
-         "render.fov_deg must be in (0, 180) and render.distance > 0"),
     ]
     for ok, message in checks:
         if not ok:
             raise ValueError(message)
+    check_sampler_and_render(s, config.render)
     check_fits_in_memory(config)
     build_algorithm(config.algo, s.num_steps)  # algorithm hyperparameters, named on error
     build_reward(config.reward)  # unknown names and bad weights, listed/named on error
@@ -173,7 +190,10 @@ def build_worker(config: AlignConfig, scorer: Scorer | None = None, load_prompt_
 
         backend.encode_prompts = load_embedding_cache(config.data.embeddings, backend).encode
     targets = config.model.lora_targets or backend.lora_target_modules
-    params = add_lora(backend.denoiser, config.model.lora_rank, config.model.lora_alpha, targets)
+    try:
+        params = add_lora(backend.denoiser, config.model.lora_rank, config.model.lora_alpha, targets)
+    except ValueError as err:
+        raise ConfigError(f"model.lora_targets: {err} (the backend's own list: {backend.lora_target_modules})") from err
     algorithm = build_algorithm(config.algo, config.sampler.num_steps)
     ctx = make_context(backend, config.sampler, load_reward(config.reward, device), config.render, scorer)
     t = config.train
