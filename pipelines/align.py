@@ -46,7 +46,13 @@ def _run(config: AlignConfig, run_dir: Path, output_dir: Path) -> dict:
     from r2d3.ray.train import fit_on_ray, read_summary
 
     storage = config.scale.storage_path or str(output_dir)
-    result = fit_on_ray(config, run_dir, storage_path=storage)
+    try:
+        result = fit_on_ray(config, run_dir, storage_path=storage)
+    except Exception as err:  # Ray Train raises the workers' failures wrapped
+        root = _root_cause(err)
+        if root is err:
+            raise
+        raise root from err
     if result.error is not None:
         raise _root_cause(result.error)
     return read_summary(run_dir, storage)

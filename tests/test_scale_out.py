@@ -143,33 +143,48 @@ def test_ray_job_submit_runs_align_on_a_local_cluster(tmp_path, _ray_session):
 
 @pytest.mark.slow
 def test_a_killed_worker_restarts_from_the_last_checkpoint(tmp_path, ray_local):
-    """FailureConfig: SIGKILL one Train worker mid-run; the group restarts from the last checkpoint and
-    the run finishes with every epoch recorded once."""
+    """FailureConfig: SIGKILL the Train worker right after it wrote a checkpoint; the new worker group
+    resumes from the newest checkpoint in storage (not from epoch 1) and the run finishes with every
+    epoch recorded once, its base-model metrics kept, and no scratch directory of the dead worker left."""
     import signal
+    import tempfile
     import threading
 
+    import pandas as pd
     from ray.util.state import list_actors
 
     from r2d3.config import AlignConfig, build_config
     from r2d3.ray.train import fit_on_ray
+    from r2d3.train.align_job import run_worker  # noqa: F401 - imported by the workers as well
 
     weights = tiny_weights(tmp_path / "w")
     config = build_config(AlignConfig, overrides=tiny_args(weights, tmp_path / "runs", "crash") + [
-        "train.epochs=30", "scale.num_workers=1", "scale.cpus_per_worker=1", "scale.max_failures=1",
+        "train.epochs=12", "scale.num_workers=1", "scale.cpus_per_worker=1", "scale.max_failures=1",
         "run.wandb_mode=disabled", "eval.num_prompts=1"])
     run_dir = tmp_path / "runs" / "crash"
     result = {}
     thread = threading.Thread(target=lambda: result.update(r=fit_on_ray(config, run_dir, str(tmp_path / "runs"))))
     thread.start()
     deadline = time.time() + 300
-    while not list(run_dir.glob("checkpoint_*")) and time.time() < deadline:  # Ray Train's checkpoint dirs
-        time.sleep(0.5)
+    while len(list(run_dir.glob("checkpoint_2*"))) < 3 and time.time() < deadline:  # Ray Train's checkpoints
+        time.sleep(0.1)
+    written = len(list(run_dir.glob("checkpoint_2*")))
     workers = [a for a in list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])]
     assert len(workers) == 1, workers
     os.kill(workers[0].pid, signal.SIGKILL)
+    killed_at = time.time()
     thread.join(timeout=600)
     assert result["r"].error is None
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert [h["epoch"] for h in summary["history"]] == list(range(1, 31))
+    assert [h["epoch"] for h in summary["history"]] == list(range(1, 13))
+    assert len(summary["resumes"]) == 1 and summary["resumes"][0] >= written - 1 >= 2, (summary["resumes"], written)
+    assert "reward_mean" in summary["before"]  # evaluated once, before training, and kept
+    table = pd.read_csv(run_dir / "metrics.csv")
+    assert list(table["epoch"]) == list(range(1, 13))
+    steps = list(table["optimizer_steps"])
+    assert steps == sorted(steps) and steps[-1] > 0  # no restart from optimizer step 0
     dead = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "DEAD")])
     assert any(a.pid == workers[0].pid for a in dead)
+    assert not list(Path(tempfile.gettempdir()).glob(f"r2d3-ckpt-{workers[0].pid}-*"))
+    print(f"recovered and finished {time.time() - killed_at:.1f} s after the kill; resumed at epoch "
+          f"{summary['resumes'][0]} with {written} checkpoints written")
