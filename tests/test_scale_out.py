@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -188,3 +189,19 @@ def test_a_killed_worker_restarts_from_the_last_checkpoint(tmp_path, ray_local):
     assert not list(Path(tempfile.gettempdir()).glob(f"r2d3-ckpt-{workers[0].pid}-*"))
     print(f"recovered and finished {time.time() - killed_at:.1f} s after the kill; resumed at epoch "
           f"{summary['resumes'][0]} with {written} checkpoints written")
+
+
+@pytest.mark.slow
+def test_a_request_the_cluster_cannot_satisfy_fails_after_the_bounded_wait(tmp_path, ray_local):
+    """`scale.use_gpu=true` without a GPU, or more CPUs than the cluster has, used to retry the worker
+    group forever; now the job ends after `scale.resource_wait_s` naming what is missing."""
+    import align
+
+    weights = tiny_weights(tmp_path / "w")
+    for extra, missing in ((["scale.use_gpu=true"], "1 GPU (the cluster has 0)"),
+                           (["scale.cpus_per_worker=64"], "64 CPU (the cluster has 4)")):
+        t0 = time.time()
+        with pytest.raises(SystemExit, match=rf"ClusterResourcesError: the job needs {re.escape(missing)} \(waited 1 s"):
+            align.main(tiny_args(weights, tmp_path / "runs", f"r{len(extra[0])}") + extra +
+                       ["scale.resource_wait_s=1", "run.wandb_mode=disabled"])
+        assert time.time() - t0 < 60
