@@ -205,3 +205,35 @@ def test_a_request_the_cluster_cannot_satisfy_fails_after_the_bounded_wait(tmp_p
             align.main(tiny_args(weights, tmp_path / "runs", f"r{len(extra[0])}") + extra +
                        ["scale.resource_wait_s=1", "run.wandb_mode=disabled"])
         assert time.time() - t0 < 60
+
+
+@pytest.mark.slow
+def test_a_local_run_listens_on_loopback_only(tmp_path):
+    """`ss -ltn` while `pipelines/align.py` runs on its own local Ray: every listening socket of the job's
+    processes (GCS, raylet, dashboard and its agent, metrics, workers) is on 127.0.0.1, except the one
+    torch.distributed rendezvous store of the rank-0 Train worker (torch has no bind address for it)."""
+    import psutil
+
+    weights = tiny_weights(tmp_path / "w")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.Popen([sys.executable, str(ROOT / "pipelines" / "align.py"),
+                             *tiny_args(weights, tmp_path / "runs", "bind"), "train.epochs=6",
+                             "run.wandb_mode=disabled"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    seen: dict[str, str] = {}
+    deadline = time.time() + 300
+    while proc.poll() is None and time.time() < deadline:
+        try:
+            tree = {proc.pid} | {c.pid for c in psutil.Process(proc.pid).children(recursive=True)}
+        except psutil.NoSuchProcess:
+            break
+        out = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True).stdout
+        for line in out.splitlines():
+            if "pid=" in line and int(line.split("pid=")[1].split(",")[0]) in tree:
+                seen[line.split()[3]] = line.split('(("')[1].split('"')[0]
+        time.sleep(0.5)
+    assert proc.wait(timeout=60) == 0
+    names = set(seen.values())
+    assert {"gcs_server", "raylet"} <= names and len(seen) >= 8, seen  # the job's Ray was observed
+    loopback = ("127.0.0.1:", "[::ffff:127.0.0.1]:", "[::1]:")
+    exposed = {a: n for a, n in seen.items() if not a.startswith(loopback)}
+    assert len(exposed) <= 1 and all(n.startswith("ray::RayTrainWo") for n in exposed.values()), exposed
