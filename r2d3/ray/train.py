@@ -26,6 +26,7 @@ import ray.data
 import ray.train
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
+from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 
 from r2d3.config import AlignConfig, from_dict, to_dict
 from r2d3.data.prompts import PromptStream, check_shards, is_parquet_source
@@ -222,8 +223,11 @@ def fit_on_ray(config: AlignConfig, run_dir: Path, storage_path: str, callbacks:
 
         # the driver owns the actors, so they outlive any one trainer (and worker-group restarts)
         reward_pool = start_reward_actors(config)
-    trainer = TorchTrainer(_worker_loop, train_loop_config=payload, scaling_config=scaling, run_config=run_config,
-                           datasets=datasets or None)
+    # one worker has nothing to all-reduce: no torch.distributed process group (whose rendezvous store
+    # would listen on every interface) and a faster start; several use TorchTrainer's gloo/NCCL group
+    trainer_cls = TorchTrainer if config.scale.num_workers > 1 else DataParallelTrainer
+    trainer = trainer_cls(_worker_loop, train_loop_config=payload, scaling_config=scaling, run_config=run_config,
+                          datasets=datasets or None)
     result = trainer.fit()
     del reward_pool  # trainers looked the actors up by name; release them only now
     return result
