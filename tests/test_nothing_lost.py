@@ -473,3 +473,39 @@ def test_report_md_escapes_prompts():
     md = to_markdown([("table", (["prompt"], [[evil]]))], Path("."))
     assert "<script>" not in md and "](http" not in md and "![" not in md
     assert _md_cell("a | b").count("|") == 1 and "\\|" in _md_cell("a | b")
+
+
+@pytest.fixture
+def read_only_dir(tmp_path):
+    """A read-only file system (a tmpfs mounted ``ro``): permission bits would not stop root."""
+    path = tmp_path / "ro"
+    path.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(path)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a read-only tmpfs here")
+    yield path
+    subprocess.run(["umount", str(path)], capture_output=True)
+
+
+@pytest.mark.parametrize("job", ["regenerate", "evaluate"])
+def test_a_read_only_output_fails_before_any_sample(job, tiny, read_only_dir, monkeypatch):
+    import evaluate
+    import regenerate
+
+    monkeypatch.setattr("r2d3.regenerate.AssetWorker.process", lambda *a: pytest.fail("an asset was computed"))
+    monkeypatch.setattr("r2d3.ray.evaluate.run_evaluation", lambda *a, **k: pytest.fail("evaluation started"))
+    for out in (read_only_dir, read_only_dir / "nightly"):
+        if job == "regenerate":
+            args = ["--prompts", str(tiny / "prompts.txt"), "--weights", str(tiny / "w"), "--out", str(out), *FAST]
+        else:
+            args = ["--weights", str(tiny / "w"), "--out", str(out), "--actors", "0", "--steps", "3",
+                    "--num-prompts", "2", "--seeds", "0", "1"]
+        with pytest.raises(SystemExit, match=f"output {out} is not writable: .*Read-only file system"):
+            (regenerate if job == "regenerate" else evaluate).main(args)
+
+
+def test_align_names_a_read_only_run_directory(tiny, read_only_dir):
+    import align
+
+    with pytest.raises(SystemExit, match=f"run directory {read_only_dir / 'r'} is not writable: .*Read-only"):
+        align.main(tiny_args(tiny, read_only_dir))
