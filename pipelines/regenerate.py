@@ -24,6 +24,7 @@ from typing import Any
 
 def build_parser() -> argparse.ArgumentParser:
     from r2d3.config import RenderConfig, SamplerConfig
+    from r2d3.export.frame import FRAMES
 
     lines = __doc__.split("\n")
     s, r = SamplerConfig(), RenderConfig()
@@ -61,6 +62,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--turntable-size", type=int, default=96)
     p.add_argument("--mesh-resolution", type=int, default=64)
     p.add_argument("--no-mesh", action="store_true", help="skip the .glb meshes")
+    p.add_argument("--frame", choices=FRAMES, default="y-up",
+                   help="frame of the .ply/.glb files: y-up (r2d3's and glTF's; three.js, Blender, PlayCanvas, "
+                        "GaussianSplats3D) or y-down (INRIA/COLMAP-style viewers: SuperSplat Viewer, gsplat.js)")
+    p.add_argument("--sh-degree", type=int, choices=(0, 3), default=0,
+                   help="3: write zero f_rest_* coefficients for loaders that require SH degree 3 (INRIA's)")
+    p.add_argument("--min-opacity", type=float, default=0.0,
+                   help="leave splats below this opacity out of the .ply (default 0: keep all)")
+    p.add_argument("--unlit", action="store_true", help=".glb material KHR_materials_unlit (default: PBR, "
+                                                        "non-metallic)")
     p.add_argument("--no-gallery", action="store_true")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--max-assets", type=int, default=None, help="make at most N new assets, then commit (partial run)")
@@ -98,6 +108,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for flag, value in sized.items():
             if value < 8:
                 raise ValueError(f"{flag} must be >= 8, got {value}")
+        if not 0.0 <= args.min_opacity < 1.0:
+            raise ValueError(f"--min-opacity must be in [0, 1), got {args.min_opacity}")
         if args.actors < 0 or args.cpus_per_actor < 0 or args.gpus_per_actor < 0:
             raise ValueError("--actors, --cpus-per-actor and --gpus-per-actor must be >= 0")
     except ValueError as err:
@@ -123,7 +135,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     generation = generation_key({"backend": args.backend, "weights": args.weights, "sampler": asdict(sampler),
                                  "render": asdict(render), "mesh": not args.no_mesh,
                                  "mesh_resolution": args.mesh_resolution, "turntable": [args.turntable_frames,
-                                                                                        args.turntable_size]})
+                                                                                        args.turntable_size],
+                                 "export": [args.frame, args.sh_degree, args.min_opacity, args.unlit]})
     settings = RegenSettings(out=args.out, checkpoints=specs,
                              ids={c.name: checkpoint_id(c, generation) for c in specs},
                              sources=dict(zip(names, [a.partition("=")[2] if "=" in a and not a.startswith("s3://")
@@ -131,7 +144,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                              backend=args.backend, weights=args.weights, rewards=rewards, sampler=sampler,
                              render=render, device=args.device, turntable_frames=args.turntable_frames,
                              turntable_size=args.turntable_size, mesh=not args.no_mesh,
-                             mesh_resolution=args.mesh_resolution)
+                             mesh_resolution=args.mesh_resolution, frame=args.frame, sh_degree=args.sh_degree,
+                             min_opacity=args.min_opacity, unlit=args.unlit)
     try:
         summary = run_regeneration(settings, prompts, args.seeds, bad_prompts=bad, actors=args.actors,
                                    batch_size=args.batch_size, cpus_per_actor=args.cpus_per_actor,

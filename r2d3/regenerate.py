@@ -50,7 +50,9 @@ ERRORS = "errors.parquet"
 GALLERY = "gallery.html"
 DONE = "done.json"
 #: per-asset score columns besides ``reward`` and the extra rewards (``reward_<label>``)
-METRICS = ("saturation", "contrast", "background_coverage", "edge_density", "color_ok", "shape_ok")
+METRICS = ("saturation", "contrast", "background_coverage", "edge_density")
+#: per-asset prompt-following checks (pass/fail; null for prompts outside the grammar)
+CHECKS = ("color_ok", "shape_ok")
 FILES = ("ply", "glb", "preview", "turntable")
 FILE_NAMES = {"ply": "asset.ply", "glb": "mesh.glb", "preview": "preview.png", "turntable": "turntable.gif"}
 TIMINGS = ("t_sample_s", "t_export_s", "t_score_s", "t_total_s")
@@ -235,6 +237,10 @@ class RegenSettings:
     turntable_size: int = 96
     mesh: bool = True
     mesh_resolution: int = 64
+    frame: str = "y-up"  # exported files' frame (r2d3.export.frame)
+    sh_degree: int = 0  # 3: zero-filled f_rest_* in the .ply
+    min_opacity: float = 0.0  # splats below it are left out of the .ply
+    unlit: bool = False  # .glb material: KHR_materials_unlit instead of non-metallic PBR
 
 
 def _reward_name(spec: Any) -> str:
@@ -292,7 +298,7 @@ class AssetWorker:
         t1 = time.perf_counter()
         rgb = render.rgb.float().cpu()
         frames = render_turntable(on_device, num_frames=s.turntable_frames, size=s.turntable_size)
-        files = {"ply": encode_ply(gaussians), "preview": encode_png(make_grid(rgb[0], row_labels=[prompt])),
+        files = {"ply": encode_ply(gaussians, frame=s.frame, sh_degree=s.sh_degree, min_opacity=s.min_opacity), "preview": encode_png(make_grid(rgb[0], row_labels=[prompt])),
                  "turntable": encode_gif(frames.float().cpu(), fps=8)}
         if s.mesh:
             files["glb"] = self._glb(gaussians)
@@ -309,7 +315,7 @@ class AssetWorker:
         try:
             parse_prompt(prompt)
             pf = prompt_following(render, [prompt])["per_sample"][0]
-            scores["color_ok"], scores["shape_ok"] = float(pf["color_ok"]), float(pf["shape_ok"])
+            scores["color_ok"], scores["shape_ok"] = bool(pf["color_ok"]), bool(pf["shape_ok"])
         except PromptParseError:  # free text: only the grammar's prompts can be graded
             scores["color_ok"] = scores["shape_ok"] = None
         t3 = time.perf_counter()
@@ -317,13 +323,10 @@ class AssetWorker:
                 "t_total_s": t3 - t0}
 
     def _glb(self, gaussians) -> bytes:
-        from r2d3.export.mesh import gaussians_to_mesh, write_glb
+        from r2d3.export.mesh import encode_glb, gaussians_to_mesh
 
-        mesh = gaussians_to_mesh(gaussians, resolution=self.settings.mesh_resolution)
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / "mesh.glb"
-            write_glb(mesh, path)
-            return path.read_bytes()
+        s = self.settings
+        return encode_glb(gaussians_to_mesh(gaussians, resolution=s.mesh_resolution), unlit=s.unlit, frame=s.frame)
 
     def process(self, checkpoint: str, prompt: str, seed: int) -> dict[str, Any]:
         """The manifest row of one asset (written to its ``done.json``), or an error row (``error`` set)."""
@@ -355,7 +358,8 @@ def manifest_schema(extra_rewards: Sequence[str] = ()):
     fields = [("checkpoint", pa.string()), ("checkpoint_id", pa.string()), ("prompt", pa.string()),
               ("prompt_hash", pa.string()), ("seed", pa.int64()), ("noise_seed", pa.int64()),
               ("reward", pa.float64()), *[(f"reward_{r}", pa.float64()) for r in extra_rewards],
-              *[(m, pa.float64()) for m in METRICS], *[(f"{k}_path", pa.string()) for k in FILES],
+              *[(m, pa.float64()) for m in METRICS], *[(c, pa.bool_()) for c in CHECKS],
+              *[(f"{k}_path", pa.string()) for k in FILES],
               *[(t, pa.float64()) for t in TIMINGS], ("error", pa.string())]
     return pa.schema(fields)
 
@@ -412,13 +416,40 @@ def sort_rows(rows: list[dict[str, Any]], checkpoints: Sequence[str], prompts: S
                                        sorder.get(int(r["seed"]), big), r["prompt"], int(r["seed"])))
 
 
-def rows_to_table(rows: list[dict[str, Any]], schema):
+def rows_to_table(rows: list[dict[str, Any]], schema, metadata: dict[str, Any] | None = None):
+    """Rows as a table of ``schema`` (rows made by older versions are coerced: 0.0/1.0 checks become
+    booleans); ``metadata`` is stored as JSON under the schema's ``r2d3`` key."""
     import pyarrow as pa
 
-    return pa.Table.from_pylist([{k: r.get(k) for k in schema.names} for r in rows], schema=schema)
+    bools = {f.name for f in schema if pa.types.is_boolean(f.type)}
+    table = pa.Table.from_pylist([{k: (bool(r[k]) if k in bools and r.get(k) is not None else r.get(k))
+                                   for k in schema.names} for r in rows], schema=schema)
+    if metadata is not None:
+        table = table.replace_schema_metadata({"r2d3": json.dumps(metadata, sort_keys=True, default=str)})
+    return table
+
+
+def manifest_metadata(settings: RegenSettings, generation: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What made the assets, for the manifest's schema metadata: backend and weights, sampler and render
+    settings, reward specs, and per checkpoint its id, source and LoRA file hash."""
+    import r2d3
+
+    checkpoints = {}
+    for spec in settings.checkpoints:
+        lora = None if spec.is_base else Path(spec.path) / "lora.safetensors"
+        checkpoints[spec.name] = {"id": settings.ids[spec.name], "source": settings.sources.get(spec.name),
+                                  "lora_sha256": hashlib.sha256(lora.read_bytes()).hexdigest() if lora else None}
+    return {"r2d3_version": r2d3.__version__, "backend": settings.backend, "weights": settings.weights,
+            "sampler": dataclasses.asdict(settings.sampler), "render": dataclasses.asdict(settings.render),
+            "rewards": settings.rewards, "reward_columns": ["reward", *[f"reward_{_reward_name(r)}"
+                                                                       for r in settings.rewards[1:]]],
+            "mesh": settings.mesh, "mesh_resolution": settings.mesh_resolution, "frame": settings.frame,
+            "sh_degree": settings.sh_degree, "min_opacity": settings.min_opacity, "unlit": settings.unlit,
+            "turntable": {"frames": settings.turntable_frames, "size": settings.turntable_size},
+            "checkpoints": checkpoints}
 
 
 __all__ = ["AssetWorker", "DONE", "ERRORS", "GALLERY", "MANIFEST", "OutputError", "RegenSettings", "Store",
            "asset_dir", "asset_files",
-           "checkpoint_id", "error_schema", "finished_rows", "localize", "manifest_schema", "prompt_hash", "resolve",
+           "checkpoint_id", "error_schema", "finished_rows", "localize", "manifest_metadata", "manifest_schema", "prompt_hash", "resolve",
            "row_key", "rows_to_table", "sort_rows"]

@@ -7,12 +7,15 @@ per prompt and seed, optionally with LoRA weights from an alignment checkpoint.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import re
+import sys
 from pathlib import Path
 
 import torch
 
 from r2d3.backends import load_backend
+from r2d3.config import RenderConfig
 from r2d3.diffusion import StochasticSampler, scheduler_from_config
 from r2d3.export import save_preview_grid, write_ply
 from r2d3.render import orbit_cameras, render_gaussians
@@ -23,19 +26,24 @@ def slug(text: str) -> str:
 
 
 def load_lora_checkpoint(backend, checkpoint: str | Path) -> None:
-    """Apply the LoRA weights of an alignment checkpoint directory (its ``lora.safetensors``)."""
-    from safetensors.torch import load_file
-
+    """Apply the LoRA weights of an alignment run: a run directory (its newest complete checkpoint), a
+    checkpoint directory or its ``lora.safetensors``. Rank, alpha and targets come from the checkpoint
+    (its ``config.yaml``), so the adapted model is the one that was trained."""
+    from r2d3.eval.job import resolve_checkpoint
+    from r2d3.train.checkpoint import CorruptCheckpointError, load_lora_file
     from r2d3.train.lora import add_lora, load_lora_state_dict
 
-    path = Path(checkpoint)
-    path = path / "lora.safetensors" if path.is_dir() else path
-    if not path.is_file():
-        raise FileNotFoundError(f"no LoRA weights at {path}")
-    state = load_file(path)
-    rank = next(v.shape[0] for k, v in state.items() if "lora_A" in k)
-    add_lora(backend.denoiser, rank, None, backend.lora_target_modules)
-    load_lora_state_dict(backend.denoiser, state)
+    spec = resolve_checkpoint(str(checkpoint))
+    file = Path(spec.path) / "lora.safetensors"
+    state = load_lora_file(file)
+    ranks = [v.shape[0] for k, v in state.items() if "lora_A" in k]
+    if not ranks:
+        raise CorruptCheckpointError(f"{file} holds no LoRA weights (no lora_A tensors): not an r2d3 checkpoint")
+    add_lora(backend.denoiser, ranks[0], spec.lora_alpha, list(spec.lora_targets or backend.lora_target_modules))
+    try:
+        load_lora_state_dict(backend.denoiser, state)
+    except (RuntimeError, ValueError) as err:
+        raise CorruptCheckpointError(f"{file} does not fit backend {backend.name!r}: {str(err).splitlines()[0]}") from err
 
 
 @torch.no_grad()
@@ -60,28 +68,50 @@ def generate(backend, prompts: list[str], seeds: list[int], num_steps: int = 20,
 
 
 def main(argv: list[str] | None = None) -> list[Path]:
+    from r2d3.backends.base import WeightsError, sampler_defaults
+    from r2d3.config import SamplerConfig
+    from r2d3.export.frame import FRAMES
+    from r2d3.train.checkpoint import CorruptCheckpointError
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("prompts", nargs="+", help="text prompts")
     p.add_argument("--out", type=Path, required=True, help="output directory")
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--backend", default="tiny")
     p.add_argument("--weights", default=None, help="backend weights directory (default: shipped)")
-    p.add_argument("--lora", default=None, help="alignment checkpoint directory or lora.safetensors")
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--guidance-scale", type=float, default=1.5)
-    p.add_argument("--resolution", type=int, default=128)
+    p.add_argument("--lora", default=None, help="alignment run directory (its newest checkpoint), checkpoint "
+                                                "directory or lora.safetensors")
+    p.add_argument("--sampler", default=None, help="ddim | sde-dpmsolver++ (default: the backend's own)")
+    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the backend's own)")
+    p.add_argument("--eta", type=float, default=None, help="DDIM eta (default: the backend's own)")
+    p.add_argument("--guidance-scale", type=float, default=None, help="CFG scale (default: the backend's own)")
+    p.add_argument("--resolution", type=int, default=128, help="preview size per view")
+    p.add_argument("--frame", choices=FRAMES, default="y-up", help="frame of the .ply (see r2d3.export.frame)")
+    p.add_argument("--sh-degree", type=int, choices=(0, 3), default=0, help="3: zero-filled f_rest_* in the .ply")
     args = p.parse_args(argv)
-    backend = load_backend(args.backend, weights=args.weights)
-    if args.lora:
-        load_lora_checkpoint(backend, args.lora)
-    rows, _, gaussians = generate(backend, args.prompts, args.seeds, args.steps, args.guidance_scale)
+    try:
+        backend = load_backend(args.backend, weights=args.weights)
+        chosen = {"kind": args.sampler, "num_steps": args.steps, "eta": args.eta,
+                  "guidance_scale": args.guidance_scale}
+        settings = {**dataclasses.asdict(SamplerConfig()), **sampler_defaults(backend),
+                    **{k: v for k, v in chosen.items() if v is not None}}
+        sampler = SamplerConfig(**settings)
+        from r2d3.train.loop import check_sampler_and_render
+
+        check_sampler_and_render(sampler, RenderConfig(resolution=args.resolution), prefix=("", ""))
+        if args.lora:
+            load_lora_checkpoint(backend, args.lora)
+    except (WeightsError, CorruptCheckpointError, FileNotFoundError, ValueError) as err:
+        sys.exit(f"sample: {err}")
+    rows, _, gaussians = generate(backend, args.prompts, args.seeds, sampler.num_steps, sampler.guidance_scale,
+                                  kind=sampler.kind, eta=sampler.eta)
     cams = orbit_cameras(20.0, [0, 90, 180, 270], distance=2.5, fov_deg=40.0, width=args.resolution,
                          height=args.resolution)
     written = []
     for i, (prompt, seed) in enumerate(rows):
         stem = args.out / f"{slug(prompt)}_{seed}"
         asset = gaussians[i]
-        write_ply(asset, stem.with_suffix(".ply"))
+        write_ply(asset, stem.with_suffix(".ply"), frame=args.frame, sh_degree=args.sh_degree)
         render = render_gaussians(asset, cams)
         save_preview_grid(render.rgb[0], stem.with_suffix(".png"), row_labels=[prompt])
         written += [stem.with_suffix(".ply"), stem.with_suffix(".png")]

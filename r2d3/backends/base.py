@@ -71,6 +71,8 @@ class Backend(Protocol):
     scheduler_config: dict[str, Any]
     # Optional: ``final_x0 = True`` makes samplers end with the model's x̂_0 at the last state (see
     # StochasticSampler.sample), for schedules whose cleanest training level is still noisy.
+    # Optional: ``sampler_defaults``, the model's own sampling settings (``SamplerConfig`` fields, e.g.
+    # DiffSplat's 20-step SDE-DPM-Solver++ at CFG 5) that r2d3.sample uses unless told otherwise.
 
     def encode_prompts(self, prompts: Sequence[str]) -> PromptEmbeds: ...
 
@@ -80,6 +82,11 @@ class Backend(Protocol):
 
 
 _REGISTRY: dict[str, Callable[..., Backend]] = {}
+
+
+def sampler_defaults(backend: Any) -> dict[str, Any]:
+    """The backend's own sampler settings (empty: r2d3's ``SamplerConfig`` defaults apply)."""
+    return dict(getattr(backend, "sampler_defaults", {}) or {})
 
 
 def register_backend(name: str) -> Callable[[Callable[..., Backend]], Callable[..., Backend]]:

@@ -193,6 +193,8 @@ class DiffSplatBackend:
     pay for it once (the empty negative prompt)."""
 
     name = "diffsplat"
+    #: the paper's sampling: 20-step first-order SDE-DPM-Solver++, CFG 5 (module docstring)
+    sampler_defaults = {"kind": "sde-dpmsolver++", "num_steps": 20, "eta": 1.0, "guidance_scale": 5.0}
     lora_target_modules = LORA_TARGET_MODULES
 
     def __init__(self, transformer: MultiViewPixArtTransformer, gsvae: GSVAE, text_encoder: Any = None,

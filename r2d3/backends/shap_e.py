@@ -137,6 +137,8 @@ class ShapEBackend:
     """
 
     name = "shap_e"
+    #: diffusers' ShapEPipeline defaults (25 steps, guidance 4), on r2d3's DDIM over Shap-E's schedule
+    sampler_defaults = {"kind": "ddim", "num_steps": 25, "eta": 1.0, "guidance_scale": 4.0}
     lora_target_modules = LORA_TARGET_MODULES
     final_x0 = True  # see "Final sample" in the module docstring
 

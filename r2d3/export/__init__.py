@@ -3,7 +3,8 @@ grids, turntable GIF/MP4) and coloured ``.glb`` meshes (opacity-density isosurfa
 extra). Every writer is atomic: a file appears complete or not at all."""
 
 from r2d3.export._atomic import ExportPathError, atomic_path, atomic_write_bytes
-from r2d3.export.mesh import DEFAULT_LEVEL, NoSurfaceError, gaussians_to_mesh, load_glb, write_glb
+from r2d3.export.frame import FRAMES, gaussians_in_frame
+from r2d3.export.mesh import DEFAULT_LEVEL, NoSurfaceError, encode_glb, gaussians_to_mesh, load_glb, write_glb
 from r2d3.export.ply import (
     PLY_PROPERTIES,
     SH_C0,
@@ -28,6 +29,7 @@ from r2d3.export.preview import (
 
 __all__ = [
     "DEFAULT_LEVEL",
+    "FRAMES",
     "NoSurfaceError",
     "ExportPathError",
     "PLY_PROPERTIES",
@@ -37,7 +39,9 @@ __all__ = [
     "atomic_path",
     "atomic_write_bytes",
     "encode_gif",
+    "encode_glb",
     "encode_ply",
+    "gaussians_in_frame",
     "gaussians_to_mesh",
     "encode_png",
     "gaussians_to_ply_array",

@@ -15,6 +15,13 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 
 
+def _umask() -> int:
+    """The process umask (reading it means setting it; it is put straight back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 class ExportPathError(OSError):
     """The output path cannot be written (missing permissions, a file where a directory should be, ...)."""
 
@@ -52,6 +59,7 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         yield tmp
         with open(tmp, "rb+") as f:  # make the bytes durable before the rename publishes them
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a plain open() would honour the umask
         os.replace(tmp, path)
     except BaseException:
         with suppress(OSError):

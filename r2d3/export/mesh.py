@@ -16,11 +16,16 @@ a field never reaches is reported instead of silently meshing noise.
 Thin splats: surface splats (e.g. the ``tiny`` backend's discs, 0.006 thick on a ~0.015 grid) are thinner
 than a voxel and would fall between grid samples. Every Gaussian's variance is therefore *dilated* by
 ``(min_sigma_voxels * spacing)^2`` on all axes before sampling (the density peak stays ``o_i``). The
-dilation makes discs a couple of voxels thick, so they are always seen and overlapping discs merge into a
-closed shell. Set ``min_sigma_voxels=0`` for the exact (undilated) density.
+dilation makes discs a few voxels thick, so they are always seen and overlapping discs merge into a
+closed shell; 2 voxels (the default) also closes the gaps between neighbouring discs that 1 voxel left
+as tunnels through the shell (measured on the shipped model in ``docs/benchmarks.md``). Set
+``min_sigma_voxels=0`` for the exact (undilated) density.
 
-The sampled volume gets one layer of zeros around it before marching cubes, so every surface is closed.
-Vertex colours are the density-weighted average colour of the Gaussians at each vertex.
+Topology: empty space enclosed by the shell is filled before meshing (one outer surface, not a hidden
+inner one as well), and pieces smaller than ``min_component_fraction`` of the largest are dropped. The
+sampled volume gets one layer of zeros around it before marching cubes, so every surface is closed.
+Vertex colours are the density-weighted average colour of the Gaussians at each vertex (sRGB display
+values, as rendered; :func:`encode_glb` writes them as glTF's linear ``COLOR_0``).
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ import torch
 from torch import Tensor
 
 from r2d3.export._atomic import atomic_path
+from r2d3.export.frame import points_in_frame
 from r2d3.export.ply import single_asset
 from r2d3.render.gaussians import Gaussians
 from r2d3.render.projection import quat_to_rotmat
@@ -98,7 +104,9 @@ def gaussians_to_mesh(
     level: float | None = None,
     padding: float = 0.1,
     *,
-    min_sigma_voxels: float = 1.0,
+    min_sigma_voxels: float = 2.0,
+    fill_cavities: bool = True,
+    min_component_fraction: float = 0.05,
 ):
     """Mesh one asset's opacity-density isosurface; returns a ``trimesh.Trimesh`` with RGBA vertex colours.
 
@@ -109,6 +117,10 @@ def gaussians_to_mesh(
         level: isosurface level in opacity units; ``None`` means :data:`DEFAULT_LEVEL` (0.5).
         padding: margin added on every side of the bounding box, as a fraction of its longest side.
         min_sigma_voxels: variance dilation, in grid spacings (see the module docstring; 0 disables it).
+        fill_cavities: fill empty space enclosed by the surface before meshing, so a thick shell of
+            splats gives one outer surface instead of an outer and an inner one (a hidden second shell).
+        min_component_fraction: drop connected pieces with fewer faces than this fraction of the
+            largest piece (floaters made of a few stray splats).
 
     Raises:
         TypeError / ValueError: not a :class:`Gaussians`, batch size != 1, no Gaussians, bad parameters.
@@ -156,6 +168,12 @@ def gaussians_to_mesh(
             f"{counts[0]}x{counts[1]}x{counts[2]} grid ranges over [{dmin:.4g}, {dmax:.4g}]; "
             "pass a level inside that range"
         )
+    if fill_cavities:  # empty voxels not connected to the outside are inside the object
+        from scipy.ndimage import binary_fill_holes
+
+        inside = volume > level
+        cavity = binary_fill_holes(inside) & ~inside
+        volume = np.where(cavity, 2.0 * level, volume)
     # a layer of zeros all round closes every surface that touches the grid border
     volume = np.pad(volume, 1, mode="constant", constant_values=0.0)
     verts, faces, _, _ = marching_cubes(volume, level=level, spacing=(spacing,) * 3)
@@ -173,36 +191,135 @@ def gaussians_to_mesh(
     mesh = trimesh.Trimesh(
         vertices=verts.astype(np.float32), faces=faces.astype(np.int64), vertex_colors=rgba, process=False
     )
+    if min_component_fraction > 0:
+        pieces = mesh.split(only_watertight=False)
+        if len(pieces) > 1:
+            largest = max(len(p.faces) for p in pieces)
+            keep = [p for p in pieces if len(p.faces) >= min_component_fraction * largest]
+            mesh = trimesh.util.concatenate(keep) if len(keep) > 1 else keep[0]
     if mesh.is_watertight and mesh.volume < 0:  # outward normals whatever marching cubes' winding is
-        mesh.invert()
+        # a new mesh rather than invert(): trimesh keeps stale cached normals across invert()
+        mesh = trimesh.Trimesh(vertices=mesh.vertices, faces=np.ascontiguousarray(mesh.faces[:, ::-1]),
+                               vertex_colors=mesh.visual.vertex_colors, process=False)
     return mesh
 
 
-def write_glb(mesh, path: str | os.PathLike[str]) -> Path:
-    """Write a ``trimesh.Trimesh`` as binary glTF (``.glb``) atomically; return the final path."""
+def srgb_to_linear(c: np.ndarray) -> np.ndarray:
+    """The sRGB transfer function inverted (IEC 61966-2-1): display values in [0, 1] to linear light."""
+    c = np.clip(np.asarray(c, dtype=np.float64), 0.0, 1.0)
+    return np.where(c <= 0.04045, c / 12.92, ((c + 0.055) / 1.055) ** 2.4)
+
+
+def linear_to_srgb(c: np.ndarray) -> np.ndarray:
+    c = np.clip(np.asarray(c, dtype=np.float64), 0.0, 1.0)
+    return np.where(c <= 0.0031308, c * 12.92, 1.055 * c ** (1 / 2.4) - 0.055)
+
+
+#: glTF bufferView targets
+_ARRAY_BUFFER, _ELEMENT_ARRAY_BUFFER = 34962, 34963
+#: roughness of the default material: splat colours carry their shading already, so the surface should
+#: scatter light broadly rather than mirror it
+DEFAULT_ROUGHNESS = 0.8
+
+
+def encode_glb(mesh, *, unlit: bool = False, roughness: float = DEFAULT_ROUGHNESS, frame: str = "y-up") -> bytes:
+    """Binary glTF 2.0 of a vertex-coloured ``trimesh.Trimesh`` as every client reads it right:
+
+    - ``COLOR_0`` in *linear* light (float), converted from the sRGB vertex colours r2d3 renders with;
+      glTF defines vertex colours as linear, so display values written as-is look washed out;
+    - a non-metallic PBR material (metallic 0, ``roughness``), or ``KHR_materials_unlit`` with
+      ``unlit=True``; without one, clients fall back to metallic 1 / roughness 1;
+    - smooth unit ``NORMAL``s (area-weighted vertex normals), so the isosurface is not faceted;
+    - ``POSITION`` min/max and bufferView targets, as the Khronos validator expects;
+    - positions and normals in ``frame`` (:mod:`r2d3.export.frame`; glTF itself is y-up).
+    """
+    import pygltflib as gl
     import trimesh
 
     if not isinstance(mesh, trimesh.Trimesh):
         raise TypeError(f"expected a trimesh.Trimesh, got {type(mesh).__name__}")
     if len(mesh.faces) == 0:
         raise ValueError("refusing to write a mesh with no faces")
-    data = mesh.export(file_type="glb")
+    positions = np.ascontiguousarray(points_in_frame(np.asarray(mesh.vertices, np.float64), frame), dtype=np.float32)
+    # from the faces as they are now (a caller's mesh may hold normals cached before it was edited)
+    normals = np.asarray(trimesh.Trimesh(vertices=mesh.vertices, faces=mesh.faces, process=False).vertex_normals,
+                         dtype=np.float64)
+    length = np.linalg.norm(normals, axis=1, keepdims=True)
+    normals = np.where(length > 1e-12, normals / np.maximum(length, 1e-12), np.array([0.0, 1.0, 0.0]))
+    normals = np.ascontiguousarray(points_in_frame(normals, frame), dtype=np.float32)
+    colors = np.ascontiguousarray(srgb_to_linear(mesh.visual.vertex_colors[:, :3] / 255.0), dtype=np.float32)
+    indices = np.ascontiguousarray(mesh.faces, dtype=np.uint32).reshape(-1)
+
+    blob, views, accessors = b"", [], []
+
+    def add(data: np.ndarray, target: int, component: int, kind: str, count: int, bounds: bool = False) -> int:
+        nonlocal blob
+        blob += b"\0" * (-len(blob) % 4)
+        views.append(gl.BufferView(buffer=0, byteOffset=len(blob), byteLength=data.nbytes, target=target))
+        blob += data.tobytes()
+        acc = gl.Accessor(bufferView=len(views) - 1, componentType=component, count=count, type=kind)
+        if bounds:
+            acc.min, acc.max = data.min(axis=0).tolist(), data.max(axis=0).tolist()
+        accessors.append(acc)
+        return len(accessors) - 1
+
+    pos = add(positions, _ARRAY_BUFFER, gl.FLOAT, gl.VEC3, len(positions), bounds=True)
+    nrm = add(normals, _ARRAY_BUFFER, gl.FLOAT, gl.VEC3, len(normals))
+    col = add(colors, _ARRAY_BUFFER, gl.FLOAT, gl.VEC3, len(colors))
+    idx = add(indices, _ELEMENT_ARRAY_BUFFER, gl.UNSIGNED_INT, gl.SCALAR, len(indices))
+    material = gl.Material(name="r2d3_vertex_colour", doubleSided=True, pbrMetallicRoughness=gl.PbrMetallicRoughness(
+        baseColorFactor=[1.0, 1.0, 1.0, 1.0], metallicFactor=0.0, roughnessFactor=float(roughness)))
+    extensions = []
+    if unlit:
+        material.extensions = {"KHR_materials_unlit": {}}
+        extensions = ["KHR_materials_unlit"]
+    gltf = gl.GLTF2(
+        asset=gl.Asset(version="2.0", generator="r2d3"), scene=0, scenes=[gl.Scene(nodes=[0])],
+        nodes=[gl.Node(mesh=0, name="asset")], materials=[material], extensionsUsed=extensions,
+        meshes=[gl.Mesh(name="asset", primitives=[gl.Primitive(
+            attributes=gl.Attributes(POSITION=pos, NORMAL=nrm, COLOR_0=col), indices=idx, material=0)])],
+        accessors=accessors, bufferViews=views, buffers=[gl.Buffer(byteLength=len(blob))])
+    gltf.set_binary_blob(blob)
+    return b"".join(gltf.save_to_bytes())
+
+
+def write_glb(mesh, path: str | os.PathLike[str], *, unlit: bool = False, frame: str = "y-up") -> Path:
+    """Write :func:`encode_glb` of ``mesh`` to ``path`` atomically; return the final path."""
+    data = encode_glb(mesh, unlit=unlit, frame=frame)
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)
     return Path(path)
 
 
 def load_glb(path: str | os.PathLike[str]):
-    """Read a ``.glb`` written by :func:`write_glb` back as one ``trimesh.Trimesh`` (vertex order kept)."""
+    """Read a ``.glb`` written by :func:`write_glb` back as one ``trimesh.Trimesh`` (vertex order kept;
+    vertex colours back in sRGB, as :func:`gaussians_to_mesh` makes them)."""
+    import pygltflib as gl
     import trimesh
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no such .glb file: {str(path)!r}")
     try:
-        loaded = trimesh.load(path, file_type="glb", force="mesh", process=False)
-    except Exception as e:  # trimesh raises a zoo of types for corrupt files
+        gltf = gl.GLTF2().load_binary(str(path))
+        blob = gltf.binary_blob()
+        prim = gltf.meshes[0].primitives[0]
+
+        def read(index: int, dtype, width: int) -> np.ndarray:
+            acc = gltf.accessors[index]
+            view = gltf.bufferViews[acc.bufferView]
+            start = (view.byteOffset or 0) + (acc.byteOffset or 0)
+            return np.frombuffer(blob, dtype=dtype, count=acc.count * width, offset=start).reshape(acc.count, width)
+
+        verts = read(prim.attributes.POSITION, np.float32, 3)
+        faces = read(prim.indices, np.uint32, 1).reshape(-1, 3)
+        colors = np.full((len(verts), 4), 255, dtype=np.uint8)
+        if prim.attributes.COLOR_0 is not None:
+            width = 4 if gltf.accessors[prim.attributes.COLOR_0].type == gl.VEC4 else 3
+            linear = read(prim.attributes.COLOR_0, np.float32, width)[:, :3]
+            colors[:, :3] = np.round(linear_to_srgb(linear) * 255)
+    except Exception as e:  # pygltflib and numpy raise a zoo of types for corrupt files
         raise ValueError(f"{str(path)!r} is not a readable .glb mesh: {e}") from e
-    if not isinstance(loaded, trimesh.Trimesh) or len(loaded.faces) == 0:
+    if len(faces) == 0:
         raise ValueError(f"{str(path)!r} holds no triangle mesh")
-    return loaded
+    return trimesh.Trimesh(vertices=verts.copy(), faces=faces.astype(np.int64), vertex_colors=colors, process=False)

@@ -10,6 +10,12 @@ all properties ``float32``, in this order::
     opacity                logit of the opacity probability
     scale_0 scale_1 scale_2  log of the linear standard deviations
     rot_0 rot_1 rot_2 rot_3  unit quaternion (w, x, y, z)
+    f_rest_0 ... f_rest_44   only with ``sh_degree=3``: higher SH coefficients, all zero (view-independent
+                             colour), for loaders that require them (INRIA's own, at its default degree 3)
+
+Options: ``frame`` (:mod:`r2d3.export.frame`: ``y-up``, r2d3's and glTF's, or ``y-down`` for
+INRIA/COLMAP-style viewers), ``sh_degree`` (0 or 3) and ``min_opacity`` (drop splats below it: nearly
+transparent ones cost file size and sorting time in viewers without changing the image).
 
 :class:`~r2d3.render.gaussians.Gaussians` stores the *activated* values (probabilities, linear
 scales, colours in [0, 1]); the conversions live here and nowhere else. One asset per file.
@@ -26,6 +32,7 @@ import torch
 from plyfile import PlyData, PlyElement, PlyElementParseError, PlyHeaderParseError
 
 from r2d3.export._atomic import atomic_write_bytes
+from r2d3.export.frame import gaussians_in_frame
 from r2d3.render.gaussians import Gaussians, InvalidGaussiansError
 
 SH_C0 = 0.28209479177387814
@@ -60,13 +67,29 @@ def single_asset(gaussians: Gaussians, what: str = "a .ply file holds") -> Gauss
     return gaussians
 
 
-def gaussians_to_ply_array(gaussians: Gaussians) -> np.ndarray:
-    """The structured ``float32`` vertex array (fields :data:`PLY_PROPERTIES`) for one asset ``[1, N]``.
+#: SH coefficients beyond degree 0 for a degree-3 file (3 colours x 15)
+F_REST_DEGREE3 = tuple(f"f_rest_{i}" for i in range(45))
+
+
+def gaussians_to_ply_array(gaussians: Gaussians, *, frame: str = "y-up", sh_degree: int = 0,
+                           min_opacity: float = 0.0) -> np.ndarray:
+    """The structured ``float32`` vertex array (fields :data:`PLY_PROPERTIES`, then ``f_rest_*`` for
+    ``sh_degree=3``) for one asset ``[1, N]``.
 
     Raises :class:`~r2d3.render.gaussians.InvalidGaussiansError` for invalid values (NaN, scales <= 0,
-    wrong shapes) and ``ValueError`` for a batch of more than one asset.
+    wrong shapes) and ``ValueError`` for a batch of more than one asset or bad options.
     """
-    g = single_asset(gaussians).to(device="cpu", dtype=torch.float64)
+    if sh_degree not in (0, 3):
+        raise ValueError(f"sh_degree must be 0 or 3, got {sh_degree!r}")
+    if not 0.0 <= min_opacity < 1.0:
+        raise ValueError(f"min_opacity must be in [0, 1), got {min_opacity!r}")
+    g = gaussians_in_frame(single_asset(gaussians), frame).to(device="cpu", dtype=torch.float64)
+    if min_opacity > 0:
+        keep = g.opacities[0] >= min_opacity
+        if not keep.any():
+            raise ValueError(f"min_opacity={min_opacity} drops every splat (max opacity "
+                             f"{float(g.opacities.max()):.3g})")
+        g = Gaussians(*(t[:, keep] for t in (g.means, g.scales, g.quats, g.opacities, g.colors)))
     means, scales, quats = g.means[0], g.scales[0], g.quats[0]
     opacity = g.opacities[0].clamp(_OPACITY_EPS, 1.0 - _OPACITY_EPS)
     columns = {
@@ -77,28 +100,31 @@ def gaussians_to_ply_array(gaussians: Gaussians) -> np.ndarray:
         **{f"scale_{i}": scales[:, i].log() for i in range(3)},
         **{f"rot_{i}": quats[:, i] for i in range(4)},
     }  # fmt: skip
-    array = np.empty(g.num_gaussians, dtype=[(name, "<f4") for name in PLY_PROPERTIES])
+    names = PLY_PROPERTIES + (F_REST_DEGREE3 if sh_degree == 3 else ())
+    array = np.zeros(g.num_gaussians, dtype=[(name, "<f4") for name in names])
     for name in PLY_PROPERTIES:
         array[name] = columns[name].numpy()
     return array
 
 
-def encode_ply(gaussians: Gaussians) -> bytes:
+def encode_ply(gaussians: Gaussians, *, frame: str = "y-up", sh_degree: int = 0, min_opacity: float = 0.0) -> bytes:
     """The bytes of a binary little-endian 3DGS ``.ply`` for one asset (for object stores such as s3)."""
-    element = PlyElement.describe(gaussians_to_ply_array(gaussians), "vertex")
+    array = gaussians_to_ply_array(gaussians, frame=frame, sh_degree=sh_degree, min_opacity=min_opacity)
+    element = PlyElement.describe(array, "vertex")
     buffer = io.BytesIO()
     PlyData([element], text=False, byte_order="<").write(buffer)
     return buffer.getvalue()
 
 
-def write_ply(gaussians: Gaussians, path: str | os.PathLike[str]) -> Path:
+def write_ply(gaussians: Gaussians, path: str | os.PathLike[str], *, frame: str = "y-up", sh_degree: int = 0,
+              min_opacity: float = 0.0) -> Path:
     """Write one asset (``B == 1``; pass ``gaussians[i]`` for a batch) to ``path`` atomically.
 
     The file appears complete or not at all. Parent directories are created. Raises
     :class:`~r2d3.export.ExportPathError` naming ``path`` if it cannot be written, and the
     :meth:`Gaussians.validate` error for invalid values (nothing is written then).
     """
-    return atomic_write_bytes(path, encode_ply(gaussians))
+    return atomic_write_bytes(path, encode_ply(gaussians, frame=frame, sh_degree=sh_degree, min_opacity=min_opacity))
 
 
 def _column(vertex, name: str) -> np.ndarray:
@@ -106,7 +132,8 @@ def _column(vertex, name: str) -> np.ndarray:
 
 
 def read_ply(
-    path: str | os.PathLike[str], dtype: torch.dtype = torch.float32, clamp_colors: bool = True
+    path: str | os.PathLike[str], dtype: torch.dtype = torch.float32, clamp_colors: bool = True,
+    frame: str = "y-up",
 ) -> Gaussians:
     """Read a 3DGS ``.ply`` back into :class:`Gaussians` ``[1, N]`` (the inverse of :func:`write_ply`).
 
@@ -114,7 +141,7 @@ def read_ply(
     coefficients (``f_rest_*``) are ignored. Colours from SH degree 0 are clamped to [0, 1]
     (``clamp_colors``) because trained 3DGS files routinely leave that range while the
     :class:`Gaussians` convention does not. Raises ``FileNotFoundError`` / :class:`PlyFormatError`
-    naming the file.
+    naming the file. ``frame`` is the frame the file was written in; the result is always y-up.
     """
     path = Path(path)
     if not path.is_file():
@@ -150,6 +177,6 @@ def read_ply(
         colors=colors[None],
     ).to(dtype=dtype)
     try:
-        return gaussians.validate()
+        return gaussians_in_frame(gaussians.validate(), frame)
     except InvalidGaussiansError as e:
         raise InvalidGaussiansError(f"{str(path)!r}: {e}") from e

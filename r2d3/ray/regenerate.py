@@ -19,7 +19,8 @@ import time
 from typing import Any, Sequence
 
 from r2d3.regenerate import (ERRORS, GALLERY, MANIFEST, AssetWorker, RegenSettings, Store, _reward_name,
-                             error_schema, finished_rows, manifest_schema, row_key, rows_to_table, sort_rows)
+                             error_schema, finished_rows, manifest_metadata, manifest_schema, row_key,
+                             rows_to_table, sort_rows)
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +132,7 @@ def run_regeneration(settings: RegenSettings, prompts: Sequence[str], seeds: Seq
 
         store.write_bytes(GALLERY, gallery_html(rows, shown, title=f"r2d3 regeneration: {', '.join(names)}",
                                                 score_keys=["reward", *[f"reward_{e}" for e in extra]]).encode())
-    store.write_table(MANIFEST, rows_to_table(rows, schema))  # committed last
+    store.write_table(MANIFEST, rows_to_table(rows, schema, manifest_metadata(settings)))  # committed last
     return {"out": settings.out, "wanted": len(wanted), "made": made, "skipped": skipped,
             "remade_incomplete": incomplete, "manifest_rows": len(rows), "errors": len(errors),
             "seconds": round(seconds, 3),
