@@ -56,10 +56,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=s.num_steps)
     p.add_argument("--eta", type=float, default=s.eta)
     p.add_argument("--guidance-scale", type=float, default=s.guidance_scale)
-    p.add_argument("--views", type=int, default=r.num_views, help=f"preview views (default: {r.num_views})")
-    p.add_argument("--resolution", type=int, default=r.resolution, help=f"preview size (default: {r.resolution})")
+    p.add_argument("--views", type=int, default=r.num_views,
+                   help=f"views scored by the rewards and shown in the preview (default: {r.num_views})")
+    p.add_argument("--resolution", type=int, default=r.resolution,
+                   help=f"render size the rewards score, from the training cameras (default: {r.resolution})")
+    p.add_argument("--preview-size", type=int, default=128,
+                   help="pixels per view of preview.png, cameras framed to fit the asset (default: 128)")
     p.add_argument("--turntable-frames", type=int, default=12)
-    p.add_argument("--turntable-size", type=int, default=96)
+    p.add_argument("--turntable-size", type=int, default=128, help="turntable frame size (default: 128)")
     p.add_argument("--mesh-resolution", type=int, default=64)
     p.add_argument("--no-mesh", action="store_true", help="skip the .glb meshes")
     p.add_argument("--frame", choices=FRAMES, default="y-up",
@@ -98,7 +102,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     render = replace(RenderConfig(), num_views=args.views, resolution=args.resolution)
     positive = {"--max-prompts": args.max_prompts, "--max-assets": args.max_assets,
                 "--turntable-frames": args.turntable_frames, "--batch-size": args.batch_size}
-    sized = {"--turntable-size": args.turntable_size, "--mesh-resolution": args.mesh_resolution}
+    sized = {"--turntable-size": args.turntable_size, "--mesh-resolution": args.mesh_resolution,
+             "--preview-size": args.preview_size}
     try:
         check_sampler_and_render(sampler, render, prefix=("--sampler/--steps/--eta/--guidance-scale: ",
                                                           "--views/--resolution: "))
@@ -136,6 +141,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                  "render": asdict(render), "mesh": not args.no_mesh,
                                  "mesh_resolution": args.mesh_resolution, "turntable": [args.turntable_frames,
                                                                                         args.turntable_size],
+                                 "preview_size": args.preview_size,
                                  "export": [args.frame, args.sh_degree, args.min_opacity, args.unlit]})
     settings = RegenSettings(out=args.out, checkpoints=specs,
                              ids={c.name: checkpoint_id(c, generation) for c in specs},
@@ -143,7 +149,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                                       else a for a in given])),
                              backend=args.backend, weights=args.weights, rewards=rewards, sampler=sampler,
                              render=render, device=args.device, turntable_frames=args.turntable_frames,
-                             turntable_size=args.turntable_size, mesh=not args.no_mesh,
+                             turntable_size=args.turntable_size, preview_size=args.preview_size,
+                             mesh=not args.no_mesh,
                              mesh_resolution=args.mesh_resolution, frame=args.frame, sh_degree=args.sh_degree,
                              min_opacity=args.min_opacity, unlit=args.unlit)
     try:

@@ -234,7 +234,8 @@ class RegenSettings:
     render: RenderConfig = field(default_factory=RenderConfig)
     device: str = "cpu"
     turntable_frames: int = 12
-    turntable_size: int = 96
+    turntable_size: int = 128
+    preview_size: int = 128  # pixels per view of preview.png (framed to fit the asset)
     mesh: bool = True
     mesh_resolution: int = 64
     frame: str = "y-up"  # exported files' frame (r2d3.export.frame)
@@ -296,9 +297,13 @@ class AssetWorker:
         on_device = backend.decode(latents)[0:1]  # one asset, rendered where it was sampled
         gaussians = on_device.detach().to(torch.device("cpu"))
         t1 = time.perf_counter()
-        rgb = render.rgb.float().cpu()
-        frames = render_turntable(on_device, num_frames=s.turntable_frames, size=s.turntable_size)
-        files = {"ply": encode_ply(gaussians, frame=s.frame, sh_degree=s.sh_degree, min_opacity=s.min_opacity), "preview": encode_png(make_grid(rgb[0], row_labels=[prompt])),
+        # previews and turntables frame the asset (the reward renders keep the training cameras)
+        views = render_turntable(on_device, num_frames=s.render.num_views, size=s.preview_size,
+                                 elevation_deg=s.render.elevation_deg, fov_deg=s.render.fov_deg)
+        frames = render_turntable(on_device, num_frames=s.turntable_frames, size=s.turntable_size,
+                                  elevation_deg=s.render.elevation_deg, fov_deg=s.render.fov_deg)
+        files = {"ply": encode_ply(gaussians, frame=s.frame, sh_degree=s.sh_degree, min_opacity=s.min_opacity),
+                 "preview": encode_png(make_grid(views.float().cpu(), row_labels=[prompt])),
                  "turntable": encode_gif(frames.float().cpu(), fps=8)}
         if s.mesh:
             files["glb"] = self._glb(gaussians)
@@ -446,6 +451,7 @@ def manifest_metadata(settings: RegenSettings, generation: dict[str, Any] | None
             "mesh": settings.mesh, "mesh_resolution": settings.mesh_resolution, "frame": settings.frame,
             "sh_degree": settings.sh_degree, "min_opacity": settings.min_opacity, "unlit": settings.unlit,
             "turntable": {"frames": settings.turntable_frames, "size": settings.turntable_size},
+            "preview_size": settings.preview_size,
             "checkpoints": checkpoints}
 
 

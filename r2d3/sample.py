@@ -17,8 +17,7 @@ import torch
 from r2d3.backends import load_backend
 from r2d3.config import RenderConfig
 from r2d3.diffusion import StochasticSampler, scheduler_from_config
-from r2d3.export import save_preview_grid, write_ply
-from r2d3.render import orbit_cameras, render_gaussians
+from r2d3.export import render_turntable, save_preview_grid, write_ply
 
 
 def slug(text: str) -> str:
@@ -105,15 +104,13 @@ def main(argv: list[str] | None = None) -> list[Path]:
         sys.exit(f"sample: {err}")
     rows, _, gaussians = generate(backend, args.prompts, args.seeds, sampler.num_steps, sampler.guidance_scale,
                                   kind=sampler.kind, eta=sampler.eta)
-    cams = orbit_cameras(20.0, [0, 90, 180, 270], distance=2.5, fov_deg=40.0, width=args.resolution,
-                         height=args.resolution)
     written = []
     for i, (prompt, seed) in enumerate(rows):
         stem = args.out / f"{slug(prompt)}_{seed}"
         asset = gaussians[i]
         write_ply(asset, stem.with_suffix(".ply"), frame=args.frame, sh_degree=args.sh_degree)
-        render = render_gaussians(asset, cams)
-        save_preview_grid(render.rgb[0], stem.with_suffix(".png"), row_labels=[prompt])
+        views = render_turntable(asset, num_frames=4, size=args.resolution)  # framed to fit the asset
+        save_preview_grid(views, stem.with_suffix(".png"), row_labels=[prompt])
         written += [stem.with_suffix(".ply"), stem.with_suffix(".png")]
         print(f"{prompt!r} seed {seed}: {stem}.ply, {stem}.png")
     return written

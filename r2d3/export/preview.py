@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import io
+import math
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -315,13 +316,38 @@ def _default_render_fn() -> RenderFn:
     return render_gaussians
 
 
+#: fraction of the frame's half-height the asset's bounding sphere fills in framed views
+DEFAULT_FILL = 0.9
+
+
+def framed(gaussians: Gaussians, fov_deg: float, fill: float = DEFAULT_FILL) -> tuple[Gaussians, float]:
+    """The asset moved to the origin and the orbit distance at which its bounding sphere fills ``fill`` of
+    the frame: preview cameras fit the object, whatever its size or offset (the reward cameras keep
+    their fixed distance). The sphere bounds the centres of splats with opacity > 0.05, padded by two of
+    their largest standard deviations."""
+    if not 0 < fill <= 1:
+        raise ValueError(f"fill must be in (0, 1], got {fill}")
+    visible = gaussians.opacities[0] > 0.05
+    if not visible.any():
+        visible = torch.ones_like(visible)
+    means = gaussians.means[0][visible]
+    lo, hi = means.min(dim=0).values, means.max(dim=0).values
+    center = (lo + hi) / 2
+    radius = ((means - center).norm(dim=-1) + 2 * gaussians.scales[0][visible].max(dim=-1).values).max()
+    radius = float(radius.clamp_min(1e-3))
+    distance = radius / (fill * math.sin(math.radians(fov_deg) / 2))
+    moved = Gaussians(gaussians.means - center, gaussians.scales, gaussians.quats, gaussians.opacities,
+                      gaussians.colors)
+    return moved, distance
+
+
 @torch.no_grad()
 def render_turntable(
     gaussians: Gaussians,
     render_fn: RenderFn | None = None,
     num_frames: int = 24,
     elevation_deg: float = 20.0,
-    distance: float = 2.5,
+    distance: float | None = None,
     fov_deg: float = 40.0,
     size: int = 256,
     background: Sequence[float] | Tensor = (1.0, 1.0, 1.0),
@@ -329,9 +355,11 @@ def render_turntable(
 ) -> Tensor:
     """Render one asset (``B == 1``) from ``num_frames`` evenly spaced azimuths: ``[F, 3, size, size]``.
 
-    ``render_fn(gaussians, cameras, background=...) -> RenderOutput`` defaults to
-    :func:`r2d3.render.render_gaussians`. Views are rendered ``views_per_call`` at a time so long
-    turntables at high resolution stay within memory on a laptop.
+    ``distance=None`` frames the asset (:func:`framed`: centred, filling the frame); a number orbits the
+    origin at that distance. ``render_fn(gaussians, cameras, background=...) -> RenderOutput`` defaults
+    to :func:`r2d3.render.render_gaussians`. Views are rendered ``views_per_call`` at a time so long
+    turntables at high resolution stay within memory on a laptop. A preview grid is a turntable with
+    as many frames as views.
     """
     from r2d3.render.cameras import Cameras, orbit_cameras
 
@@ -339,6 +367,8 @@ def render_turntable(
         raise ValueError(f"render_turntable renders one asset, got a batch of {gaussians.batch_size}")
     if num_frames < 1 or views_per_call < 1:
         raise ValueError(f"num_frames and views_per_call must be >= 1, got {num_frames}, {views_per_call}")
+    if distance is None:
+        gaussians, distance = framed(gaussians, fov_deg)
     render_fn = render_fn or _default_render_fn()
     azimuths = torch.arange(num_frames, dtype=torch.float64) * (360.0 / num_frames)
     cams = orbit_cameras(
@@ -352,4 +382,3 @@ def render_turntable(
         sub = Cameras(cams.viewmats[chunk][None], cams.Ks[chunk][None], cams.width, cams.height)
         frames.append(render_fn(gaussians, sub, background=background).rgb[0])
     return torch.cat(frames).clamp(0, 1)
-
