@@ -38,7 +38,7 @@ def default_run_name(config: AlignConfig) -> str:
     return f"{config.algo.name}-{reward_label(config.reward)}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def _run(config: AlignConfig, run_dir: Path, output_dir: Path) -> dict:
+def _run(config: AlignConfig, run_dir: Path, output_dir: Path, verbose: bool = False) -> dict:
     if config.scale.in_process:
         from r2d3.train.session import LocalSession
 
@@ -47,7 +47,7 @@ def _run(config: AlignConfig, run_dir: Path, output_dir: Path) -> dict:
 
     storage = config.scale.storage_path or str(output_dir)
     try:
-        result = fit_on_ray(config, run_dir, storage_path=storage)
+        result = fit_on_ray(config, run_dir, storage_path=storage, verbose=verbose)
     except Exception as err:  # Ray Train raises the workers' failures wrapped
         root = _root_cause(err)
         if root is err:
@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> dict:
     start = time.time()
     try:
         with claim_run_dir(config, run_dir):
-            summary = _run(config, run_dir, output_dir)
+            summary = _run(config, run_dir, output_dir, verbose=args.verbose)
     except KNOWN_ERRORS as err:
         if args.verbose:
             raise

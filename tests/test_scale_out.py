@@ -237,3 +237,20 @@ def test_a_local_run_listens_on_loopback_only(tmp_path):
     loopback = ("127.0.0.1:", "[::ffff:127.0.0.1]:", "[::1]:")
     exposed = {a: n for a, n in seen.items() if not a.startswith(loopback)}
     assert not exposed, exposed
+
+
+@pytest.mark.slow
+def test_the_main_command_prints_one_progress_bar_and_the_summary(tmp_path):
+    weights = tiny_weights(tmp_path / "w")
+    args = [a for a in tiny_args(weights, tmp_path / "runs", "console") if a != "run.progress=false"]
+    proc = subprocess.run([sys.executable, str(ROOT / "pipelines" / "align.py"), *args, "train.epochs=4",
+                           "run.wandb_mode=disabled"], capture_output=True, text=True, timeout=400,
+                          env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = proc.stdout + proc.stderr
+    lines = text.splitlines()
+    assert len(lines) <= 40, text
+    for noise in ("TrainingReport(", "\x1b[A", "PreemptionWatcher", "RayTrainWorker pid", "Traceback"):
+        assert noise not in text, noise
+    assert "align: 100%" in text and "4/4" in text and "reward=" in text  # the driver's bar reached the end
+    assert "paired reward gain vs base" in proc.stdout

@@ -37,14 +37,67 @@ log = logging.getLogger(__name__)
 OUTPUTS = "outputs"
 
 
+@ray.remote(num_cpus=0)
+class ProgressBoard:
+    """Rank 0's latest epoch metrics, for the driver's progress bar: a worker's own bar would reach the
+    console through Ray's log forwarding, one line per redraw with raw cursor escapes."""
+
+    def __init__(self) -> None:
+        self.metrics: dict[str, float] = {}
+
+    def put(self, metrics: dict[str, float]) -> None:
+        self.metrics = metrics
+
+    def get(self) -> dict[str, float]:
+        return self.metrics
+
+
+class DriverProgress:
+    """One tqdm bar on the driver (epochs, current reward, ETA) fed by :class:`ProgressBoard`."""
+
+    def __init__(self, config: AlignConfig, name: str):
+        import threading
+
+        from tqdm.auto import tqdm
+
+        self.board = ProgressBoard.options(name=name).remote()
+        self.bar = tqdm(total=config.train.epochs, desc="align", unit="epoch")
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+
+    def _poll(self) -> None:
+        while not self._stop.wait(1.0):
+            self._refresh()
+
+    def _refresh(self) -> None:
+        try:
+            metrics = ray.get(self.board.get.remote(), timeout=10)
+        except Exception:  # the board is best effort: a missed update is drawn on the next poll
+            return
+        if metrics.get("epoch") and int(metrics["epoch"]) != self.bar.n:
+            self.bar.n = int(metrics["epoch"])
+            self.bar.set_postfix(reward=f"{metrics.get('reward_mean', float('nan')):.4f}", refresh=False)
+            self.bar.refresh()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self._refresh()
+        self.bar.close()
+        ray.kill(self.board)
+
+
 class RaySession:
     """:class:`~r2d3.train.session.Session` inside a Ray Train worker.
 
     ``prompt_stream`` is this worker's disjoint share of the streamed prompt shards (when the driver
     passed a dataset); ``scorer`` sends render + reward to the shared actor pool when
-    ``scale.reward_actors`` > 0."""
+    ``scale.reward_actors`` > 0; rank 0 posts each epoch's metrics to the driver's progress board."""
 
-    def __init__(self, run_dir: Path, config: AlignConfig, streamed: bool = False):
+    shows_progress = False
+
+    def __init__(self, run_dir: Path, config: AlignConfig, streamed: bool = False, progress_board: str | None = None):
         ctx = ray.train.get_context()
         self.rank = ctx.get_world_rank()
         self.world_size = ctx.get_world_size()
@@ -61,6 +114,12 @@ class RaySession:
                     batch_size=batch, batch_format="pyarrow", local_shuffle_buffer_size=config.data.shuffle_buffer,
                     local_shuffle_seed=config.run.seed + self.rank)),
                 config.data.prompts)
+        self.board = None
+        if progress_board and self.rank == 0:
+            try:
+                self.board = ray.get_actor(progress_board)
+            except ValueError:  # the driver did not start one (or it is gone): no bar, no harm
+                self.board = None
         self.scorer = None
         if config.scale.reward_actors > 0:
             from r2d3.ray.reward_actors import make_remote_scorer
@@ -100,6 +159,8 @@ class RaySession:
     def report(self, metrics: dict[str, float], checkpoint_dir: Path | None = None) -> None:
         checkpoint = Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir is not None else None
         ray.train.report(metrics, checkpoint=checkpoint)
+        if self.board is not None:
+            self.board.put.remote(metrics)
         if checkpoint_dir is not None:
             shutil.rmtree(checkpoint_dir, ignore_errors=True)
 
@@ -160,7 +221,7 @@ def _worker_loop(payload: dict[str, Any]) -> None:
 
     config = from_dict(AlignConfig, payload["config"])
     run_dir = Path(payload["run_dir"])
-    session = RaySession(run_dir, config, streamed=payload["streamed"])
+    session = RaySession(run_dir, config, streamed=payload["streamed"], progress_board=payload.get("progress_board"))
     try:
         align_job.run_worker(config, session)
     finally:
@@ -179,7 +240,8 @@ def prompt_dataset(config: AlignConfig) -> tuple[ray.data.Dataset, list[tuple[st
     return ds, shards.skipped
 
 
-def fit_on_ray(config: AlignConfig, run_dir: Path, storage_path: str, callbacks: list | None = None) -> Any:
+def fit_on_ray(config: AlignConfig, run_dir: Path, storage_path: str, callbacks: list | None = None,
+               verbose: bool = False) -> Any:
     """Run the alignment as a Ray Train job; returns the ``ray.train.Result``.
 
     Starts a local Ray instance when none is running (``ray job submit`` sets ``RAY_ADDRESS`` and the
@@ -188,11 +250,14 @@ def fit_on_ray(config: AlignConfig, run_dir: Path, storage_path: str, callbacks:
     previews, samples, metrics) to ``storage_path/<run name>/outputs``. Re-running with the same
     ``run.name`` resumes from the last checkpoint, with any number of workers; ``FailureConfig``
     restarts a crashed worker group from it as well.
+
+    The console shows one progress bar drawn by the driver (``run.progress``); the workers' and Ray's
+    own log lines reach it only with ``verbose`` (they are always in Ray's log directory).
     """
     started_here = not ray.is_initialized() and not os.environ.get("RAY_ADDRESS")
     if not ray.is_initialized():
         # the dashboard serves the state API that Train's controller polls (and `ray job submit`)
-        ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True, configure_logging=False)
+        ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=verbose, configure_logging=False)
     gpu = str(config.scale.use_gpu).lower()  # a command-line `true` arrives as "True"
     use_gpu = gpu == "true" or (gpu == "auto" and torch.cuda.is_available())
     s = config.scale
@@ -215,8 +280,10 @@ def fit_on_ray(config: AlignConfig, run_dir: Path, storage_path: str, callbacks:
             (run_dir / "skipped_shards.json").write_text(json.dumps([{"shard": s, "reason": r} for s, r in skipped],
                                                                     indent=1))
     local_storage = "://" not in storage_path and Path(storage_path).resolve() == run_dir.parent.resolve()
+    progress = DriverProgress(config, f"r2d3-progress-{run_dir.name}-{os.getpid()}") if config.run.progress else None
     payload = {"config": to_dict(config), "run_dir": str(run_dir), "streamed": bool(datasets),
-               "outputs_uri": None if local_storage else f"{storage_path.rstrip('/')}/{run_dir.name}/{OUTPUTS}"}
+               "outputs_uri": None if local_storage else f"{storage_path.rstrip('/')}/{run_dir.name}/{OUTPUTS}",
+               "progress_board": None if progress is None else f"r2d3-progress-{run_dir.name}-{os.getpid()}"}
     reward_pool = None
     if config.scale.reward_actors > 0:
         from r2d3.ray.reward_actors import start_reward_actors
@@ -228,7 +295,11 @@ def fit_on_ray(config: AlignConfig, run_dir: Path, storage_path: str, callbacks:
     trainer_cls = TorchTrainer if config.scale.num_workers > 1 else DataParallelTrainer
     trainer = trainer_cls(_worker_loop, train_loop_config=payload, scaling_config=scaling, run_config=run_config,
                           datasets=datasets or None)
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    finally:
+        if progress is not None:
+            progress.close()
     del reward_pool  # trainers looked the actors up by name; release them only now
     return result
 

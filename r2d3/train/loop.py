@@ -377,7 +377,8 @@ def run(config: AlignConfig, session: Session, evaluate_fn=None, on_epoch=None) 
         if state.before is not None:
             summary["before"] = state.before
     t = config.train
-    bar = tqdm(range(state.epoch, t.epochs), desc="align", disable=not (config.run.progress and session.rank == 0),
+    progress = config.run.progress and session.rank == 0 and session.shows_progress
+    bar = tqdm(range(state.epoch, t.epochs), desc="align", disable=not progress,
                initial=state.epoch, total=t.epochs)
     for epoch in bar:
         start = time.time()
@@ -395,7 +396,7 @@ def run(config: AlignConfig, session: Session, evaluate_fn=None, on_epoch=None) 
         metrics: dict[str, float] = {}
         if train_on is not None:
             metrics = train_epoch(worker, train_on, generator, session, state,
-                                  progress=config.run.progress and session.rank == 0)
+                                  progress=progress)
             if session.world_size > 1 and metrics:  # loss terms and norms: the mean over workers
                 keys = sorted(metrics)
                 values = torch.tensor([metrics[k] for k in keys], dtype=torch.float64)

@@ -19,6 +19,7 @@ class Session(Protocol):
     rank: int
     world_size: int
     run_dir: Path  # where rank 0 writes previews, samples, metrics and the summary
+    shows_progress: bool  # the loop draws its own progress bars (in-process); else the runtime reports
 
     def checkpoint_candidates(self) -> Iterator[Path]:
         """Local directories of the run's checkpoints, newest first (resume takes the first complete one)."""
@@ -36,6 +37,7 @@ class LocalSession:
 
     rank = 0
     world_size = 1
+    shows_progress = True
 
     def __init__(self, run_dir: str | os.PathLike, keep_checkpoints: int = 2):
         self.run_dir = Path(run_dir)
