@@ -87,7 +87,7 @@ def test_outputs_comparison_gallery_and_idempotent_rerun(tmp_path, models):
 
     assert read_ply(out / rows[0]["ply_path"]).means.shape[-2] == 24
     page = (out / "gallery.html").read_text()
-    assert "Δ reward vs base" in page and 'id="filter"' in page and "http" not in page.split("<body>")[1]
+    assert "Δ reward vs base" in page and 'id="filter"' in page and "://" not in page.split("<body>")[1]
     assert rows[0]["preview_path"] in page and (tmp_path / "p.parquet").exists()
     # rerun: nothing new, the same manifest, no duplicate rows
     again = regenerate.main(args)
@@ -180,29 +180,82 @@ def _chromium() -> str | None:
     return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 
 
+@pytest.fixture
+def served(tmp_path):
+    """A static HTTP server on 127.0.0.1 for a directory (browsers load modules and .ply files over
+    HTTP only); yields (start(directory) -> base URL, the request log)."""
+    import functools
+    import http.server
+    import threading
+
+    log: list[str] = []
+    servers = []
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, fmt, *args):
+            log.append(self.path)
+
+    def start(directory) -> str:
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(directory)))
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return f"http://127.0.0.1:{server.server_address[1]}"
+
+    yield start, log
+    for server in servers:
+        server.shutdown()
+
+
 @pytest.mark.skipif(_chromium() is None, reason="headless Chromium not installed (apt-get install -y chromium)")
-def test_gallery_opens_in_headless_chromium(tmp_path, models):
+def test_gallery_opens_in_headless_chromium_and_draws_an_asset_in_3d(tmp_path, served):
     import numpy as np
     from PIL import Image
 
     import regenerate
+    from r2d3.export import read_ply
+    from r2d3.render import orbit_cameras, render_gaussians
 
-    out = tmp_path / "out"
-    regenerate.main(["--prompts", _prompt_file(tmp_path / "p.parquet", PROMPTS[:2]), "--weights", models["weights"],
-                     "--compare", models["checkpoint"], "--out", str(out), "--actors", "0", "--no-mesh", *FAST])
-    page = (out / "gallery.html").resolve().as_uri()
-    flags = [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
-             f"--user-data-dir={tmp_path / 'profile'}", "--allow-file-access-from-files",
-             "--virtual-time-budget=5000"]
-    shot = tmp_path / "gallery.png"
-    subprocess.run(flags + [f"--screenshot={shot}", "--window-size=1200,900", page], check=True,
-                   capture_output=True, timeout=60)
-    pixels = np.asarray(Image.open(shot).convert("RGB"))
-    assert pixels.shape[:2] == (900, 1200) and pixels.std() > 5  # not a blank page
-    dom = subprocess.run(flags + ["--dump-dom", page], check=True, capture_output=True, text=True, timeout=60).stdout
-    loaded = dom.split('data-images-loaded="', 1)[1].split('"', 1)[0]
-    ok, total = map(int, loaded.split("/"))
+    out = tmp_path / "out"  # the shipped model: coherent assets with one clear colour each
+    regenerate.main(["--prompts", _prompt_file(tmp_path / "p.parquet", PROMPTS[:2]), "--seeds", "0", "1",
+                     "--out", str(out), "--actors", "0", "--no-mesh", *FAST])
+    html = (out / "gallery.html").read_text()
+    assert "https://" not in html and "http://" not in html  # nothing to fetch from elsewhere
+    assert html.count('loading="lazy"') == 2 * 2 * 2 and (out / "viewer" / "gsplat.js").is_file()
+    start, requests = served
+    base = start(out)
+    # --host-resolver-rules: any host but 127.0.0.1 fails to resolve, so nothing can leave the machine
+    flags = [_chromium(), "--headless", "--no-sandbox", "--no-first-run", "--use-angle=swiftshader",
+             "--enable-unsafe-swiftshader", "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
+             f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=15000"]
+    dom = subprocess.run(flags + ["--window-size=1400,4000", "--dump-dom", f"{base}/gallery.html"], check=True,
+                         capture_output=True, text=True, timeout=90).stdout
+    ok, total = map(int, dom.split('data-images-loaded="', 1)[1].split('"', 1)[0].split("/"))
     assert total == 2 * 2 * 2 and ok == total  # preview + turntable per asset, every one decoded
+    assert "viewer/gsplat.js" not in requests[-1] and not any("gsplat" in r for r in requests)  # on demand only
+    # open the first asset's viewer: it fetches the module and the .ply, and draws the asset
+    view = subprocess.run(flags + ["--window-size=1000,800", "--dump-dom", f"{base}/gallery.html#view=0"],
+                          check=True, capture_output=True, text=True, timeout=90).stdout
+    import html as html_lib
+
+    state = json.loads(html_lib.unescape(view.split('data-viewer="', 1)[1].split('"', 1)[0]))
+    assert "error" not in state, state
+    assert any(r.endswith("/viewer/gsplat.js") for r in requests) and any(r.endswith("asset.ply") for r in requests)
+    first = _manifest(out)[0]
+    assert state["splats"] == read_ply(out / first["ply_path"]).num_gaussians and state["drawn"] > 20_000
+    # the drawn colour is the asset's: r2d3's own render of the same file, over its covered pixels
+    g = read_ply(out / first["ply_path"])
+    render = render_gaussians(g, orbit_cameras(20.0, [0.0, 90.0, 180.0, 270.0], width=64, height=64),
+                              background=torch.ones(3))
+    covered = render.alpha[0, :, 0] > 0.5
+    expected = (render.rgb[0].permute(0, 2, 3, 1)[covered].mean(0) * 255).tolist()
+    assert np.abs(np.array(state["mean"]) - np.array(expected)).max() < 40, (state["mean"], expected)
+    shot = tmp_path / "viewer.png"
+    subprocess.run(flags + [f"--screenshot={shot}", "--window-size=1000,800", f"{base}/gallery.html#view=0"],
+                   check=True, capture_output=True, timeout=90)
+    pixels = np.asarray(Image.open(shot).convert("RGB")).astype(float)
+    canvas = pixels[120:700, 30:650]
+    drawn = canvas[canvas.sum(-1) < 3 * 240]  # not the white background
+    assert len(drawn) > 20_000 and np.abs(drawn.mean(0) - np.array(expected)).max() < 50
 
 
 @pytest.mark.slow

@@ -13,6 +13,7 @@ them) — never appended to, never narrowed.
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 import time
@@ -37,8 +38,6 @@ class RegenActor:
         self.worker = AssetWorker(settings)
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
-        import json
-
         rows = self.worker(batch)
         return {"row": [json.dumps(r) for r in rows]}  # one string column: rows differ in their keys
 
@@ -63,8 +62,6 @@ class _Progress:
 def run_items(settings: RegenSettings, items: list[dict[str, Any]], actors: int = 2, batch_size: int = 1,
               cpus_per_actor: float = 1.0, gpus_per_actor: float = 0.0, progress: bool = True):
     """Yield one row per item as it finishes (streaming), on Ray Data or in-process when ``actors == 0``."""
-    import json
-
     bar = _Progress(len(items), progress)
     if not items:
         return
@@ -128,10 +125,16 @@ def run_regeneration(settings: RegenSettings, prompts: Sequence[str], seeds: Seq
     schema = manifest_schema(extra)
     store.write_table(ERRORS, rows_to_table(errors, error_schema()))
     if gallery:
-        from r2d3.export.gallery import gallery_html
+        from r2d3.config import reward_label
+        from r2d3.export.gallery import VIEWER_PATH, gallery_html, viewer_module
 
+        keys = ["reward", *[f"reward_{e}" for e in extra]]
+        score_help = {k: f"reward {reward_label(spec)} ({json.dumps(spec, default=str)})"
+                      for k, spec in zip(keys, settings.rewards)}
+        store.write_bytes(VIEWER_PATH, viewer_module())
         store.write_bytes(GALLERY, gallery_html(rows, shown, title=f"r2d3 regeneration: {', '.join(names)}",
-                                                score_keys=["reward", *[f"reward_{e}" for e in extra]]).encode())
+                                                score_keys=keys, score_help=score_help,
+                                                frame=settings.frame).encode())
     store.write_table(MANIFEST, rows_to_table(rows, schema, manifest_metadata(settings)))  # committed last
     return {"out": settings.out, "wanted": len(wanted), "made": made, "skipped": skipped,
             "remade_incomplete": incomplete, "manifest_rows": len(rows), "errors": len(errors),
