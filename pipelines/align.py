@@ -30,8 +30,8 @@ from r2d3.train.run_dir import RunDirError, claim_run_dir
 
 #: failures a user can act on from one line (the message names the input); anything else is a bug and
 #: keeps its traceback
-KNOWN_ERRORS = (ConfigError, PromptSourceError, RunDirError, CorruptCheckpointError, CheckpointMismatchError, WeightsError,
-                TrainingAborted, ClusterResourcesError, OSError)
+KNOWN_ERRORS = (ConfigError, PromptSourceError, RunDirError, CorruptCheckpointError, CheckpointMismatchError,
+                WeightsError, TrainingAborted, ClusterResourcesError, OSError)
 
 
 def default_run_name(config: AlignConfig) -> str:

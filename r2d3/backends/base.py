@@ -21,7 +21,8 @@ class WeightsError(RuntimeError):
     """Missing, unreadable or mismatching model weights; the message says which file and what to do."""
 
 
-def check_keys_match(module: nn.Module, directory: Path, filename: str = "diffusion_pytorch_model.safetensors") -> None:
+def check_keys_match(module: nn.Module, directory: Path,
+                     filename: str = "diffusion_pytorch_model.safetensors") -> None:
     """Strict loading for modules loaded through diffusers' ``from_pretrained``, which only warns about
     unexpected tensors (and may initialise missing ones): both are a ``WeightsError`` naming the file."""
     from safetensors import safe_open

@@ -60,7 +60,7 @@ class RenderedViews:
 
         meta = {"attributes": json.dumps([dataclasses.asdict(a) for a in self.attributes]),
                 "prompts": json.dumps(self.prompts), "seconds": repr(float(self.seconds))}
-        tensors = {"rgb": self.rgb.contiguous(), "alpha": self.alpha.contiguous(), "depth": self.depth.contiguous()}
+        tensors = {k: getattr(self, k).contiguous() for k in ("rgb", "alpha", "depth")}
         atomic_write_bytes(path, save(tensors, metadata=meta))
 
     @classmethod

@@ -138,14 +138,16 @@ def _data_key(name: str) -> str:
 
 def gallery_html(rows: Sequence[dict[str, Any]], checkpoints: Sequence[str], title: str = "r2d3 gallery",
                  score_keys: Sequence[str] = ("reward",), score_help: dict[str, str] | None = None,
+                 score_labels: dict[str, str] | None = None,
                  extra_keys: Sequence[str] = ("saturation", "contrast", "background_coverage", "edge_density"),
                  frame: str = "y-up") -> str:
     """The page for manifest ``rows`` (``*_path`` columns relative to the page's directory).
 
-    ``score_keys`` are the reward columns (``score_help`` says what each measures, e.g. ``reward`` ->
-    "dnc: depth-normal consistency"); ``extra_keys`` the image statistics; ``frame`` the frame the
-    ``.ply`` files were written in (the viewer turns them upright)."""
+    ``score_keys`` are the reward columns, shown as ``score_labels`` (e.g. ``reward`` -> "reward: dnc")
+    with ``score_help`` saying what each measures; ``extra_keys`` the image statistics; ``frame`` the frame
+    the ``.ply`` files were written in (the viewer turns them upright)."""
     help_text = {**EXPLANATIONS, **(score_help or {})}
+    labels = dict(score_labels or {})
     groups: dict[tuple[str, int], dict[str, dict[str, Any]]] = {}
     for r in rows:
         groups.setdefault((r["prompt"], int(r["seed"])), {})[r["checkpoint"]] = r
@@ -154,7 +156,8 @@ def gallery_html(rows: Sequence[dict[str, Any]], checkpoints: Sequence[str], tit
     numeric = [*score_keys, *extra_keys]
     sort_opts = [("order", "order", "as generated")]
     for k in numeric:
-        sort_opts += [(_data_key(k), "desc", f"{k} (high first)"), (_data_key(k), "asc", f"{k} (low first)")]
+        shown = labels.get(k, k)
+        sort_opts += [(_data_key(k), "desc", f"{shown} (high first)"), (_data_key(k), "asc", f"{shown} (low first)")]
     if compare:
         sort_opts += [("delta", "desc", f"reward delta vs {ref} (high first)"),
                       ("delta", "asc", f"reward delta vs {ref} (low first)")]
@@ -178,8 +181,9 @@ def gallery_html(rows: Sequence[dict[str, Any]], checkpoints: Sequence[str], tit
                 deltas.append(d)
                 delta = f'<tr><td>Δ reward vs {html.escape(ref)}</td><td class="{"pos" if d >= 0 else "neg"}">' \
                         f"{d:+.4g}</td></tr>"
-            scores = "".join(f'<tr><td title="{html.escape(help_text.get(k, ""), quote=True)}">{html.escape(k)}</td>'
-                             f"<td>{_fmt(r.get(k))}</td></tr>" for k in numeric if k in r)
+            scores = "".join(f'<tr><td title="{html.escape(help_text.get(k, ""), quote=True)}">'
+                             f"{html.escape(labels.get(k, k))}</td><td>{_fmt(r.get(k))}</td></tr>"
+                             for k in numeric if k in r)
             checks = "".join(f'<tr><td title="{html.escape(help_text[k], quote=True)}">{k.replace("_ok", "")}</td>'
                              f"<td>{_check(r.get(k))}</td></tr>" for k in CHECKS if k in r)
             links = " ".join(f'<a href="{html.escape(r[k + "_path"], quote=True)}">{text}</a>'
@@ -201,7 +205,7 @@ def gallery_html(rows: Sequence[dict[str, Any]], checkpoints: Sequence[str], tit
         cards.append(f'<div class="card" {attrs}><h3>{html.escape(prompt)} <small>seed {seed}</small></h3>'
                      f'<div class="cols" style="--n:{max(len(checkpoints), 1)}">{"".join(cols)}</div></div>')
     options = "".join(f'<option value="{k}:{d}">{html.escape(label)}</option>' for k, d, label in sort_opts)
-    legend = "".join(f"<dt>{html.escape(k)}</dt><dd>{html.escape(help_text.get(k, ''))}</dd>"
+    legend = "".join(f"<dt>{html.escape(labels.get(k, k))}</dt><dd>{html.escape(help_text.get(k, ''))}</dd>"
                      for k in [*numeric, *CHECKS])
     if compare:
         legend += f"<dt>Δ reward</dt><dd>{html.escape(f'the reward minus {ref}’s on the same prompt, seed and noise')}</dd>"

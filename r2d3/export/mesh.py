@@ -222,7 +222,8 @@ _ARRAY_BUFFER, _ELEMENT_ARRAY_BUFFER = 34962, 34963
 DEFAULT_ROUGHNESS = 0.8
 
 
-def encode_glb(mesh, *, unlit: bool = False, roughness: float = DEFAULT_ROUGHNESS, frame: str = "y-up") -> bytes:
+def encode_glb(mesh, *, unlit: bool = False, roughness: float = DEFAULT_ROUGHNESS,
+               frame: str = "y-up") -> bytes:
     """Binary glTF 2.0 of a vertex-coloured ``trimesh.Trimesh`` as every client reads it right:
 
     - ``COLOR_0`` in *linear* light (float), converted from the sRGB vertex colours r2d3 renders with;
@@ -240,7 +241,8 @@ def encode_glb(mesh, *, unlit: bool = False, roughness: float = DEFAULT_ROUGHNES
         raise TypeError(f"expected a trimesh.Trimesh, got {type(mesh).__name__}")
     if len(mesh.faces) == 0:
         raise ValueError("refusing to write a mesh with no faces")
-    positions = np.ascontiguousarray(points_in_frame(np.asarray(mesh.vertices, np.float64), frame), dtype=np.float32)
+    positions = points_in_frame(np.asarray(mesh.vertices, np.float64), frame)
+    positions = np.ascontiguousarray(positions, dtype=np.float32)
     # from the faces as they are now (a caller's mesh may hold normals cached before it was edited)
     normals = np.asarray(trimesh.Trimesh(vertices=mesh.vertices, faces=mesh.faces, process=False).vertex_normals,
                          dtype=np.float64)

@@ -129,11 +129,12 @@ def run_regeneration(settings: RegenSettings, prompts: Sequence[str], seeds: Seq
         from r2d3.export.gallery import VIEWER_PATH, gallery_html, viewer_module
 
         keys = ["reward", *[f"reward_{e}" for e in extra]]
-        score_help = {k: f"reward {reward_label(spec)} ({json.dumps(spec, default=str)})"
+        score_help = {k: f"the reward {json.dumps(spec, default=str)} on the views the rewards score"
                       for k, spec in zip(keys, settings.rewards)}
+        score_labels = {"reward": f"reward: {reward_label(settings.rewards[0])}"}
         store.write_bytes(VIEWER_PATH, viewer_module())
         store.write_bytes(GALLERY, gallery_html(rows, shown, title=f"r2d3 regeneration: {', '.join(names)}",
-                                                score_keys=keys, score_help=score_help,
+                                                score_keys=keys, score_help=score_help, score_labels=score_labels,
                                                 frame=settings.frame).encode())
     store.write_table(MANIFEST, rows_to_table(rows, schema, manifest_metadata(settings)))  # committed last
     return {"out": settings.out, "wanted": len(wanted), "made": made, "skipped": skipped,
