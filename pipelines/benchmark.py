@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_alignment  # noqa: E402  (suites for the model and the alignment methods)
 import bench_gpu  # noqa: E402  (the CUDA suite)
 import bench_ray  # noqa: E402  (Ray Train overhead and scaling)
+import bench_mesh  # noqa: E402  (mesh topology)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_REPORT = REPO_ROOT / "docs" / "benchmarks.md"
@@ -337,6 +338,7 @@ SUITES: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[arg
     "methods": (bench_alignment.add_methods_arguments, bench_alignment.run_methods),
     "gpu": (bench_gpu.add_gpu_arguments, bench_gpu.run_gpu),
     "ray": (bench_ray.add_ray_arguments, bench_ray.run_ray),
+    "mesh": (bench_mesh.add_mesh_arguments, bench_mesh.run_mesh),
 }
 #: the report heading each suite writes under (in its --output file)
 REPORT_HEADINGS: dict[str, str] = {
@@ -346,6 +348,7 @@ REPORT_HEADINGS: dict[str, str] = {
     "methods": "## Nabla-R2D3 vs baselines on the embedded default",
     "gpu": "## On a GPU",
     "ray": "## Ray Train overhead and data-parallel scaling",
+    "mesh": "## Mesh topology of the shipped model's assets",
 }
 
 

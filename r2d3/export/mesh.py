@@ -18,7 +18,7 @@ than a voxel and would fall between grid samples. Every Gaussian's variance is t
 ``(min_sigma_voxels * spacing)^2`` on all axes before sampling (the density peak stays ``o_i``). The
 dilation makes discs a few voxels thick, so they are always seen and overlapping discs merge into a
 closed shell; 2 voxels (the default) also closes the gaps between neighbouring discs that 1 voxel left
-as tunnels through the shell (measured on the shipped model in ``docs/benchmarks.md``). Set
+as tunnels through the shell (measured on the shipped model by ``pipelines/benchmark.py mesh``, in ``docs/benchmarks.md``). Set
 ``min_sigma_voxels=0`` for the exact (undilated) density.
 
 Topology: empty space enclosed by the shell is filled before meshing (one outer surface, not a hidden
