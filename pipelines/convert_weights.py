@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from safetensors.torch import save_file
@@ -55,6 +56,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--output", required=True,
                         help="aesthetic, bin: the .safetensors file to write; hpsv2, image_reward: the "
                              "directory to write")
+    parser.add_argument("--vision-heads", type=int, default=None,
+                        help="attention heads of the image tower (default: from the architecture the shapes "
+                             "identify, e.g. 16 for ViT-H-14; required for other architectures)")
+    parser.add_argument("--text-heads", type=int, default=None, help="attention heads of the text tower (same)")
     parser.add_argument("--hidden-act", default="gelu", choices=["gelu", "quick_gelu"],
                         help="hpsv2/OpenCLIP only: the MLP activation (gelu for OpenCLIP-trained ViT-H-14)")
     parser.add_argument("--med-config", help="image_reward only: ImageReward's med_config.json")
@@ -84,7 +89,11 @@ def main(argv: list[str] | None = None) -> None:
         med_config = json.loads(Path(args.med_config).read_text())
         save_image_reward(*imagereward_to_blip(state, med_config), args.tokenizer, output)
     else:
-        converted, config = openclip_to_transformers(state, hidden_act=args.hidden_act)
+        try:
+            converted, config = openclip_to_transformers(state, vision_heads=args.vision_heads,
+                                                         text_heads=args.text_heads, hidden_act=args.hidden_act)
+        except (KeyError, ValueError) as err:
+            sys.exit(f"convert_weights: {args.input} is not a convertible OpenCLIP checkpoint: {err}")
         save_transformers_clip(converted, config, output)
     print(f"wrote {output}")
 

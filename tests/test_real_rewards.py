@@ -184,28 +184,31 @@ def test_missing_tokenizer_and_aesthetic_head(weights, tmp_path):
 # converters
 
 
-def _openclip_state(width=16, layers=2, patch=8, grid=4, vocab=len(WORDS), ctx=12, embed=8, seed=0):
-    """A random state dict with OpenCLIP's key names and shapes (visual + text towers)."""
+def _openclip_state(width=16, layers=2, patch=8, grid=4, vocab=len(WORDS), ctx=12, embed=8, seed=0, text_width=None,
+                    scale=0.2):
+    """A random state dict with OpenCLIP's key names and shapes (visual + text towers; ``text_width``
+    defaults to the vision ``width``)."""
     g = torch.Generator().manual_seed(seed)
+    tw = text_width or width
 
     def r(*shape):
-        return 0.2 * torch.randn(*shape, generator=g)
+        return scale * torch.randn(*shape, generator=g)
 
     sd = {"visual.conv1.weight": r(width, 3, patch, patch), "visual.class_embedding": r(width),
           "visual.positional_embedding": r(grid * grid + 1, width), "visual.proj": r(width, embed),
-          "token_embedding.weight": r(vocab, width), "positional_embedding": r(ctx, width),
-          "text_projection": r(width, embed), "logit_scale": torch.tensor(2.0)}
-    for ln in ("visual.ln_pre", "visual.ln_post", "ln_final"):
-        sd[ln + ".weight"], sd[ln + ".bias"] = 1 + r(width), r(width)
-    for prefix in ("visual.transformer.resblocks.", "transformer.resblocks."):
+          "token_embedding.weight": r(vocab, tw), "positional_embedding": r(ctx, tw),
+          "text_projection": r(tw, embed), "logit_scale": torch.tensor(2.0)}
+    for ln, w in (("visual.ln_pre", width), ("visual.ln_post", width), ("ln_final", tw)):
+        sd[ln + ".weight"], sd[ln + ".bias"] = 1 + r(w), r(w)
+    for prefix, w in (("visual.transformer.resblocks.", width), ("transformer.resblocks.", tw)):
         for i in range(layers):
             p = f"{prefix}{i}."
             for ln in ("ln_1", "ln_2"):
-                sd[p + ln + ".weight"], sd[p + ln + ".bias"] = 1 + r(width), r(width)
-            sd[p + "attn.in_proj_weight"], sd[p + "attn.in_proj_bias"] = r(3 * width, width), r(3 * width)
-            sd[p + "attn.out_proj.weight"], sd[p + "attn.out_proj.bias"] = r(width, width), r(width)
-            sd[p + "mlp.c_fc.weight"], sd[p + "mlp.c_fc.bias"] = r(4 * width, width), r(4 * width)
-            sd[p + "mlp.c_proj.weight"], sd[p + "mlp.c_proj.bias"] = r(width, 4 * width), r(width)
+                sd[p + ln + ".weight"], sd[p + ln + ".bias"] = 1 + r(w), r(w)
+            sd[p + "attn.in_proj_weight"], sd[p + "attn.in_proj_bias"] = r(3 * w, w), r(3 * w)
+            sd[p + "attn.out_proj.weight"], sd[p + "attn.out_proj.bias"] = r(w, w), r(w)
+            sd[p + "mlp.c_fc.weight"], sd[p + "mlp.c_fc.bias"] = r(4 * w, w), r(4 * w)
+            sd[p + "mlp.c_proj.weight"], sd[p + "mlp.c_proj.bias"] = r(w, 4 * w), r(w)
     return sd
 
 
@@ -227,8 +230,9 @@ def _reference_tower(sd, prefix, x, heads, causal):
     return x
 
 
-def _reference_openclip(sd, pixels, ids, heads=2):
+def _reference_openclip(sd, pixels, ids, heads=2, text_heads=None):
     width = sd["visual.class_embedding"].shape[0]
+    tw = sd["token_embedding.weight"].shape[1]
     conv = sd["visual.conv1.weight"]
     x = F.conv2d(pixels, conv, stride=conv.shape[-1]).flatten(2).transpose(1, 2)
     x = torch.cat([sd["visual.class_embedding"].expand(x.shape[0], 1, width), x], dim=1)
@@ -238,15 +242,15 @@ def _reference_openclip(sd, pixels, ids, heads=2):
     img = F.layer_norm(x[:, 0], (width,), sd["visual.ln_post.weight"], sd["visual.ln_post.bias"])
     img = img @ sd["visual.proj"]
     t = sd["token_embedding.weight"][ids] + sd["positional_embedding"][: ids.shape[1]]
-    t = _reference_tower(sd, "transformer.resblocks.", t, heads, causal=True)
-    t = F.layer_norm(t, (width,), sd["ln_final.weight"], sd["ln_final.bias"])
+    t = _reference_tower(sd, "transformer.resblocks.", t, text_heads or heads, causal=True)
+    t = F.layer_norm(t, (tw,), sd["ln_final.weight"], sd["ln_final.bias"])
     txt = t[torch.arange(ids.shape[0]), ids.argmax(dim=-1)] @ sd["text_projection"]
     return img, txt
 
 
 def test_openclip_conversion_loads_strictly_and_matches_a_reference_forward(tmp_path):
     sd = _openclip_state()
-    converted, config = openclip_to_transformers(sd, head_width=8)
+    converted, config = openclip_to_transformers(sd, vision_heads=2, text_heads=2)  # head width 8
     assert config.vision_config.image_size == 32 and config.vision_config.patch_size == 8
     assert config.text_config.num_hidden_layers == 2 and config.projection_dim == 8
     assert config.text_config.num_attention_heads == 2 and config.vision_config.hidden_act == "gelu"
@@ -270,7 +274,30 @@ def test_openclip_conversion_loads_strictly_and_matches_a_reference_forward(tmp_
     torch.testing.assert_close(getattr(txt, "pooler_output", txt), ref_txt, atol=1e-5, rtol=1e-4)
     bad = dict(sd, **{"visual.extra.weight": torch.zeros(1)})
     with pytest.raises(ValueError, match="unexpected OpenCLIP keys"):
-        openclip_to_transformers(bad, head_width=8)
+        openclip_to_transformers(bad, vision_heads=2, text_heads=2)
+
+
+def test_vit_h_14_head_counts_come_from_its_architecture_not_a_default_head_width():
+    """HPSv2's ViT-H-14: vision width 1280 with head_width 80 (16 heads), text width 1024 with 16 heads.
+    A ViT-H-14-shaped model (real widths and patch, one block per tower) converted without head counts
+    matches an independent forward with 16 heads per tower, and not one with the 20 heads a head width
+    of 64 would give."""
+    sd = _openclip_state(width=1280, text_width=1024, layers=1, patch=14, grid=2, ctx=5, embed=16, scale=0.02)
+    converted, config = openclip_to_transformers(sd)
+    assert config.vision_config.num_attention_heads == 16 and config.text_config.num_attention_heads == 16
+    model = transformers.CLIPModel(config).eval()
+    model.load_state_dict(converted, strict=True)
+    pixels = torch.randn(1, 3, 28, 28, generator=torch.Generator().manual_seed(1))
+    ids = torch.tensor([[2, 3, 7, 0, 0]])
+    with torch.no_grad():
+        img = model.get_image_features(pixel_values=pixels)
+        img = getattr(img, "pooler_output", img)
+        right, _ = _reference_openclip(sd, pixels, ids, heads=16, text_heads=16)
+        wrong, _ = _reference_openclip(sd, pixels, ids, heads=20, text_heads=16)
+    torch.testing.assert_close(img, right, atol=1e-5, rtol=1e-4)
+    assert (img - wrong).abs().max() > 100 * (img - right).abs().max()
+    with pytest.raises(ValueError, match="not divisible by 24 heads"):
+        openclip_to_transformers(sd, vision_heads=24, text_heads=16)
 
 
 def test_converter_cli_round_trips_hpsv2_and_aesthetic(tmp_path):
@@ -285,12 +312,15 @@ def test_converter_cli_round_trips_hpsv2_and_aesthetic(tmp_path):
     sd = _openclip_state(width=64, layers=1, embed=8)  # head width 64, as OpenCLIP's ViT-H-14
     torch.save({"state_dict": {"module." + k: v for k, v in sd.items()}}, tmp_path / "hps.pt")
     out = tmp_path / "hpsv2"
-    cli.main(["hpsv2", "--input", str(tmp_path / "hps.pt"), "--output", str(out)])
+    with pytest.raises(SystemExit, match="not a convertible OpenCLIP checkpoint: unknown OpenCLIP architecture"):
+        cli.main(["hpsv2", "--input", str(tmp_path / "hps.pt"), "--output", str(out)])  # no guessed heads
+    cli.main(["hpsv2", "--input", str(tmp_path / "hps.pt"), "--output", str(out), "--vision-heads", "1",
+              "--text-heads", "1"])
     assert {"config.json", "model.safetensors", "preprocessor_config.json"} <= {p.name for p in out.iterdir()}
     _tokenizer().save_pretrained(out)
     reward = build_reward({"name": "hpsv2", "kwargs": {"weights": str(out)}})
     loaded = transformers.CLIPModel.from_pretrained(str(out))
-    converted, _ = openclip_to_transformers(sd)
+    converted, _ = openclip_to_transformers(sd, vision_heads=1, text_heads=1)
     for k, v in loaded.state_dict().items():
         torch.testing.assert_close(v, converted[k])
     assert reward(_render(), PROMPTS).shape == (2,)
@@ -332,7 +362,7 @@ def test_converter_cli_turns_a_pytorch_bin_into_safetensors(weights, tmp_path):
 
 
 def test_save_transformers_clip_rejects_missing_keys(tmp_path):
-    converted, config = openclip_to_transformers(_openclip_state(), head_width=8)
+    converted, config = openclip_to_transformers(_openclip_state(), vision_heads=2, text_heads=2)
     converted.pop("logit_scale")
     with pytest.raises(RuntimeError, match="logit_scale"):
         save_transformers_clip(converted, config, tmp_path / "x")

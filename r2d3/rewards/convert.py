@@ -6,7 +6,7 @@ loads (used by ``pipelines/convert_weights.py``).
 - :func:`plain_tensors`: a transformers ``pytorch_model.bin`` -> ``model.safetensors``.
 - :func:`openclip_to_transformers`: an OpenCLIP CLIP state dict (e.g. HPS v2.1, OpenCLIP ViT-H-14
   layout) -> a ``transformers`` ``CLIPModel`` state dict plus the matching ``CLIPConfig`` (sizes read from
-  the tensor shapes). The OpenCLIP layout: ``visual.{conv1,class_embedding,positional_embedding,ln_pre,
+  the tensor shapes, attention heads from the architecture they identify or given explicitly). The OpenCLIP layout: ``visual.{conv1,class_embedding,positional_embedding,ln_pre,
   transformer.resblocks.N,ln_post,proj}`` and ``{token_embedding,positional_embedding,transformer.resblocks.N,
   ln_final,text_projection,logit_scale}``; each residual block has ``ln_1, attn.in_proj_{weight,bias}`` (q, k,
   v stacked), ``attn.out_proj, ln_2, mlp.c_fc, mlp.c_proj``. OpenCLIP's projections are ``x @ proj``, so
@@ -90,12 +90,28 @@ def _blocks(state: Mapping[str, Tensor], src: str, dst: str, n: int, out: dict[s
             out[f"{d}self_attn.{part}_proj.bias"] = bias
 
 
-def openclip_to_transformers(state: Mapping[str, Tensor], head_width: int = 64,
+#: OpenCLIP ViT architectures by (vision width, patch size, text width): name, vision heads, text heads,
+#: from OpenCLIP's model configs. The shapes of a state dict cannot tell the head count (ViT-H-14's
+#: vision tower has head_width 80, not OpenCLIP's default 64), so it comes from the architecture.
+OPENCLIP_ARCHITECTURES: dict[tuple[int, int, int], tuple[str, int, int]] = {
+    (768, 32, 512): ("ViT-B-32", 12, 8),
+    (768, 16, 512): ("ViT-B-16", 12, 8),
+    (1024, 14, 768): ("ViT-L-14", 16, 12),
+    (1280, 14, 1024): ("ViT-H-14", 16, 16),  # vision head_width 80
+    (1664, 14, 1280): ("ViT-G-14", 16, 20),  # vision head_width 104
+}
+
+
+def openclip_to_transformers(state: Mapping[str, Tensor], vision_heads: int | None = None,
+                             text_heads: int | None = None,
                              hidden_act: str = "gelu") -> tuple[dict[str, Tensor], Any]:
     """``(transformers CLIPModel state dict, CLIPConfig)`` from an OpenCLIP state dict.
 
-    ``head_width``: attention head size (OpenCLIP's default, 64, for every ViT config); ``hidden_act``:
-    ``"gelu"`` for OpenCLIP models (ViT-H-14, HPSv2), ``"quick_gelu"`` for OpenAI-trained ones."""
+    ``vision_heads`` / ``text_heads``: attention heads per tower; by default read from the architecture
+    the tensor shapes identify (:data:`OPENCLIP_ARCHITECTURES`, e.g. HPSv2's ViT-H-14: 16 and 16). An
+    unknown architecture without both is an error rather than a guess: a wrong head count still loads
+    (the weights have the same shapes) and silently changes every score. ``hidden_act``: ``"gelu"``
+    for OpenCLIP models (ViT-H-14, HPSv2), ``"quick_gelu"`` for OpenAI-trained ones."""
     from transformers import CLIPConfig
 
     v_width, _, patch, _ = state["visual.conv1.weight"].shape
@@ -111,13 +127,24 @@ def openclip_to_transformers(state: Mapping[str, Tensor], head_width: int = 64,
         raise ValueError("image and text projections have different output sizes")
     v_layers = _block_count(state, "visual.transformer.resblocks.")
     t_layers = _block_count(state, "transformer.resblocks.")
+    if vision_heads is None or text_heads is None:
+        known = OPENCLIP_ARCHITECTURES.get((int(v_width), int(patch), int(t_width)))
+        if known is None:
+            raise ValueError(f"unknown OpenCLIP architecture (vision width {int(v_width)}, patch {int(patch)}, "
+                             f"{v_layers} layers; text width {int(t_width)}): pass vision_heads and text_heads "
+                             "(vision width / head_width and text heads of its OpenCLIP model config)")
+        vision_heads = known[1] if vision_heads is None else vision_heads
+        text_heads = known[2] if text_heads is None else text_heads
+    for tower, width, heads in (("vision", int(v_width), vision_heads), ("text", int(t_width), text_heads)):
+        if heads < 1 or width % heads:
+            raise ValueError(f"{tower} width {width} is not divisible by {heads} heads")
     config = CLIPConfig(
         text_config=dict(vocab_size=int(vocab), hidden_size=int(t_width), num_hidden_layers=t_layers,
-                         num_attention_heads=int(t_width) // head_width,
+                         num_attention_heads=int(text_heads),
                          intermediate_size=int(state["transformer.resblocks.0.mlp.c_fc.weight"].shape[0]),
                          max_position_embeddings=int(ctx), hidden_act=hidden_act, layer_norm_eps=1e-5),
         vision_config=dict(hidden_size=int(v_width), num_hidden_layers=v_layers,
-                           num_attention_heads=int(v_width) // head_width,
+                           num_attention_heads=int(vision_heads),
                            intermediate_size=int(v_mlp),
                            image_size=int(grid * patch), patch_size=int(patch), hidden_act=hidden_act,
                            layer_norm_eps=1e-5),
