@@ -4,6 +4,7 @@ random CLIP checkpoints built offline."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -115,9 +116,12 @@ def test_gradients_reach_rgb_and_match_finite_differences(weights, name, rgb_fd_
 
 def test_clip_score_modes_preprocessor_config_and_noise(weights, tmp_path):
     render = _render()
-    cos = build_reward({"name": "clip_score", "kwargs": {"weights": str(weights)}}).per_view(render, PROMPTS)
+    cosine = build_reward({"name": "clip_score", "kwargs": {"weights": str(weights)}})
+    cos = cosine.per_view(render, PROMPTS)
     clipscore = build_reward({"name": "clip_score", "kwargs": {"weights": str(weights), "mode": "clipscore"}})
-    torch.testing.assert_close(clipscore.per_view(render, PROMPTS), 2.5 * cos.clamp(min=0))
+    captioned = cosine.per_view(render, ["A photo depicts " + p for p in PROMPTS])  # Hessel et al.'s template
+    torch.testing.assert_close(clipscore.per_view(render, PROMPTS), 2.5 * captioned.clamp(min=0))
+    assert not torch.allclose(captioned, cos)
     with pytest.raises(ValueError, match="mode"):
         build_reward({"name": "clip_score", "kwargs": {"weights": str(weights), "mode": "nope"}})
     # a preprocessor_config.json overrides the normalisation
@@ -159,6 +163,45 @@ def test_missing_weights_name_what_to_download(weights, tmp_path, name, names):
     with pytest.raises(WeightsError, match="model.safetensors") as err:
         build_reward({"name": name, "kwargs": {"weights": str(broken)}})
     assert names in str(err.value)
+
+
+@pytest.mark.parametrize("change", ["drop", "extra", "reshape"])
+def test_a_reward_checkpoint_that_does_not_match_is_refused_naming_the_tensors(weights, tmp_path, change):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    broken = tmp_path / "clip"
+    shutil.copytree(weights, broken)
+    state = load_file(broken / "model.safetensors")
+    key = "vision_model.encoder.layers.0.mlp.fc1.weight"
+    if change == "drop":
+        del state[key]
+    elif change == "extra":
+        state["vision_model.extra.weight"] = torch.zeros(2)
+    else:
+        state[key] = torch.zeros(3, 3)
+    save_file(state, str(broken / "model.safetensors"))
+    word = {"drop": "missing", "extra": "unexpected", "reshape": "mis-shaped|mismatch"}[change]
+    for name in ("clip_score", "hpsv2", "pickscore", "laion_aesthetic"):
+        with pytest.raises(WeightsError) as err:
+            build_reward({"name": name, "kwargs": {"weights": str(broken)}})
+        assert str(broken) in str(err.value) and re.search(word, str(err.value)), str(err.value)
+        assert change != "drop" or key in str(err.value)
+
+
+def test_non_square_views_are_centre_cropped_not_stretched():
+    from r2d3.eval.extractors import _model_input
+
+    g = torch.Generator().manual_seed(0)
+    wide = torch.rand(1, 3, 20, 40, generator=g)
+    mean, std = torch.zeros(1, 3, 1, 1), torch.ones(1, 3, 1, 1)
+    crop = {"centre_crop": True}
+    torch.testing.assert_close(_model_input(wide, 16, mean, std, **crop), _model_input(wide[..., 10:30], 16, mean, std))
+    tall = wide.transpose(-1, -2)
+    torch.testing.assert_close(_model_input(tall, 16, mean, std, **crop), _model_input(tall[..., 10:30, :], 16, mean,
+                                                                                         std))
+    assert not torch.allclose(_model_input(wide, 16, mean, std), _model_input(wide[..., 10:30], 16, mean, std))
 
 
 def test_missing_tokenizer_and_aesthetic_head(weights, tmp_path):

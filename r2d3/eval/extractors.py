@@ -114,9 +114,19 @@ def _load_pretrained(model_cls, path: Path, kind: str, what: str, device: torch.
         raise ExtractorWeightsError(f"{kind} weights incomplete in {path}: missing {', '.join(missing)}. "
                                     f"Put {what} there.")
     try:
-        model = model_cls.from_pretrained(str(path), local_files_only=True, use_safetensors=True)
+        model, info = model_cls.from_pretrained(str(path), local_files_only=True, use_safetensors=True,
+                                                output_loading_info=True)
     except Exception as err:  # corrupt or mismatching files
         raise ExtractorWeightsError(f"could not load {kind} weights from {path} ({type(err).__name__}: {err})") from err
+    # strict: transformers would random-initialise a missing tensor and only print a report
+    problems = {label: [str(k) for k in info.get(key) or [] if "position_ids" not in str(k)]
+                for label, key in (("missing", "missing_keys"), ("unexpected", "unexpected_keys"),
+                                   ("mis-shaped", "mismatched_keys"))}
+    if any(problems.values()):
+        listed = "; ".join(f"{label} {keys[:4]}{' ...' if len(keys) > 4 else ''}"
+                           for label, keys in problems.items() if keys)
+        raise ExtractorWeightsError(f"{kind} weights in {path} do not match {model_cls.__name__}: {listed}. "
+                                    f"Put {what} there.")
     return model.to(device).eval().requires_grad_(False)
 
 
@@ -128,7 +138,16 @@ def _normalisation(path: Path, mean, std, device: torch.device) -> tuple[Tensor,
     return (torch.tensor(mean, device=device).view(1, 3, 1, 1), torch.tensor(std, device=device).view(1, 3, 1, 1))
 
 
-def _model_input(images: Tensor, size: int, mean: Tensor, std: Tensor) -> Tensor:
+def _model_input(images: Tensor, size: int, mean: Tensor, std: Tensor, centre_crop: bool = False) -> Tensor:
+    """Differentiable preprocessing: bicubic resize to ``size`` and normalisation. ``centre_crop`` first
+    takes the centre square, as CLIP-family models' own preprocessing does (resize the shortest side,
+    centre crop), so a non-square image is never stretched; without it the image is resized whole, as
+    FID-style feature extractors do."""
+    h, w = images.shape[-2:]
+    if centre_crop and h != w:
+        side = min(h, w)
+        top, left = (h - side) // 2, (w - side) // 2
+        images = images[..., top: top + side, left: left + side]
     x = F.interpolate(images, size=(size, size), mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
     return (x - mean) / std
 
@@ -159,7 +178,7 @@ class HFClipExtractor(FeatureExtractor):
         return out if isinstance(out, Tensor) else out.pooler_output
 
     def _image_features(self, images: Tensor) -> Tensor:
-        x = _model_input(images, self.size, self.mean, self.std)
+        x = _model_input(images, self.size, self.mean, self.std, centre_crop=True)
         return F.normalize(self._pooled(self.model.get_image_features(pixel_values=x)), dim=-1)
 
     def tokenizer(self):

@@ -137,7 +137,7 @@ class ClipModelReward(Reward):
         images = images.to(self.dtype)
         if self.noise_std > 0:
             images = images + self.noise_std * torch.randn_like(images)
-        return _model_input(images, self.size, self.mean, self.std)
+        return _model_input(images, self.size, self.mean, self.std, centre_crop=True)
 
     def image_embeddings(self, images: Tensor) -> Tensor:
         """Unit-norm projected image embeddings ``[N, D]``."""
@@ -164,10 +164,14 @@ class ClipModelReward(Reward):
         return (image * text[:, None]).sum(dim=-1)
 
 
+#: the caption template of CLIPScore (Hessel et al. 2021), prepended in ``mode="clipscore"``
+CLIPSCORE_PREFIX = "A photo depicts "
+
+
 @register_reward("clip_score")
 class ClipScoreReward(ClipModelReward):
     """Prompt–view CLIP similarity: ``mode="cosine"`` (default, in [-1, 1]) or ``"clipscore"``
-    (``2.5 * max(cos, 0)``)."""
+    (``2.5 * max(cos, 0)`` of the caption "A photo depicts <prompt>", as Hessel et al.'s CLIPScore)."""
 
     reward_name = "clip_score"
 
@@ -178,8 +182,10 @@ class ClipScoreReward(ClipModelReward):
         self.mode = mode
 
     def per_view(self, render: RenderOutput, prompts: Sequence[str]) -> Tensor:
-        cos = self.cosine(render, prompts)
-        return cos if self.mode == "cosine" else 2.5 * cos.clamp(min=0)
+        if self.mode == "cosine":
+            return self.cosine(render, prompts)
+        prompts = check_prompts(prompts, render.rgb.shape[0], self.reward_name)
+        return 2.5 * self.cosine(render, [CLIPSCORE_PREFIX + p for p in prompts]).clamp(min=0)
 
 
 @register_reward("hpsv2")

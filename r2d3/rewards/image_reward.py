@@ -184,7 +184,7 @@ class ImageRewardReward(Reward):
         side = min(h, w)
         top, left = round((h - side) / 2.0), round((w - side) / 2.0)
         images = images[..., top:top + side, left:left + side]
-        return _model_input(images, self.size, self.mean, self.std)
+        return _model_input(images, self.size, self.mean, self.std, centre_crop=True)
 
     def tokens(self, prompts: Sequence[str]) -> tuple[Tensor, Tensor]:
         """``(input_ids, attention_mask)`` ``[N, max_length]`` as ImageReward tokenizes prompts."""
