@@ -7,6 +7,20 @@ import torch
 from r2d3.render.output import RenderOutput
 
 
+def save_tiny_weights(path, seed: int | None = None):
+    """A small random-init tiny backend (the procedural vocabulary, a non-zero output layer so samples
+    differ), saved to ``path``; returns ``path``."""
+    from r2d3.backends import TinySplatBackend
+    from r2d3.data.procedural import VOCABULARY
+
+    if seed is not None:
+        torch.manual_seed(seed)
+    backend = TinySplatBackend.random_init(num_gaussians=24, dim=16, vocab=VOCABULARY)
+    torch.nn.init.normal_(backend.denoiser.proj_out.weight, std=0.05)
+    backend.save_pretrained(path)
+    return path
+
+
 def random_render(b: int = 2, v: int = 2, size: int = 20, seed: int = 0, dtype: torch.dtype = torch.float32
                   ) -> RenderOutput:
     """``b`` assets x ``v`` views of mid-range random RGB, fully opaque: input for image rewards."""

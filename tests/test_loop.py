@@ -1,6 +1,5 @@
 """The per-worker loop in-process: exact resume, checkpoints, bad input, NaN handling."""
 
-import json
 from dataclasses import replace
 
 import pytest

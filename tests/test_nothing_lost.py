@@ -7,7 +7,6 @@ import os
 import shutil
 import subprocess
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 import pyarrow as pa
@@ -15,13 +14,13 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from r2d3.backends import TinySplatBackend, load_backend
+from helpers import save_tiny_weights
+from r2d3.backends import load_backend
 from r2d3.backends.base import WeightsError
 from r2d3.config import AlignConfig, ConfigError, build_config
-from r2d3.data.procedural import VOCABULARY
 from r2d3.data.prompts import PromptSourceError, check_shards, load_prompts
 from r2d3.train.checkpoint import CorruptCheckpointError, checkpoints_newest_first, load_checkpoint
-from r2d3.train.loop import run, validate
+from r2d3.train.loop import run
 from r2d3.train.run_dir import RunDirError, claim_run_dir
 from r2d3.train.session import LocalSession
 
@@ -32,10 +31,7 @@ sys.path.insert(0, str(ROOT / "pipelines"))
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny")
-    torch.manual_seed(0)
-    backend = TinySplatBackend.random_init(num_gaussians=24, dim=16, vocab=VOCABULARY)
-    torch.nn.init.normal_(backend.denoiser.proj_out.weight, std=0.05)
-    backend.save_pretrained(root / "w")
+    save_tiny_weights(root / "w", seed=0)
     (root / "prompts.txt").write_text("a red cube\na blue sphere\n")
     return root
 

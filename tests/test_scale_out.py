@@ -11,11 +11,9 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import torch
 from safetensors.torch import load_file
 
-from r2d3.backends import TinySplatBackend
-from r2d3.data.procedural import VOCABULARY
+from helpers import save_tiny_weights
 from r2d3.data.prompts import PromptSourceError, PromptStream, check_shards, load_prompts
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,10 +64,7 @@ def test_prompt_stream_takes_one_batch_per_call_skipping_bad_rows_and_cycling_ep
 
 
 def tiny_weights(path: Path) -> Path:
-    backend = TinySplatBackend.random_init(num_gaussians=24, dim=16, vocab=VOCABULARY)
-    torch.nn.init.normal_(backend.denoiser.proj_out.weight, std=0.05)
-    backend.save_pretrained(path)
-    return path
+    return save_tiny_weights(path)
 
 
 def tiny_args(weights: Path, output_dir: Path, name: str) -> list[str]:

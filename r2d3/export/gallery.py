@@ -174,7 +174,7 @@ def gallery_html(rows: Sequence[dict[str, Any]], checkpoints: Sequence[str], tit
                 continue
             for k in numeric:
                 data.setdefault(_data_key(k), r.get(k))
-            delta = f"<tr><td>Δ reward</td><td>reference</td></tr>" if compare and name == ref else ""
+            delta = "<tr><td>Δ reward</td><td>reference</td></tr>" if compare and name == ref else ""
             if compare and name != ref and base is not None and r.get("reward") is not None \
                     and base.get("reward") is not None:
                 d = r["reward"] - base["reward"]

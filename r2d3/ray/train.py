@@ -280,10 +280,11 @@ def fit_on_ray(config: AlignConfig, run_dir: Path, storage_path: str, callbacks:
             (run_dir / "skipped_shards.json").write_text(json.dumps([{"shard": s, "reason": r} for s, r in skipped],
                                                                     indent=1))
     local_storage = "://" not in storage_path and Path(storage_path).resolve() == run_dir.parent.resolve()
-    progress = DriverProgress(config, f"r2d3-progress-{run_dir.name}-{os.getpid()}") if config.run.progress else None
+    board = f"r2d3-progress-{run_dir.name}-{os.getpid()}"
+    progress = DriverProgress(config, board) if config.run.progress else None
     payload = {"config": to_dict(config), "run_dir": str(run_dir), "streamed": bool(datasets),
                "outputs_uri": None if local_storage else f"{storage_path.rstrip('/')}/{run_dir.name}/{OUTPUTS}",
-               "progress_board": None if progress is None else f"r2d3-progress-{run_dir.name}-{os.getpid()}"}
+               "progress_board": None if progress is None else board}
     reward_pool = None
     if config.scale.reward_actors > 0:
         from r2d3.ray.reward_actors import start_reward_actors

@@ -12,7 +12,6 @@ import math
 import re
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -21,7 +20,7 @@ from tqdm.auto import tqdm
 from r2d3.algos import AlignContext, SampleBatch, build_algorithm
 from r2d3.algos.base import Scorer, make_context, prepare_batch
 from r2d3.backends import available_backends, load_backend
-from r2d3.config import WANDB_MODES, AlignConfig, ConfigError, RenderConfig, SamplerConfig, check_finite, to_yaml
+from r2d3.config import WANDB_MODES, AlignConfig, ConfigError, RenderConfig, SamplerConfig, check_finite
 from r2d3.diffusion.schedules import SCHEDULER_KINDS
 from r2d3.data.prompts import load_prompts
 from r2d3.rewards import build_reward, load_reward
