@@ -26,6 +26,7 @@ from r2d3.render import Cameras, Gaussians, orbit_cameras, render_gaussians
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_alignment  # noqa: E402  (suites for the model and the alignment methods)
+import bench_frontier  # noqa: E402  (reward–prior frontiers)
 import bench_gpu  # noqa: E402  (the CUDA suite)
 import bench_ray  # noqa: E402  (Ray Train overhead and scaling)
 import bench_mesh  # noqa: E402  (mesh topology)
@@ -336,6 +337,7 @@ SUITES: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[arg
     "sampling": (bench_alignment.add_sampling_arguments, bench_alignment.run_sampling),
     "prior": (bench_alignment.add_prior_arguments, bench_alignment.run_prior),
     "methods": (bench_alignment.add_methods_arguments, bench_alignment.run_methods),
+    "frontier": (bench_frontier.add_frontier_arguments, bench_frontier.run_frontier),
     "gpu": (bench_gpu.add_gpu_arguments, bench_gpu.run_gpu),
     "ray": (bench_ray.add_ray_arguments, bench_ray.run_ray),
     "mesh": (bench_mesh.add_mesh_arguments, bench_mesh.run_mesh),
@@ -346,6 +348,7 @@ REPORT_HEADINGS: dict[str, str] = {
     "sampling": "## Sampling the embedded model",
     "prior": "## Prompt-following of the embedded model",
     "methods": "## Nabla-R2D3 vs baselines on the embedded default",
+    "frontier": "## The reward–prior frontier",
     "gpu": "## On a GPU",
     "ray": "## Ray Train overhead and data-parallel scaling",
     "mesh": "## Mesh topology of the shipped model's assets",

@@ -106,6 +106,12 @@ class AlgoConfig:
     off_policy_lag: bool = opt(True, "nabla_gfn/ddpo: train on the previous epoch's samples (as the reference code)")
     jacobian_free: bool = opt(False, "nabla_gfn: treat eps as constant in the reward gradient (cheaper)")
     x0_timestep_shift: bool = opt(False, "nabla_gfn: the reference code's extra one-step shift of x0_hat's alpha_bar")
+    flow_correction: bool = opt(False, "nabla_gfn: learn the residual log-flow correction g_phi (full Nabla-GFlowNet)")
+    flow_hidden: int = opt(128, "nabla_gfn: hidden width of the g_phi network")
+    flow_lr: float = opt(1e-3, "nabla_gfn: AdamW learning rate of g_phi (its own parameter group)")
+    flow_weight_decay: float = opt(1e-2, "nabla_gfn: AdamW weight decay of g_phi")
+    reverse_loss_scale: float = opt(0.0, "nabla_gfn: weight of the reverse (x_t) residual loss; trains g_phi only, "
+                                         "so it needs flow_correction")
     # DDPO
     clip_range: float = opt(1e-4, "ddpo: importance-ratio clip range")
     adv_clip: float = opt(5.0, "ddpo: advantage clip")

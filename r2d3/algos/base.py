@@ -111,13 +111,35 @@ def make_context(backend: Backend, sampler: SamplerConfig, reward_fn: Callable[[
                         backend.encode_prompts([""]), scorer=scorer)
 
 
+@dataclass
+class TrainedModule:
+    """A network an algorithm trains besides the LoRA (its own AdamW parameter group; checkpointed)."""
+
+    module: torch.nn.Module
+    lr: float
+    weight_decay: float
+
+
 class Algorithm(Protocol):
     name: str
     #: train on the previous epoch's samples (off-policy lag) instead of this epoch's
     uses_lag: bool
 
+    def build_modules(self, ctx: AlignContext) -> dict[str, TrainedModule]:
+        """Networks this algorithm trains besides the LoRA, built for ``ctx``'s backend (usually none)."""
+        ...
+
     def accumulate(self, ctx: AlignContext, batch: SampleBatch, scale: float,
                    generator: torch.Generator) -> dict[str, float]: ...
+
+
+class AlgorithmBase:
+    """The protocol's defaults: on-policy, no networks besides the LoRA."""
+
+    uses_lag = False
+
+    def build_modules(self, ctx: AlignContext) -> dict[str, TrainedModule]:
+        return {}
 
 
 def prepare_batch(algorithm: Algorithm, batch: SampleBatch) -> SampleBatch:

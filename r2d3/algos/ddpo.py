@@ -12,7 +12,7 @@ from collections import defaultdict
 
 import torch
 
-from r2d3.algos.base import AlignContext, SampleBatch, as_dict, register_algorithm, stratified_transitions
+from r2d3.algos.base import AlgorithmBase, AlignContext, SampleBatch, as_dict, register_algorithm, stratified_transitions
 from r2d3.config import AlgoConfig
 
 
@@ -30,9 +30,8 @@ def per_prompt_advantages(rewards: torch.Tensor, prompts: list[str], min_count: 
     return adv
 
 
-class DDPO:
+class DDPO(AlgorithmBase):
     name = "ddpo"
-    uses_lag = False
 
     def __init__(self, config: AlgoConfig, num_steps: int):
         if config.clip_range <= 0:

@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import torch
 
-from r2d3.algos.base import AlignContext, SampleBatch, as_dict, register_algorithm
+from r2d3.algos.base import AlgorithmBase, AlignContext, SampleBatch, as_dict, register_algorithm
 from r2d3.config import AlgoConfig
 
 
-class DRaFT:
+class DRaFT(AlgorithmBase):
     name = "draft"
-    uses_lag = False
 
     def __init__(self, config: AlgoConfig, num_steps: int):
         if not 1 <= config.draft_k <= num_steps:

@@ -11,6 +11,15 @@ For a stored transition x_t -> x_{t-1} sampled by an earlier policy:
 The residual score_theta - score_ref is regressed onto the scaled reward gradient at the *next* state,
 so the fine-tuned sampler targets p_ref(x_0) exp(beta * r(x_0)) while the proximal term keeps each update
 close to the sampling policy. Gradients are accumulated per transition (one graph alive at a time).
+
+``flow_correction`` adds the 2D paper's learned residual log-flow gradient g_phi (:mod:`r2d3.algos.flow`)
+to the target, ``target += g_phi(x_{t-1}, t-1, c)``, with the terminal loss |g_phi(x_0)|^2; and
+``reverse_loss_scale`` the residual condition with respect to x_t,
+
+    rev_theta(x_t) - rev_ref(x_t) = -(beta * w(t) * grad_{x_t} r(x0_hat(x_t)) + g_phi(x_t, t, c)),
+    rev(x_t) = grad_{x_t} log p(x_{t-1} | x_t)   (a vector-Jacobian product through the denoiser)
+
+whose left side carries no parameter gradient, as in the official code: it trains g_phi only.
 """
 
 from __future__ import annotations
@@ -18,12 +27,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from r2d3.algos.base import AlignContext, SampleBatch, as_dict, register_algorithm, stratified_transitions
+from r2d3.algos.base import (AlgorithmBase, AlignContext, SampleBatch, TrainedModule, as_dict, register_algorithm,
+                             stratified_transitions)
+from r2d3.algos.flow import FlowCorrection
 from r2d3.config import AlgoConfig
 from r2d3.train.lora import adapters_disabled
 
 
-class NablaGFN:
+class NablaGFN(AlgorithmBase):
     name = "nabla_gfn"
 
     def __init__(self, config: AlgoConfig, num_steps: int):
@@ -37,12 +48,31 @@ class NablaGFN:
             raise ValueError(f"algo.reward_grad_clip must be > 0 or null, got {config.reward_grad_clip}")
         if not 0 < config.timestep_fraction <= 1:
             raise ValueError(f"algo.timestep_fraction must be in (0, 1], got {config.timestep_fraction}")
+        if config.reverse_loss_scale < 0:
+            raise ValueError(f"algo.reverse_loss_scale must be >= 0, got {config.reverse_loss_scale}")
+        if config.reverse_loss_scale > 0 and not config.flow_correction:
+            raise ValueError("algo.reverse_loss_scale > 0 needs algo.flow_correction=true (the reverse loss trains "
+                             "only the flow correction g_phi)")
+        if config.flow_correction and (config.flow_lr <= 0 or config.flow_weight_decay < 0 or config.flow_hidden < 1):
+            raise ValueError(f"algo.flow_lr must be > 0, algo.flow_weight_decay >= 0 and algo.flow_hidden >= 1, got "
+                             f"{config.flow_lr}, {config.flow_weight_decay}, {config.flow_hidden}")
         self.config = config
         self.uses_lag = config.off_policy_lag
         self.num_steps = num_steps
+        self.flow: FlowCorrection | None = None
 
-    def reward_weight(self, ctx: AlignContext, step: int) -> float:
-        alpha_bar = float(ctx.sampler.alpha_bar_next[step])
+    def build_modules(self, ctx: AlignContext) -> dict[str, TrainedModule]:
+        if not self.config.flow_correction:
+            return {}
+        text_dim = ctx.uncond.tokens.shape[-1]
+        self.flow = FlowCorrection(tuple(ctx.backend.latent_shape), text_dim, self.config.flow_hidden)
+        self.flow.to(ctx.uncond.tokens.device)
+        return {"flow": TrainedModule(self.flow, self.config.flow_lr, self.config.flow_weight_decay)}
+
+    def reward_weight(self, ctx: AlignContext, step: int, at: str = "next") -> float:
+        """w of the state after step ``step`` (``at="next"``) or before it (``"current"``)."""
+        table = ctx.sampler.alpha_bar_next if at == "next" else ctx.sampler.alpha_bar
+        alpha_bar = float(table[step])
         return alpha_bar if self.config.reward_weighting == "squared" else alpha_bar ** 0.5
 
     def x0_next(self, ctx: AlignContext, model_fn, x_next: Tensor, step: int) -> Tensor:
@@ -67,16 +97,50 @@ class NablaGFN:
             (grad,) = torch.autograd.grad(reward.sum(), x)
         return grad, reward.detach()
 
-    def transition(self, ctx: AlignContext, model_fn, traj, step: int, prompts, cameras) -> dict[str, Tensor]:
-        """All terms of one transition's loss for the whole batch (``loss`` carries the LoRA graph)."""
+    def clipped(self, drive: Tensor) -> Tensor:
+        if self.config.reward_grad_clip is None:
+            return drive
+        norms = drive.flatten(1).norm(dim=1).clamp(min=1e-12)
+        factor = (self.config.reward_grad_clip / norms).clamp(max=1.0)
+        return drive * factor.view(-1, *[1] * (drive.ndim - 1))
+
+    def reverse_residual(self, ctx: AlignContext, model_fn, x_t: Tensor, x_next: Tensor, step: int) -> Tensor:
+        """rev_theta(x_t) - rev_ref(x_t), rev = grad_{x_t} log p(x_next | x_t): no parameter graph."""
+        t = ctx.sampler.timesteps[step].to(x_t.device).expand(x_t.shape[0])
+
+        def rev() -> Tensor:
+            x = x_t.detach().requires_grad_(True)
+            with torch.enable_grad():
+                mean, std = ctx.sampler.step_mean_std(x, model_fn(x, t), step)
+                log_p = -(x_next - mean).square().sum() / (2 * std**2)
+                (grad,) = torch.autograd.grad(log_p, x)
+            return grad
+
+        residual = rev()
+        with adapters_disabled(ctx.backend.denoiser):
+            residual = residual - rev()
+        return residual
+
+    def reward_grad_current(self, ctx: AlignContext, model_fn, x_t: Tensor, step: int, prompts, cameras) -> Tensor:
+        """grad_{x_t} r(x0_hat(x_t)) with x0_hat at x_t's own timestep (the reverse loss's flow term)."""
+        x = x_t.detach().requires_grad_(True)
+        t = ctx.sampler.timesteps[step].to(x.device).expand(x.shape[0])
+        with torch.enable_grad():
+            out = model_fn(x, t)
+            if self.config.jacobian_free:
+                out = out.detach()
+            reward = ctx.reward_of_latents(ctx.sampler.predict_x0(x, out, step, at="current"), prompts, cameras)
+            (grad,) = torch.autograd.grad(reward.sum(), x)
+        return grad
+
+    def transition(self, ctx: AlignContext, model_fn, traj, step: int, prompts, cameras,
+                   cond=None) -> dict[str, Tensor]:
+        """All terms of one transition's loss for the whole batch (``loss`` carries the LoRA graph, and the
+        flow correction's when it is on; ``cond`` are the prompts' embeddings, needed by g_phi)."""
         x_t, x_next = traj.latents[:, step], traj.latents[:, step + 1]
         t = traj.timesteps[step].to(x_t.device).expand(x_t.shape[0])
         grad, reward = self.reward_grad(ctx, model_fn, x_next, step, prompts, cameras)
-        drive = self.config.beta * self.reward_weight(ctx, step) * grad
-        if self.config.reward_grad_clip is not None:
-            norms = drive.flatten(1).norm(dim=1).clamp(min=1e-12)
-            factor = (self.config.reward_grad_clip / norms).clamp(max=1.0)
-            drive = drive * factor.view(-1, *[1] * (drive.ndim - 1))
+        drive = self.clipped(self.config.beta * self.reward_weight(ctx, step) * grad)
         with torch.no_grad(), adapters_disabled(ctx.backend.denoiser):
             mean_ref, std = ctx.sampler.step_mean_std(x_t, model_fn(x_t, t), step)
             score_ref = -(x_next - mean_ref) / std**2
@@ -84,11 +148,30 @@ class NablaGFN:
         mean, std = ctx.sampler.step_mean_std(x_t, out, step)
         score = -(x_next - mean) / std**2
         target = score_ref + drive
+        terms: dict[str, Tensor] = {}
+        if self.flow is not None:
+            t_next = ctx.sampler.next_timesteps[step].to(x_t.device).expand(x_t.shape[0])
+            flow = self.flow(x_next, t_next, cond)
+            target = target + flow
+            terms["flow_norm"] = flow.detach().flatten(1).norm(dim=1).mean()
         loss_score = (score - target).square().mean()
         loss_reg = (out - traj.model_outputs[:, step]).square().mean()
-        return {"loss": loss_score + self.config.reg_scale * loss_reg, "loss_score": loss_score,
-                "loss_reg": loss_reg, "score": score, "score_ref": score_ref, "target": target, "drive": drive,
-                "reward_grad": grad, "reward": reward}
+        loss = loss_score + self.config.reg_scale * loss_reg
+        if self.config.reverse_loss_scale > 0:
+            rev_residual = self.reverse_residual(ctx, model_fn, x_t, x_next, step)
+            rev_drive = self.clipped(self.config.beta * self.reward_weight(ctx, step, at="current")
+                                     * self.reward_grad_current(ctx, model_fn, x_t, step, prompts, cameras))
+            loss_reverse = (rev_residual + rev_drive + self.flow(x_t, t, cond)).square().mean()
+            loss = loss + self.config.reverse_loss_scale * loss_reverse
+            terms["loss_reverse"] = loss_reverse
+        return terms | {"loss": loss, "loss_score": loss_score, "loss_reg": loss_reg, "score": score,
+                        "score_ref": score_ref, "target": target, "drive": drive, "reward_grad": grad, "reward": reward}
+
+    def terminal_loss(self, ctx: AlignContext, traj, cond) -> Tensor:
+        """|g_phi(x_0)|^2 at the trajectories' final states: the flow correction vanishes at the end."""
+        x0 = traj.latents[:, -1]
+        t0 = ctx.sampler.next_timesteps[-1].to(x0.device).expand(x0.shape[0])
+        return self.flow(x0, t0, cond).square().mean()
 
     def accumulate(self, ctx: AlignContext, batch: SampleBatch, scale: float,
                    generator: torch.Generator) -> dict[str, float]:
@@ -98,9 +181,17 @@ class NablaGFN:
         model_fn = ctx.model_fn(batch.cond)
         totals = {"loss": 0.0, "loss_score": 0.0, "loss_reg": 0.0, "score_residual_norm": 0.0,
                   "target_norm": 0.0, "reward_grad_norm": 0.0, "reward_at_x0hat": 0.0}
+        extra: dict[str, float] = {}
+        if self.flow is not None:
+            terminal = self.terminal_loss(ctx, traj, batch.cond)
+            (terminal * scale).backward()
+            extra["loss_terminal"] = terminal.item()
         for j in steps:
-            terms = self.transition(ctx, model_fn, traj, j, batch.prompts, cameras)
+            terms = self.transition(ctx, model_fn, traj, j, batch.prompts, cameras, batch.cond)
             (terms["loss"] * scale / len(steps)).backward()
+            for key in ("flow_norm", "loss_reverse"):
+                if key in terms:
+                    totals[key] = totals.get(key, 0.0) + terms[key].item()
             norm = lambda x: x.detach().flatten(1).norm(dim=1).mean().item()  # noqa: E731
             totals["loss"] += terms["loss"].item()
             totals["loss_score"] += terms["loss_score"].item()
@@ -109,7 +200,7 @@ class NablaGFN:
             totals["target_norm"] += norm(terms["drive"])
             totals["reward_grad_norm"] += norm(terms["reward_grad"])
             totals["reward_at_x0hat"] += terms["reward"].mean().item()
-        return as_dict({k: v / len(steps) for k, v in totals.items()} | {"transitions": len(steps)})
+        return as_dict({k: v / len(steps) for k, v in totals.items()} | extra | {"transitions": len(steps)})
 
 
 @register_algorithm("nabla_gfn")

@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import torch
 
-from r2d3.algos.base import AlignContext, SampleBatch, as_dict, register_algorithm
+from r2d3.algos.base import AlgorithmBase, AlignContext, SampleBatch, as_dict, register_algorithm
 from r2d3.config import AlgoConfig
 
 
-class ReFL:
+class ReFL(AlgorithmBase):
     name = "refl"
-    uses_lag = False
 
     def __init__(self, config: AlgoConfig, num_steps: int):
         first = config.refl_min_step if config.refl_min_step >= 0 else num_steps + config.refl_min_step

@@ -5,6 +5,7 @@
     rng.safetensors        the loop's torch.Generator state (so a resumed run draws the same numbers)
     buffer.safetensors     the previous epoch's trajectories (the off-policy lag needs them to resume)
     buffer.json            their prompts
+    modules.safetensors    the algorithm's own networks, when it trains any (Nabla-GFlowNet's g_phi)
     state.json             counters (epoch, optimizer steps, skipped batches) and the config fingerprint
     config.yaml            the resolved config
 
@@ -88,6 +89,7 @@ def save_checkpoint(
     state: TrainState,
     buffer: dict[str, torch.Tensor] | None = None,
     buffer_prompts: list[str] | None = None,
+    modules: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
@@ -97,6 +99,8 @@ def save_checkpoint(
         save_file(lora, tmp / "lora.safetensors")
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         save_file({"generator": generator.get_state()}, tmp / "rng.safetensors")
+        if modules:
+            save_file({k: v.contiguous() for k, v in modules.items()}, tmp / "modules.safetensors")
         if buffer is not None:
             save_file({k: v.contiguous() for k, v in buffer.items()}, tmp / "buffer.safetensors")
             (tmp / "buffer.json").write_text(json.dumps({"prompts": buffer_prompts or []}))
@@ -126,6 +130,7 @@ class LoadedCheckpoint:
     buffer: dict[str, torch.Tensor] | None
     buffer_prompts: list[str] | None
     fingerprint: dict[str, Any]
+    modules: dict[str, torch.Tensor] | None = None  # the algorithm's own networks (g_phi), when it has any
 
 
 def _read(path: Path, name: str, reader):
@@ -173,6 +178,7 @@ def load_checkpoint(path: str | os.PathLike) -> LoadedCheckpoint:
         buffer_prompts=_read(path, "buffer.json", lambda p: json.loads(p.read_text())["prompts"]) if has_buffer
         else None,
         fingerprint=fingerprint,
+        modules=load_lora_file(path / "modules.safetensors") if (path / "modules.safetensors").is_file() else None,
     )
 
 

@@ -11,7 +11,7 @@ import logging
 import math
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -169,10 +169,19 @@ class Worker:
     config: AlignConfig
     ctx: AlignContext
     algorithm: Any
-    params: list[torch.nn.Parameter]
+    params: list[torch.nn.Parameter]  # the LoRA's
     optimizer: torch.optim.Optimizer
     prompts: list[str]
     device: torch.device
+    modules: dict[str, torch.nn.Module] = field(default_factory=dict)  # the algorithm's own networks
+
+    @property
+    def module_params(self) -> list[torch.nn.Parameter]:
+        return [p for m in self.modules.values() for p in m.parameters()]
+
+    def modules_state(self) -> dict[str, torch.Tensor]:
+        """The algorithm's networks as one flat state dict (``<name>.<key>``), for the checkpoint."""
+        return {f"{name}.{k}": v.detach() for name, m in self.modules.items() for k, v in m.state_dict().items()}
 
 
 def build_worker(config: AlignConfig, scorer: Scorer | None = None, load_prompt_list: bool = True) -> Worker:
@@ -195,11 +204,15 @@ def build_worker(config: AlignConfig, scorer: Scorer | None = None, load_prompt_
         raise ConfigError(f"model.lora_targets: {err} (the backend's own list: {backend.lora_target_modules})") from err
     algorithm = build_algorithm(config.algo, config.sampler.num_steps)
     ctx = make_context(backend, config.sampler, load_reward(config.reward, device), config.render, scorer)
+    modules = algorithm.build_modules(ctx)
     t = config.train
-    optimizer = torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.adam_betas), eps=t.adam_eps,
+    groups = [{"params": params}] + [{"params": list(m.module.parameters()), "lr": m.lr,
+                                      "weight_decay": m.weight_decay} for m in modules.values()]
+    optimizer = torch.optim.AdamW(groups, lr=t.lr, betas=tuple(t.adam_betas), eps=t.adam_eps,
                                   weight_decay=t.weight_decay)
     prompts = load_prompts(config.data.prompts, config.data.prompt_column).prompts if load_prompt_list else []
-    return Worker(config, ctx, algorithm, params, optimizer, prompts, device)
+    return Worker(config, ctx, algorithm, params, optimizer, prompts, device,
+                  {name: m.module for name, m in modules.items()})
 
 
 @torch.no_grad()
@@ -250,11 +263,12 @@ def train_epoch(worker: Worker, samples: SampleBatch, generator: torch.Generator
                                             1.0 / len(group), generator)
             for k, v in m.items():
                 metrics[k] = metrics.get(k, 0.0) + v / len(group)
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in worker.params]
+        trained = worker.params + worker.module_params
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in trained]
         session.all_reduce_mean_(grads)
-        for p, g in zip(worker.params, grads):
+        for p, g in zip(trained, grads):
             p.grad = g
-        if not math.isfinite(metrics.get("loss", 0.0)) or not _finite_grads(worker.params):
+        if not math.isfinite(metrics.get("loss", 0.0)) or not _finite_grads(trained):
             state.bad_batches += 1
             log.warning("non-finite loss or gradient: skipped optimizer step (%d so far)", state.bad_batches)
             if state.bad_batches > t.max_bad_batches:
@@ -263,6 +277,8 @@ def train_epoch(worker: Worker, samples: SampleBatch, generator: torch.Generator
             worker.optimizer.zero_grad(set_to_none=True)
             continue
         metrics["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(worker.params, t.max_grad_norm))
+        if worker.modules:  # clipped on their own, so they do not change how much the LoRA moves
+            metrics["grad_norm_modules"] = float(torch.nn.utils.clip_grad_norm_(worker.module_params, t.max_grad_norm))
         worker.optimizer.step()
         state.optimizer_steps += 1
         for k, v in metrics.items():
@@ -326,6 +342,21 @@ def _buffer_from_tensors(ctx: AlignContext, data: dict[str, torch.Tensor], promp
     return SampleBatch(traj, prompts, cond, data["rewards"].to(dev))
 
 
+def load_modules_state(worker: Worker, state: dict[str, torch.Tensor] | None, path) -> None:
+    """Put a checkpoint's algorithm networks back (strictly: a run with g_phi needs the checkpoint's)."""
+    if not worker.modules:
+        if state:
+            names = ", ".join(sorted({k.split(".")[0] for k in state}))
+            raise CorruptCheckpointError(f"checkpoint {path} holds networks ({names}) this run's algorithm does not train")
+        return
+    if state is None:
+        raise CorruptCheckpointError(f"checkpoint {path} lacks modules.safetensors (the algorithm's networks: "
+                                     f"{', '.join(worker.modules)})")
+    for name, module in worker.modules.items():
+        prefix = f"{name}."
+        module.load_state_dict({k[len(prefix):]: v.to(worker.device) for k, v in state.items() if k.startswith(prefix)})
+
+
 def _load_newest_usable(session: Session):
     """The newest checkpoint that loads; a corrupt one (named in the log) falls back to the one before it.
     With checkpoints but none usable, the error names the newest one's bad file."""
@@ -357,6 +388,7 @@ def run(config: AlignConfig, session: Session, evaluate_fn=None, on_epoch=None) 
         check_compatible(ckpt.fingerprint, config)
         try:
             load_lora_state_dict(worker.ctx.backend.denoiser, {k: v.to(worker.device) for k, v in ckpt.lora.items()})
+            load_modules_state(worker, ckpt.modules, ckpt_path)
             worker.optimizer.load_state_dict(ckpt.optimizer)
         except (RuntimeError, ValueError, KeyError) as err:  # wrong shapes / keys: a file from another model
             raise CorruptCheckpointError(f"checkpoint {ckpt_path} does not fit this model: "
@@ -404,7 +436,7 @@ def run(config: AlignConfig, session: Session, evaluate_fn=None, on_epoch=None) 
         buffer = samples
         state.epoch = epoch + 1
         if session.world_size > 1:
-            metrics["lora_sync_max_diff"] = check_in_sync(worker.params, session)
+            metrics["lora_sync_max_diff"] = check_in_sync(worker.params + worker.module_params, session)
         if stream is not None:  # bad rows skipped so far, over all workers (each reads its own split)
             skipped = torch.tensor([float(stream.skipped)], dtype=torch.float64)
             session.all_reduce_mean_([skipped])
@@ -430,7 +462,8 @@ def run(config: AlignConfig, session: Session, evaluate_fn=None, on_epoch=None) 
                 checkpoint_dir = session.checkpoint_path(state.epoch)
                 save_checkpoint(checkpoint_dir, config, lora_state_dict(worker.ctx.backend.denoiser),
                                 worker.optimizer, generator, state,
-                                _buffer_tensors(buffer) if worker.algorithm.uses_lag else None, buffer.prompts)
+                                _buffer_tensors(buffer) if worker.algorithm.uses_lag else None, buffer.prompts,
+                                worker.modules_state() or None)
         if on_epoch is not None and session.rank == 0:
             on_epoch(worker, state.epoch, samples, metrics, state.history)
         session.report(metrics, checkpoint_dir)
