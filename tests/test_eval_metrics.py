@@ -267,3 +267,13 @@ def test_summary_pairs_checkpoints_and_measures_fid_against_the_base():
     assert t["reward_delta_per_prompt"] == pytest.approx([0.2] * 6)
     with pytest.raises(ValueError, match="lacks 1 of the 12"):
         summarize(base + tuned[:-1], [f"p{i}" for i in range(6)], [0, 1], ["base", "x/ckpt"])
+
+
+def test_frechet_reference_gives_the_same_distance_as_fid():
+    from r2d3.eval.fid import FrechetReference, fid
+
+    gen = torch.Generator().manual_seed(5)
+    a, b = torch.randn(40, 6, generator=gen), torch.randn(50, 6, generator=gen) @ torch.randn(6, 6, generator=gen)
+    ref = FrechetReference(b)
+    assert ref.distance(a) == pytest.approx(fid(a, b), rel=1e-9)
+    assert ref.distance(b) == pytest.approx(0.0, abs=1e-9)

@@ -37,9 +37,11 @@ def final_lora(run_dir):
     return load_file(latest_checkpoint(run_dir) / "lora.safetensors")
 
 
-def test_resume_reproduces_the_uninterrupted_run_exactly(weights, tmp_path):
-    # nabla_gfn with the off-policy lag: the resumed run must also restore the sample buffer
-    config = tiny_config(weights)
+@pytest.mark.parametrize("flow", [False, True], ids=["nabla_gfn", "nabla_gfn+flow"])
+def test_resume_reproduces_the_uninterrupted_run_exactly(weights, tmp_path, flow):
+    # nabla_gfn with the off-policy lag: the resumed run must also restore the sample buffer; with the
+    # flow correction, g_phi's weights and its AdamW state too
+    config = tiny_config(weights, *(["algo.flow_correction=true", "algo.reverse_loss_scale=0.1"] if flow else []))
     run(config, LocalSession(tmp_path / "full", keep_checkpoints=5))
     # the same run stopped after 2 epochs, then resumed to 3
     run(replace(config, train=replace(config.train, epochs=2)), LocalSession(tmp_path / "split", keep_checkpoints=5))
@@ -51,6 +53,22 @@ def test_resume_reproduces_the_uninterrupted_run_exactly(weights, tmp_path):
         assert torch.equal(full[key], split[key]), key
     initial = load_file(tmp_path / "full" / "checkpoint_000001" / "lora.safetensors")
     assert any(not torch.equal(initial[k], full[k]) for k in full)  # training changed the weights
+    if flow:
+        full_flow = load_file(latest_checkpoint(tmp_path / "full") / "modules.safetensors")
+        split_flow = load_file(latest_checkpoint(tmp_path / "split") / "modules.safetensors")
+        assert full_flow.keys() == split_flow.keys() and "flow.out.weight" in full_flow
+        for key in full_flow:
+            assert torch.equal(full_flow[key], split_flow[key]), key
+        assert full_flow["flow.out.weight"].abs().max() > 0  # g_phi trained away from its zero output
+        optim = load_checkpoint(latest_checkpoint(tmp_path / "full")).optimizer
+        assert len(optim["param_groups"]) == 2 and optim["param_groups"][1]["lr"] == 1e-3
+
+
+def test_checkpoint_without_the_flow_network_is_refused_for_a_flow_run(weights, tmp_path):
+    run(tiny_config(weights, "train.epochs=1"), LocalSession(tmp_path / "r"))
+    cfg = tiny_config(weights, "train.epochs=2", "algo.flow_correction=true")
+    with pytest.raises(CheckpointMismatchError, match="algo.flow_correction"):
+        run(cfg, LocalSession(tmp_path / "r"))
 
 
 def test_checkpoint_contents_and_metrics(weights, tmp_path):

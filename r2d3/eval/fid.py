@@ -38,18 +38,37 @@ def _psd_sqrt(cov: Tensor) -> Tensor:
     return (evecs * evals.clamp(min=0).sqrt()) @ evecs.T
 
 
+def _distance(mu_a: Tensor, cov_a: Tensor, mu_b: Tensor, root_b: Tensor, trace_b: Tensor) -> float:
+    """The Fréchet distance with B's covariance given by its square root and trace
+    (tr sqrt(C_a C_b) = tr sqrt(C_b^1/2 C_a C_b^1/2))."""
+    cov_a = (cov_a + cov_a.T) / 2
+    middle = root_b @ cov_a @ root_b
+    tr_sqrt = torch.linalg.eigvalsh((middle + middle.T) / 2).clamp(min=0).sqrt().sum()
+    value = (mu_a - mu_b).pow(2).sum() + torch.trace(cov_a) + trace_b - 2 * tr_sqrt
+    return max(float(value), 0.0)  # round-off can leave -1e-16 for identical sets
+
+
 def frechet_distance(mu_a: Tensor, cov_a: Tensor, mu_b: Tensor, cov_b: Tensor) -> float:
     """Fréchet (2-Wasserstein²) distance between Gaussians ``N(mu_a, cov_a)`` and ``N(mu_b, cov_b)``."""
     mu_a, mu_b, cov_a, cov_b = (t.to(torch.float64) for t in (mu_a, mu_b, cov_a, cov_b))
     if mu_a.shape != mu_b.shape or cov_a.shape != cov_b.shape or cov_a.shape != (mu_a.numel(),) * 2:
         raise ValueError(f"mismatched shapes: means {tuple(mu_a.shape)}, {tuple(mu_b.shape)}; covariances "
                          f"{tuple(cov_a.shape)}, {tuple(cov_b.shape)}")
-    cov_a, cov_b = (cov_a + cov_a.T) / 2, (cov_b + cov_b.T) / 2
-    root_a = _psd_sqrt(cov_a)
-    middle = root_a @ cov_b @ root_a
-    tr_sqrt = torch.linalg.eigvalsh((middle + middle.T) / 2).clamp(min=0).sqrt().sum()
-    value = (mu_a - mu_b).pow(2).sum() + torch.trace(cov_a) + torch.trace(cov_b) - 2 * tr_sqrt
-    return max(float(value), 0.0)  # round-off can leave -1e-16 for identical sets
+    cov_b = (cov_b + cov_b.T) / 2
+    return _distance(mu_a, cov_a, mu_b, _psd_sqrt(cov_b), torch.trace(cov_b))
+
+
+class FrechetReference:
+    """A fixed reference set's Gaussian, so the distances of many sets to it share one matrix root
+    (tr sqrt(C_a C_b) is computed as tr sqrt(C_b^1/2 C_a C_b^1/2), the same value)."""
+
+    def __init__(self, features: Tensor):
+        self.mu, cov = feature_stats(features)
+        cov = (cov + cov.T) / 2
+        self.root, self.trace = _psd_sqrt(cov), torch.trace(cov)
+
+    def distance(self, features: Tensor) -> float:
+        return _distance(*feature_stats(features), self.mu, self.root, self.trace)
 
 
 def fid(features_a: Tensor, features_b: Tensor) -> float:

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from r2d3.eval.bootstrap import percentile_interval
-from r2d3.eval.fid import fid
+from r2d3.eval.fid import FrechetReference
 
 #: the prior-loss axes and the per-sample measures a frontier point carries
 AXES = ("fid", "drift")
@@ -56,15 +56,19 @@ def _sub(x: Tensor, draw: Draw) -> Tensor:
     return x
 
 
-def level_stats(points: Sequence[Point], base_features: Tensor, draw: Draw) -> dict[str, float]:
-    """Means over the level's training seeds (resampled in ``draw``) of every measure and of FID."""
+def level_stats(points: Sequence[Point], base_features: Tensor, draw: Draw,
+                reference: FrechetReference | None = None) -> dict[str, float]:
+    """Means over the level's training seeds (resampled in ``draw``) of every measure and of FID against
+    the base's features of the same draw (``reference``: their precomputed statistics)."""
     if draw.generator is not None:
         idx = torch.randint(len(points), (len(points),), generator=draw.generator).tolist()
         points = [points[i] for i in idx]
     out = {m: sum(float(_sub(p.values[m], draw).nanmean()) for p in points) / len(points)
            for m in MEASURES if m in points[0].values}
-    base = _sub(base_features, draw).reshape(-1, base_features.shape[-1])
-    out["fid"] = sum(fid(_sub(p.features, draw).reshape(-1, base.shape[-1]), base) for p in points) / len(points)
+    if reference is None:
+        reference = FrechetReference(_sub(base_features, draw).reshape(-1, base_features.shape[-1]))
+    dim = base_features.shape[-1]
+    out["fid"] = sum(reference.distance(_sub(p.features, draw).reshape(-1, dim)) for p in points) / len(points)
     return out
 
 
@@ -99,7 +103,8 @@ def frontier_stats(points: Sequence[Point], base_features: Tensor, draw: Draw) -
     groups: dict[str, dict[float, list[Point]]] = {}
     for p in points:
         groups.setdefault(p.method, {}).setdefault(p.level, []).append(p)
-    return {m: {lvl: level_stats(ps, base_features, draw) for lvl, ps in sorted(levels.items())}
+    reference = FrechetReference(_sub(base_features, draw).reshape(-1, base_features.shape[-1]))
+    return {m: {lvl: level_stats(ps, base_features, draw, reference) for lvl, ps in sorted(levels.items())}
             for m, levels in groups.items()}
 
 
