@@ -186,7 +186,10 @@ def run_methods(args: argparse.Namespace) -> str:
     rewards = [yaml.safe_load(r) for r in args.rewards]
     per_update = base.train.sample_batch_size * base.train.sample_batches_per_epoch
     start = time.time()
-    lines = [f"Machine: {machine_description()}", "",
+    lines = ["Learning curves of each method at one strength (its default). They show how fast each method "
+             "moves, not which is better: a weaker setting of any method keeps more of the prior. The comparison "
+             "is the frontier (`python pipelines/benchmark.py frontier`).", "",
+             f"Machine: {machine_description()}", "",
              f"Command: `python pipelines/benchmark.py methods {' '.join(args.overrides)}` "
              f"(rewards {[reward_label(r) for r in rewards]}, seeds {args.seeds})", "",
              f"Every method: the same sampler ({base.sampler.kind}, {base.sampler.num_steps} steps, CFG "

@@ -137,8 +137,10 @@ def score_points(base_config: AlignConfig, reward: Any, runs: dict[str, Path], p
                             render=base_config.render, previews=False)
     evaluator = PromptEvaluator(settings)
     rows: dict[str, list[dict]] = {s.name: [] for s in specs}
-    for i, prompt in enumerate(tqdm(prompts, desc=f"score {len(todo)} points", leave=False)):
-        for r in evaluator.evaluate_prompt(i, prompt):
+    group = 8  # prompts sampled together: the unit's values up to round-off, several times faster here
+    for i in tqdm(range(0, len(prompts), group), desc=f"score {len(todo)} points", leave=False):
+        chunk = prompts[i: i + group]
+        for r in evaluator.evaluate_prompts(range(i, i + len(chunk)), chunk, chunk=len(chunk) * len(seeds)):
             rows[r["checkpoint"]].append(r)
     scores_dir.mkdir(parents=True, exist_ok=True)
     base = _base_grids(rows[BASE], len(prompts), len(seeds))

@@ -10,6 +10,7 @@ from r2d3.eval.bootstrap import bootstrap_ci, bootstrap_statistic
 from r2d3.eval.diversity import diversity
 from r2d3.eval.extractors import (ExtractorWeightsError, load_extractor, pool_views, prompt_similarity,
                                   view_features)
+from r2d3.config import RenderConfig, SamplerConfig
 from r2d3.eval.fid import feature_stats, fid, fid_bootstrap, frechet_distance, multiview_fid
 from r2d3.eval.image_stats import image_stats
 from r2d3.eval.job import initial_noise, noise_seed, select_prompts, summarize
@@ -277,3 +278,24 @@ def test_frechet_reference_gives_the_same_distance_as_fid():
     ref = FrechetReference(b)
     assert ref.distance(a) == pytest.approx(fid(a, b), rel=1e-9)
     assert ref.distance(b) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_prompts_evaluated_together_equal_the_one_prompt_unit(tmp_path):
+    from r2d3.eval.job import CheckpointSpec, EvalSettings, PromptEvaluator
+
+    settings = EvalSettings(checkpoints=[CheckpointSpec("base")], seeds=[0, 1], previews=False,
+                            sampler=SamplerConfig(num_steps=4), render=RenderConfig(num_views=2, resolution=16))
+    ev = PromptEvaluator(settings)
+    prompts = ["a red cube", "a small blue torus", "not a grammar prompt at all"]
+    alone = [r for i, p in enumerate(prompts) for r in ev.evaluate_prompt(i, p)]
+    together = ev.evaluate_prompts(range(3), prompts, chunk=6)
+    assert len(alone) == len(together) == 6
+    for a, b in zip(alone, together):
+        assert (a["prompt"], a["seed"], a["noise_seed"]) == (b["prompt"], b["seed"], b["noise_seed"])
+        for m in ("reward", "similarity", "drift_rgb_l2", "diversity", "diversity_latent", "color_ok", "shape_ok"):
+            if a[m] is None:
+                assert b[m] is None, m
+            else:
+                assert b[m] == pytest.approx(a[m], rel=1e-4, abs=1e-5), m
+        assert torch.allclose(torch.tensor(a["features"]), torch.tensor(b["features"]), atol=1e-5)
+    assert together[-1]["color_ok"] is None and together[0]["color_ok"] is not None

@@ -137,3 +137,17 @@ def test_update_cost_counts_the_denoiser_passes_of_each_method(weights):
                       "nabla_gfn+jacobian_free": (3.0, 1.0)}
     assert cost["nabla_gfn"]["transitions"] == 2  # half of 4 steps, each batched over the trajectories
     assert all(c["update_s"] > 0 for c in cost.values())
+
+
+def test_a_checkpoint_from_before_an_option_existed_resumes_under_its_default(weights, tmp_path):
+    import json
+
+    run(tiny_config(weights, "train.epochs=1"), LocalSession(tmp_path / "r"))
+    state_file = latest_checkpoint(tmp_path / "r") / "state.json"
+    meta = json.loads(state_file.read_text())
+    del meta["fingerprint"]["algo.flow_correction"]  # as written before the option was added
+    state_file.write_text(json.dumps(meta))
+    out = run(tiny_config(weights, "train.epochs=2"), LocalSession(tmp_path / "r"))
+    assert [h["epoch"] for h in out["history"]] == [1, 2]
+    with pytest.raises(CheckpointMismatchError, match="algo.flow_correction: checkpoint False vs now True"):
+        run(tiny_config(weights, "train.epochs=3", "algo.flow_correction=true"), LocalSession(tmp_path / "r"))

@@ -249,30 +249,44 @@ class PromptEvaluator:
                                                        self.settings.render)
         return self._contexts[id(backend)]
 
-    @torch.no_grad()
     def evaluate_prompt(self, prompt_index: int, prompt: str) -> list[dict[str, Any]]:
+        """The job's unit: one prompt, all its seeds, every checkpoint."""
+        return self.evaluate_prompts([prompt_index], [prompt])
+
+    @torch.no_grad()
+    def evaluate_prompts(self, prompt_indices: Sequence[int], prompts: Sequence[str],
+                         chunk: int | None = None) -> list[dict[str, Any]]:
+        """Several prompts sampled together, ``chunk`` samples per model call (default: the training
+        loop's evaluation chunk); faster on small models. Every sample keeps its own noise and cameras,
+        so the values equal the one-prompt unit's up to float round-off."""
         from r2d3.data.procedural import PromptParseError, parse_prompt
         from r2d3.eval.diversity import diversity, drift, rms_distance
         from r2d3.eval.extractors import pool_views, prompt_similarity, view_features
         from r2d3.eval.image_stats import image_stats
         from r2d3.eval.prompt_following import prompt_following
+        from r2d3.render.output import RenderOutput
         from r2d3.train.align_job import sample_and_render
 
         seeds = self.settings.seeds
-        prompts = [prompt] * len(seeds)
-        noise_seeds = [noise_seed(prompt, s) for s in seeds]
+        n = len(seeds)
+        batch_prompts = [p for p in prompts for _ in seeds]
+        noise_seeds = [noise_seed(p, s) for p in prompts for s in seeds]
         noise = initial_noise(noise_seeds, self.settings.sampler.num_steps, self.bank.base.latent_shape)
-        text = self.extractor.text_features([prompt]).expand(len(seeds), -1) if self.extractor.has_text else None
-        try:
-            parse_prompt(prompt)
-            gradeable = True
-        except PromptParseError:
-            gradeable = False
+        text = self.extractor.text_features(list(prompts)).repeat_interleave(n, dim=0) \
+            if self.extractor.has_text else None
+        gradeable = []
+        for prompt in prompts:
+            try:
+                parse_prompt(prompt)
+                gradeable.append(True)
+            except PromptParseError:
+                gradeable.append(False)
         rows: list[dict[str, Any]] = []
         base_render = base_feats = None
         for spec in self.settings.checkpoints:
             backend, disable = self.bank.backend_for(spec)
-            latents, rewards, render = sample_and_render(self._context(backend), prompts, noise, base=disable)
+            latents, rewards, render = sample_and_render(self._context(backend), batch_prompts, noise, base=disable,
+                                                         chunk=chunk)
             render.rgb, render.alpha = render.rgb.float().cpu(), render.alpha.float().cpu()
             vf = view_features(self.extractor, render.rgb)
             feats = pool_views(vf)
@@ -283,23 +297,31 @@ class PromptEvaluator:
             cols.update(image_stats(render))
             cols.update({f"drift_{k}": v for k, v in drift(base_render, render).items()})
             cols["drift_feature"] = rms_distance(feats, base_feats)
-            if len(seeds) > 1:
-                cols["diversity"] = diversity(feats, metric="rms").expand(len(seeds))
-                cols["diversity_latent"] = diversity(latents.float().cpu()).expand(len(seeds))
-            if gradeable:
-                pf = prompt_following(render, prompts)["per_sample"]
-                cols["color_ok"] = torch.tensor([float(p["color_ok"]) for p in pf])
-                cols["shape_ok"] = torch.tensor([float(p["shape_ok"]) for p in pf])
-            preview = _png(render.rgb[0]) if self.settings.previews else None
-            for j, seed in enumerate(seeds):
-                row: dict[str, Any] = {"checkpoint": spec.name, "prompt_index": int(prompt_index), "prompt": prompt,
-                                       "seed_index": j, "seed": int(seed), "noise_seed": noise_seeds[j]}
-                for m in METRICS:
-                    v = cols.get(m)
-                    row[m] = None if v is None else float(v[j])
-                row["features"] = feats[j].tolist()
-                row["preview_png"] = preview if j == 0 else None
-                rows.append(row)
+            if n > 1:  # across each prompt's seeds
+                cols["diversity"] = torch.cat([diversity(f, metric="rms").expand(n) for f in feats.split(n)])
+                cols["diversity_latent"] = torch.cat([diversity(x).expand(n) for x in latents.float().cpu().split(n)])
+            if any(gradeable):
+                ok = torch.tensor(gradeable).repeat_interleave(n)
+                graded = RenderOutput(render.rgb[ok], render.alpha[ok], render.depth[ok], render.normal[ok],
+                                      render.cameras)  # the classifiers read pixels only
+                pf = prompt_following(graded, [p for p, g in zip(batch_prompts, ok.tolist()) if g])["per_sample"]
+                colour, shape = torch.full((len(ok),), math.nan), torch.full((len(ok),), math.nan)
+                colour[ok] = torch.tensor([float(p["color_ok"]) for p in pf])
+                shape[ok] = torch.tensor([float(p["shape_ok"]) for p in pf])
+                cols["color_ok"], cols["shape_ok"] = colour, shape
+            for k, (index, prompt) in enumerate(zip(prompt_indices, prompts)):
+                preview = _png(render.rgb[k * n]) if self.settings.previews else None
+                for j, seed in enumerate(seeds):
+                    i = k * n + j
+                    row: dict[str, Any] = {"checkpoint": spec.name, "prompt_index": int(index), "prompt": prompt,
+                                           "seed_index": j, "seed": int(seed), "noise_seed": noise_seeds[i]}
+                    for m in METRICS:
+                        v = cols.get(m)
+                        ungraded = m in ("color_ok", "shape_ok") and not gradeable[k]
+                        row[m] = None if v is None or ungraded else float(v[i])
+                    row["features"] = feats[i].tolist()
+                    row["preview_png"] = preview if j == 0 else None
+                    rows.append(row)
         return rows
 
     def __call__(self, batch: dict[str, Any]) -> list[dict[str, Any]]:

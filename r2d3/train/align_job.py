@@ -48,21 +48,24 @@ _bootstrap_ci = bootstrap_ci
 
 
 @torch.no_grad()
-def sample_and_render(ctx: AlignContext, prompts: list[str], noise: torch.Tensor, base: bool = False):
-    """Final samples, rewards and canonical-camera renders for ``prompts`` from fixed ``noise``."""
+def sample_and_render(ctx: AlignContext, prompts: list[str], noise: torch.Tensor, base: bool = False,
+                      chunk: int | None = None):
+    """Final samples, rewards and canonical-camera renders for ``prompts`` from fixed ``noise``, ``chunk``
+    samples (default :data:`EVAL_CHUNK`) per model call."""
     from r2d3.render.output import RenderOutput
 
+    size = chunk or EVAL_CHUNK
     latents, rewards, renders = [], [], []
-    for i in range(0, len(prompts), EVAL_CHUNK):
-        chunk = prompts[i: i + EVAL_CHUNK]
+    for i in range(0, len(prompts), size):
+        chunk_prompts = prompts[i: i + size]
         if base:
             with adapters_disabled(ctx.backend.denoiser):
-                batch = loop.sample_batch(ctx, chunk, None, noise=noise[i: i + EVAL_CHUNK], jitter_cameras=False)
+                batch = loop.sample_batch(ctx, chunk_prompts, None, noise=noise[i: i + size], jitter_cameras=False)
         else:
-            batch = loop.sample_batch(ctx, chunk, None, noise=noise[i: i + EVAL_CHUNK], jitter_cameras=False)
+            batch = loop.sample_batch(ctx, chunk_prompts, None, noise=noise[i: i + size], jitter_cameras=False)
         latents.append(batch.trajectory.final)
         rewards.append(batch.rewards)
-        renders.append(ctx.render_latents(batch.trajectory.final, ctx.cameras(len(chunk), None, jitter=False)))
+        renders.append(ctx.render_latents(batch.trajectory.final, ctx.cameras(len(chunk_prompts), None, jitter=False)))
     cat = lambda name: torch.cat([getattr(r, name) for r in renders])  # noqa: E731
     render = RenderOutput(cat("rgb"), cat("alpha"), cat("depth"), cat("normal"), renders[0].cameras)
     return torch.cat(latents), torch.cat(rewards), render

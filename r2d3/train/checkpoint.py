@@ -60,7 +60,11 @@ def training_fingerprint(config: AlignConfig) -> dict[str, Any]:
 
 
 def check_compatible(saved: dict[str, Any], config: AlignConfig) -> None:
+    """Refuse to resume under a config that changes the training trajectory. An option added after the
+    checkpoint was written counts as its default (the behaviour the checkpoint was trained with)."""
     current = training_fingerprint(config)
+    defaults = training_fingerprint(AlignConfig())
+    saved = {k: defaults[k] for k in current if k not in saved and k in defaults} | saved
     diffs = [f"{k}: checkpoint {saved.get(k)!r} vs now {current.get(k)!r}"
              for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)]
     if diffs:
