@@ -51,6 +51,8 @@ LEVERS: dict[str, tuple[dict[str, Any], str, list[float]]] = {
     "nabla_gfn+lr3e-3": ({"name": "nabla_gfn", "_lr": 3e-3}, "algo.beta", [1e4, 3e4, 1e5, 3e5]),
     "nabla_gfn+flow+reverse": ({"name": "nabla_gfn", "flow_correction": True, "reverse_loss_scale": 1e-3},
                                "algo.beta", [1e5, 3e5, 1e6]),
+    "nabla_gfn+flow_lr1e-2": ({"name": "nabla_gfn", "flow_correction": True, "flow_lr": 1e-2}, "algo.beta",
+                              [3e4, 1e5, 3e5, 1e6]),
 }
 ALL_METHODS = METHODS | LEVERS
 
@@ -69,6 +71,8 @@ def add_frontier_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workdir", type=Path, default=Path("runs") / "frontier")
     p.add_argument("--output", type=Path, default=REPO_ROOT / "docs" / "results.md")
     p.add_argument("--no-write", action="store_true")
+    p.add_argument("--no-train", action="store_true",
+                   help="report from the points already scored in --workdir (train and score nothing)")
 
 
 def point_config(base: AlignConfig, method: str, level: float, reward: Any, seed: int, updates: int,
@@ -213,15 +217,20 @@ def run_frontier(args: argparse.Namespace) -> str:
                 _, knob, levels = ALL_METHODS[method]
                 for level in levels:
                     name = f"{method}-{knob.split('.')[1]}{level:g}-s{seed}"
+                    if args.no_train:
+                        if (workdir / "scores" / f"{name}.safetensors").exists():
+                            names[(reward, method, level, seed)] = name
+                        continue
                     names[(reward, method, level, seed)] = name
                     if not (workdir / name / "summary.json").exists():
                         t0 = time.time()
                         run_method(point_config(base, method, level, spec, seed, args.updates, name), workdir)
                         print(f"trained {reward}/{name} in {time.time() - t0:.0f} s", flush=True)
                     runs[name] = workdir / name
-            t0 = time.time()
-            score_points(base, spec, runs, prompts, eval_seeds, workdir / "scores")
-            print(f"scored {reward} seed {seed} in {time.time() - t0:.0f} s", flush=True)
+            if runs:
+                t0 = time.time()
+                score_points(base, spec, runs, prompts, eval_seeds, workdir / "scores")
+                print(f"scored {reward} seed {seed} in {time.time() - t0:.0f} s", flush=True)
     trained = time.time() - start
     lines = [f"Machine: {machine_description()}", "",
              f"Command: `python pipelines/benchmark.py frontier {' '.join(args.overrides)}` (methods "
