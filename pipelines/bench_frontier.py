@@ -175,9 +175,10 @@ def _plot(result, reward: str, path: Path, labels: dict[str, str]) -> None:
             xci = [result.level_ci[method][l][x] for l in lv]
             order = sorted(range(len(lv)), key=lambda i: xs[i])
             line, = ax.plot([xs[i] for i in order], [ys[i] for i in order], marker="o", ms=4, label=labels[method])
-            ax.errorbar(xs, ys, yerr=[[y - c[0] for y, c in zip(ys, ci)], [c[1] - y for y, c in zip(ys, ci)]],
-                        xerr=[[v - c[0] for v, c in zip(xs, xci)], [c[1] - v for v, c in zip(xs, xci)]],
-                        fmt="none", ecolor=line.get_color(), alpha=0.35)
+            # a bootstrap interval of a biased statistic (FID) need not contain the estimate: bars clipped at it
+            err = lambda vals, cis: [[max(v - c[0], 0) for v, c in zip(vals, cis)],  # noqa: E731
+                                     [max(c[1] - v, 0) for v, c in zip(vals, cis)]]
+            ax.errorbar(xs, ys, yerr=err(ys, ci), xerr=err(xs, xci), fmt="none", ecolor=line.get_color(), alpha=0.35)
         ax.set_xlabel(xlabel)
         ax.set_ylabel(f"held-out {reward} gain (paired)")
         ax.grid(alpha=0.3)
@@ -256,8 +257,22 @@ def run_frontier(args: argparse.Namespace) -> str:
             t = load_file(scores / f"{name}.safetensors")
             points.append(Point(method, level, seed, {k: v for k, v in t.items() if k != "features"},
                                 t["features"]))
-        result = analyse(points, base_t["features"], "nabla_gfn", draws=args.draws)
-        labels = {m: f"{m} ({ALL_METHODS[m][1]})" for m in result.levels}
+        present = sorted({p.method for p in points}, key=list(ALL_METHODS).index)
+        ours = [m for m in present if m.startswith("nabla_gfn")]
+        baselines = [m for m in present if m not in ours]
+        pairs = [(m, b) for m in ours for b in baselines] + [(m, "nabla_gfn") for m in ours if m != "nabla_gfn"]
+        result = analyse(points, base_t["features"], [], draws=args.draws)
+        seeds_of = {m: {p.seed for p in points if p.method == m} for m in present}
+        by_seeds: dict[frozenset, list[tuple[str, str]]] = {}
+        for pair in pairs:  # methods are compared on the training seeds both have
+            by_seeds.setdefault(frozenset(seeds_of[pair[0]] & seeds_of[pair[1]]), []).append(pair)
+        for common, group in by_seeds.items():
+            sub = analyse([p for p in points if p.seed in common], base_t["features"], group, draws=args.draws)
+            result.gaps |= sub.gaps
+            result.gap_ci |= sub.gap_ci
+            result.gap_valid |= sub.gap_valid
+        labels = {m: f"{m} ({ALL_METHODS[m][1]}, {len({p.seed for p in points if p.method == m})} seeds)"
+                  for m in result.levels}
         _plot(result, reward, args.output.parent / f"frontier_{reward}.png", labels)
         lines += [f"### Reward `{reward}`", "", f"![frontier]({f'frontier_{reward}.png'})", "",
                   f"Base model: held-out {reward} {float(base_t['reward'].nanmean()):.4f}, colour accuracy "
@@ -273,20 +288,23 @@ def run_frontier(args: argparse.Namespace) -> str:
                              f"{_ci(s['fid'], c['fid'], '.3f')} | {_ci(s['drift'], c['drift'])} | "
                              f"{_ci(s['diversity_change'], c['diversity_change'])} | "
                              f"{100 * s['color_change']:+.1f} / {100 * s['shape_change']:+.1f} |")
-        lines += ["", f"Nabla-R2D3 (`nabla_gfn`, beta swept) minus each other method, gain at matched prior loss "
-                  "(mean gap over the prior-loss range both frontiers cover; 95 % CI; `n/a`: the frontiers do not "
-                  "overlap):", "", "| vs | at matched FID | at matched drift |", "|---|---|---|"]
-        for other in [m for m in result.levels if m != "nabla_gfn"]:
+        lines += ["", "Gain at matched prior loss, each Nabla-R2D3 variant (beta swept) minus another method: the mean "
+                  "gap over the prior-loss range both frontiers cover, 95 % CI; `n/a`: the frontiers do not overlap. "
+                  "Ahead/behind: the interval excludes 0. Two methods are compared on the training seeds both have.", "",
+                  "| Nabla-R2D3 variant | vs | training seeds | at matched FID | at matched drift |",
+                  "|---|---|---|---|---|"]
+        for ours_m, other in pairs:
             cells = []
             for axis in ("fid", "drift"):
-                key = ("nabla_gfn", other, axis)
+                key = (ours_m, other, axis)
                 gap, ci = result.gaps.get(key, math.nan), result.gap_ci.get(key, (math.nan, math.nan))
                 if not math.isfinite(gap):
                     cells.append("n/a")
                     continue
                 verdict = "ahead" if ci[0] > 0 else "behind" if ci[1] < 0 else "level"
                 cells.append(f"{_ci(gap, ci)} ({verdict})")
-            lines.append(f"| {other} | {cells[0]} | {cells[1]} |")
+            common = sorted(seeds_of[ours_m] & seeds_of[other])
+            lines.append(f"| {ours_m} | {other} | {len(common)} | {cells[0]} | {cells[1]} |")
         lines.append("")
         (args.workdir / reward / "frontier.json").write_text(json.dumps({
             "levels": {m: {str(k): v for k, v in lv.items()} for m, lv in result.levels.items()},

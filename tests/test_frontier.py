@@ -45,7 +45,7 @@ def test_a_dominating_frontier_is_ahead_with_an_interval_above_zero():
     points = _points("nabla_gfn", 2.0, [0.1, 0.2, 0.3, 0.4], [0, 1, 2], gen) \
         + _points("refl", 1.0, [0.1, 0.2, 0.3, 0.4], [0, 1, 2], gen)
     base = torch.randn(12, 3, 4, generator=gen, dtype=torch.float64)
-    res = analyse(points, base, "nabla_gfn", draws=40)
+    res = analyse(points, base, [("nabla_gfn", "refl")], draws=40)
     gap, ci = res.gaps[("nabla_gfn", "refl", "drift")], res.gap_ci[("nabla_gfn", "refl", "drift")]
     assert gap == pytest.approx(0.25, abs=0.02)  # mean of (2x - x) over drift in [0.1, 0.4]
     assert 0 < ci[0] < gap < ci[1]
@@ -59,7 +59,7 @@ def test_a_dominating_frontier_is_ahead_with_an_interval_above_zero():
 def test_equal_frontiers_give_an_interval_that_covers_zero():
     gen = torch.Generator().manual_seed(1)
     points = _points("nabla_gfn", 1.0, [0.1, 0.2, 0.3], [0, 1, 2], gen) + _points("draft", 1.0, [0.1, 0.2, 0.3], [0, 1, 2], gen)
-    res = analyse(points, torch.zeros(12, 3, 4, dtype=torch.float64), "nabla_gfn", draws=40)
+    res = analyse(points, torch.zeros(12, 3, 4, dtype=torch.float64), [("nabla_gfn", "draft")], draws=40)
     lo, hi = res.gap_ci[("nabla_gfn", "draft", "drift")]
     assert lo < 0 < hi
 
@@ -77,4 +77,4 @@ def test_level_stats_resample_prompts_and_seeds():
 
 def test_analyse_refuses_no_points():
     with pytest.raises(ValueError, match="no frontier points"):
-        analyse([], torch.zeros(1, 1, 1), "nabla_gfn")
+        analyse([], torch.zeros(1, 1, 1), [])

@@ -12,7 +12,8 @@ from collections import defaultdict
 
 import torch
 
-from r2d3.algos.base import AlgorithmBase, AlignContext, SampleBatch, as_dict, register_algorithm, stratified_transitions
+from r2d3.algos.base import (AlgorithmBase, AlignContext, SampleBatch, as_dict, register_algorithm,
+                             stratified_transitions)
 from r2d3.config import AlgoConfig
 
 

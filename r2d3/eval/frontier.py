@@ -98,7 +98,8 @@ def matched_gap(a: dict[float, dict[str, float]], b: dict[float, dict[str, float
     return float((ga - gb).mean())
 
 
-def frontier_stats(points: Sequence[Point], base_features: Tensor, draw: Draw) -> dict[str, dict[float, dict[str, float]]]:
+def frontier_stats(points: Sequence[Point], base_features: Tensor,
+                   draw: Draw) -> dict[str, dict[float, dict[str, float]]]:
     """method -> level -> stats for one draw."""
     groups: dict[str, dict[float, list[Point]]] = {}
     for p in points:
@@ -119,15 +120,15 @@ class FrontierResult:
     gap_valid: dict[tuple[str, str, str], float] = field(default_factory=dict)  # share of draws with overlap
 
 
-def analyse(points: Sequence[Point], base_features: Tensor, method: str, draws: int = 200,
+def analyse(points: Sequence[Point], base_features: Tensor, pairs: Sequence[tuple[str, str]], draws: int = 200,
             seed: int = 0, progress: Callable[[int], None] | None = None) -> FrontierResult:
-    """Frontiers of every method and ``method``'s matched-loss gap to every other one, with intervals."""
+    """Frontiers of every method and, for each ``(method, other)`` pair present, the matched-loss gap
+    gain_method - gain_other on every axis, with intervals."""
     if not points:
         raise ValueError("no frontier points to analyse")
     num_p, num_s = points[0].values["gain"].shape
     full = frontier_stats(points, base_features, Draw(None, None, None))
-    others = [m for m in full if m != method]
-    keys = [(method, o, axis) for o in others for axis in AXES] if method in full else []
+    keys = [(m, o, axis) for m, o in pairs if m in full and o in full for axis in AXES]
     gaps = {k: matched_gap(full[k[0]], full[k[1]], k[2]) for k in keys}
     gen = torch.Generator().manual_seed(seed)
     reps: dict[tuple[str, str, str], list[float]] = {k: [] for k in keys}
@@ -152,7 +153,8 @@ def analyse(points: Sequence[Point], base_features: Tensor, method: str, draws: 
         gap_ci[k] = percentile_interval(ok) if len(ok) >= 10 else (float("nan"), float("nan"))
     level_ci: dict[str, dict[float, dict[str, tuple[float, float]]]] = {}
     for (m, lvl, name), vals in level_reps.items():
-        level_ci.setdefault(m, {}).setdefault(lvl, {})[name] = percentile_interval(torch.tensor(vals, dtype=torch.float64))
+        interval = percentile_interval(torch.tensor(vals, dtype=torch.float64))
+        level_ci.setdefault(m, {}).setdefault(lvl, {})[name] = interval
     return FrontierResult(full, level_ci, gaps, gap_ci, valid)
 
 

@@ -347,7 +347,8 @@ def load_modules_state(worker: Worker, state: dict[str, torch.Tensor] | None, pa
     if not worker.modules:
         if state:
             names = ", ".join(sorted({k.split(".")[0] for k in state}))
-            raise CorruptCheckpointError(f"checkpoint {path} holds networks ({names}) this run's algorithm does not train")
+            raise CorruptCheckpointError(f"checkpoint {path} holds networks ({names}) this run's algorithm does "
+                                         "not train")
         return
     if state is None:
         raise CorruptCheckpointError(f"checkpoint {path} lacks modules.safetensors (the algorithm's networks: "
