@@ -98,7 +98,7 @@ class RenderConfig:
 class AlgoConfig:
     name: str = opt("nabla_gfn", "nabla_gfn | ddpo | refl | draft")
     # Nabla-GFlowNet
-    beta: float = opt(3e4, "nabla_gfn: reward scale beta (target = score_ref + beta * w(t) * grad r)")
+    beta: float = opt(1e5, "nabla_gfn: reward scale beta (target = score_ref + beta * w(t) * grad r)")
     reward_weighting: str = opt("squared", "nabla_gfn: w(t) = alpha_bar ('squared') or sqrt(alpha_bar) ('sqrt')")
     reg_scale: float = opt(1e2, "nabla_gfn: lambda, weight of the proximal term |eps_theta - eps_old|^2")
     timestep_fraction: float = opt(0.4, "nabla_gfn/ddpo: fraction of each trajectory's transitions trained")
@@ -124,7 +124,7 @@ class AlgoConfig:
 
 @dataclass
 class TrainConfig:
-    epochs: int = opt(24, "epochs (one sampling phase + one training phase each)")
+    epochs: int = opt(6, "epochs (one sampling phase + one training phase each)")
     sample_batch_size: int = opt(16, "trajectories sampled per batch")
     sample_batches_per_epoch: int = opt(1, "sampling batches per epoch")
     train_batch_size: int = opt(4, "trajectories per backward pass")
@@ -150,8 +150,8 @@ class DataConfig:
 
 @dataclass
 class EvalConfig:
-    num_prompts: int = opt(16, "held-out prompts evaluated before and after alignment")
-    seeds_per_prompt: int = opt(2, "samples per held-out prompt (same noise for every checkpoint)")
+    num_prompts: int = opt(48, "held-out prompts evaluated before and after alignment")
+    seeds_per_prompt: int = opt(4, "samples per held-out prompt (same noise for every checkpoint)")
     every: int = opt(0, "also evaluate every N epochs (0: only before and after)")
 
 
