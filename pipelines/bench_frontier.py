@@ -37,13 +37,13 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 #: method -> (algorithm section overrides, the knob swept, its levels)
 METHODS: dict[str, tuple[dict[str, Any], str, list[float]]] = {
     "nabla_gfn": ({"name": "nabla_gfn"}, "algo.beta", [3e4, 1e5, 3e5, 1e6]),
-    "nabla_gfn+flow": ({"name": "nabla_gfn", "flow_correction": True}, "algo.beta", [3e4, 1e5, 3e5, 1e6]),
     "refl": ({"name": "refl"}, "train.lr", [1e-4, 3e-4, 1e-3, 3e-3]),
     "draft": ({"name": "draft"}, "train.lr", [1e-4, 3e-4, 1e-3, 3e-3]),
     "ddpo": ({"name": "ddpo"}, "train.lr", [1e-3, 3e-3, 1e-2, 3e-2]),
 }
 #: levers tried to move Nabla-R2D3's frontier (``--methods`` picks them; each sweeps beta as above)
 LEVERS: dict[str, tuple[dict[str, Any], str, list[float]]] = {
+    "nabla_gfn+flow": ({"name": "nabla_gfn", "flow_correction": True}, "algo.beta", [3e4, 1e5, 3e5, 1e6]),
     "nabla_gfn+sqrt": ({"name": "nabla_gfn", "reward_weighting": "sqrt"}, "algo.beta", [3e3, 1e4, 3e4, 1e5]),
     "nabla_gfn+t0.2": ({"name": "nabla_gfn", "timestep_fraction": 0.2}, "algo.beta", [3e4, 1e5, 3e5, 1e6]),
     "nabla_gfn+lambda10": ({"name": "nabla_gfn", "reg_scale": 10.0}, "algo.beta", [3e4, 1e5, 3e5, 1e6]),
