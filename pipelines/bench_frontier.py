@@ -138,7 +138,7 @@ def score_points(base_config: AlignConfig, reward: Any, runs: dict[str, Path], p
     specs = [CheckpointSpec(BASE)] + [replace(resolve_checkpoint(str(d)), name=n) for n, d in todo.items()]
     settings = EvalSettings(checkpoints=specs, seeds=seeds, backend=base_config.model.backend,
                             weights=base_config.model.weights, reward=reward, sampler=base_config.sampler,
-                            render=base_config.render, previews=False)
+                            render=base_config.render, device=base_config.run.device, previews=False)
     evaluator = PromptEvaluator(settings)
     rows: dict[str, list[dict]] = {s.name: [] for s in specs}
     group = 8  # prompts sampled together: the unit's values up to round-off, several times faster here
