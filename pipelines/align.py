@@ -6,7 +6,7 @@
     python pipelines/align.py scale.in_process=true             # no Ray (debugging)
 
 Prints held-out reward, prompt-following and prior drift before -> after, and writes everything under
-run.output_dir/run.name (see r2d3.train.align_job for the layout). Re-running with the same run.name
+run.output_dir/run.name (see r2d3.jobs.align for the layout). Re-running with the same run.name
 resumes from the last checkpoint.
 """
 
@@ -23,7 +23,7 @@ from r2d3.backends.base import WeightsError
 from r2d3.config import AlignConfig, ConfigError, parse_cli, reward_label
 from r2d3.data.prompts import PromptSourceError
 from r2d3.ray.train import ClusterResourcesError
-from r2d3.train.align_job import format_summary, run_worker
+from r2d3.jobs.align import format_summary, run_worker
 from r2d3.train.checkpoint import CheckpointMismatchError, CorruptCheckpointError
 from r2d3.train.loop import TrainingAborted, validate
 from r2d3.train.run_dir import RunDirError, claim_run_dir

@@ -224,8 +224,8 @@ def run_methods(args: argparse.Namespace) -> str:
             updates = args.ddpo_updates if method == "ddpo" else args.updates
             get = lambda key, tag="after": [r[tag][key] for r in runs if key in r[tag]]  # noqa: E731
             lines.append(f"| {method} | {updates} | {_fmt(get('reward_mean', 'before'))} | "
-                         f"{_fmt(get('reward_mean'))} | {_fmt(get('color_acc'))} / {_fmt(get('shape_acc'))} | "
-                         f"{_fmt(get('drift_rgb_l2'))} | {_fmt(get('diversity'))} |")
+                         f"{_fmt(get('reward_mean'))} | {_fmt(get('color_ok_mean'))} / {_fmt(get('shape_ok_mean'))} | "
+                         f"{_fmt(get('drift_rgb_l2_mean'))} | {_fmt(get('diversity'))} |")
         ddpo_final = statistics.mean(run[-1][1] for run in curves["ddpo"])
         reach = []
         for run in curves["nabla_gfn"]:

@@ -4,7 +4,7 @@
 
 For each reward, training seed, method and knob level one ordinary alignment run is trained (the same
 sampler, LoRA, sample budget and number of optimizer updates for every method). Its final checkpoint is
-scored by the evaluation job's per-prompt unit (:class:`r2d3.eval.job.PromptEvaluator`: the base model
+scored by the evaluation job's per-prompt unit (:class:`r2d3.jobs.evaluate.PromptEvaluator`: the base model
 and the checkpoint from identical noise and cameras) on held-out prompts x evaluation seeds. Reward gain,
 drift, FID against the base, within-prompt diversity and prompt-following are paired with the base;
 :mod:`r2d3.eval.frontier` interpolates each method's frontier and compares methods at matched FID and
@@ -129,7 +129,7 @@ def _base_grids(rows: list[dict], num_p: int, num_s: int) -> dict[str, torch.Ten
 def score_points(base_config: AlignConfig, reward: Any, runs: dict[str, Path], prompts: list[str],
                  seeds: list[int], scores_dir: Path) -> None:
     """Score every run in ``runs`` that has no score file yet, together with the base (one pass per prompt)."""
-    from r2d3.eval.job import BASE, CheckpointSpec, EvalSettings, PromptEvaluator, resolve_checkpoint
+    from r2d3.jobs.evaluate import BASE, CheckpointSpec, EvalSettings, PromptEvaluator, resolve_checkpoint
 
     todo = {n: d for n, d in runs.items() if not (scores_dir / f"{n}.safetensors").exists()}
     base_file = scores_dir / "base.safetensors"
@@ -201,7 +201,7 @@ def run_frontier(args: argparse.Namespace) -> str:
     from r2d3.data.prompts import load_prompts
     from r2d3.eval.comparison import run_method
     from r2d3.eval.frontier import Point, analyse
-    from r2d3.eval.job import select_prompts
+    from r2d3.data.prompts import select_prompts
 
     base = build_config(AlignConfig, args.config, args.overrides)
     rewards = [yaml.safe_load(r) for r in args.rewards]

@@ -43,7 +43,7 @@ def run_ray(args: argparse.Namespace) -> str:
     from benchmark import machine_description
 
     from r2d3.ray.train import fit_on_ray
-    from r2d3.train.align_job import run_worker
+    from r2d3.jobs.align import run_worker
     from r2d3.train.session import LocalSession
 
     base = build_config(AlignConfig, [], [

@@ -92,9 +92,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from r2d3.backends.base import WeightsError
     from r2d3.config import RenderConfig, SamplerConfig
     from r2d3.data.prompts import PromptSourceError, load_prompts
-    from r2d3.eval.job import EvalSettings, resolve_checkpoints, select_prompts
+    from r2d3.data.prompts import select_prompts
+    from r2d3.jobs.evaluate import EvalSettings, resolve_checkpoints
     from r2d3.eval.report import headline_rows
-    from r2d3.regenerate import Store
+    from r2d3.jobs.regenerate import Store
     from r2d3.rewards import build_reward
     from r2d3.train.loop import check_sampler_and_render
 

@@ -9,7 +9,7 @@ Parquet manifest and a static HTML gallery, as a streaming Ray Data job.
 
 Rerunning with the same --out skips finished (prompt, seed, checkpoint) assets and rewrites the
 manifest without duplicates; a killed run resumes where it stopped. Bad prompt rows and failed assets
-go to errors.parquet with the reason; the job carries on. See r2d3/regenerate.py for the layout.
+go to errors.parquet with the reason; the job carries on. See r2d3/jobs/regenerate.py for the layout.
 """
 
 from __future__ import annotations
@@ -89,9 +89,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from r2d3.backends.base import WeightsError
     from r2d3.config import AlignConfig, RenderConfig, SamplerConfig
     from r2d3.data.prompts import PromptSourceError, load_prompts
-    from r2d3.eval.job import BASE
+    from r2d3.jobs.evaluate import BASE
     from r2d3.ray.regenerate import run_regeneration
-    from r2d3.regenerate import OutputError, RegenSettings, checkpoint_id, generation_key, resolve
+    from r2d3.jobs.regenerate import OutputError, RegenSettings, checkpoint_id, generation_key, resolve
     from r2d3.rewards import build_reward
     from r2d3.train.loop import check_sampler_and_render
 

@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None):
         params, settings = load_space(args.space, sweep_overrides)
         check_space(params, base)
         if args.baseline_evaluation:  # checked now, before Ray starts
-            from r2d3.eval.job import load_summary
+            from r2d3.eval.summary import load_summary
             from r2d3.ray.tune import baseline_from_evaluation
 
             baseline_from_evaluation(load_summary(args.baseline_evaluation), base)

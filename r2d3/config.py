@@ -153,6 +153,8 @@ class EvalConfig:
     num_prompts: int = opt(48, "held-out prompts evaluated before and after alignment")
     seeds_per_prompt: int = opt(4, "samples per held-out prompt (same noise for every checkpoint)")
     every: int = opt(0, "also evaluate every N epochs (0: only before and after)")
+    extractor: str = opt("clip_tiny", "features for FID/diversity and the image–text model for similarity (the "
+                                      "evaluation job's --extractor: clip_tiny, clip:<dir>, vision:<dir>)")
 
 
 @dataclass

@@ -28,9 +28,9 @@ def load_lora_checkpoint(backend, checkpoint: str | Path) -> None:
     """Apply the LoRA weights of an alignment run: a run directory (its newest complete checkpoint), a
     checkpoint directory or its ``lora.safetensors``. Rank, alpha and targets come from the checkpoint
     (its ``config.yaml``), so the adapted model is the one that was trained."""
-    from r2d3.eval.job import resolve_checkpoint
+    from r2d3.jobs.evaluate import resolve_checkpoint
     from r2d3.train.checkpoint import CorruptCheckpointError, load_lora_file
-    from r2d3.train.lora import add_lora, load_lora_state_dict
+    from r2d3.backends.lora import add_lora, load_lora_state_dict
 
     spec = resolve_checkpoint(str(checkpoint))
     file = Path(spec.path) / "lora.safetensors"

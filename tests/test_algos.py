@@ -10,14 +10,14 @@ from diffusers.configuration_utils import register_to_config
 from diffusers.loaders import PeftAdapterMixin
 from torch import nn
 
-from r2d3.algos import AlignContext, build_algorithm, stratified_transitions
+from r2d3.algos import Pipeline, build_algorithm, stratified_transitions
 from r2d3.algos.ddpo import per_prompt_advantages
 from r2d3.backends import TinySplatBackend
 from r2d3.backends.text import PromptEmbeds
 from r2d3.config import AlgoConfig, RenderConfig
 from r2d3.diffusion import StochasticSampler, make_scheduler
 from r2d3.rewards import build_reward
-from r2d3.train.lora import add_lora
+from r2d3.backends.lora import add_lora
 from r2d3.train.loop import sample_batch
 
 # ---------------------------------------------------------------- a toy 1-D diffusion with an analytic reward
@@ -65,7 +65,7 @@ class ToyBackend:
         return self.denoiser(x, t, cond)
 
 
-class ToyContext(AlignContext):
+class ToyContext(Pipeline):
     """Reward straight on the latent: r(x) = -(x - c)^2, so every gradient has a closed form."""
 
     target_value = 0.7
@@ -204,7 +204,7 @@ def test_reward_gradient_matches_finite_differences_through_render():
     backend.text_encoder.double()
     sampler = StochasticSampler(make_scheduler("ddim", beta_schedule="squaredcos_cap_v2"), 4)
     render = RenderConfig(num_views=2, resolution=16, elevation_jitter_deg=0.0, azimuth_jitter_deg=0.0)
-    ctx = AlignContext(backend, sampler, build_reward("colorfulness"), render, 2.0, backend.encode_prompts([""]))
+    ctx = Pipeline(backend, sampler, build_reward("colorfulness"), render, 2.0, backend.encode_prompts([""]))
     algo = build_algorithm(AlgoConfig(), 4)
     cond = backend.encode_prompts(["a"])
     model_fn = ctx.model_fn(cond)

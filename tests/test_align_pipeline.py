@@ -45,7 +45,7 @@ def test_align_on_ray_train_end_to_end(tmp_path, ray_local):
     run_dir = tmp_path / "runs" / "e2e"
     saved = json.loads((run_dir / "summary.json").read_text())
     assert saved["before"]["reward_mean"] == pytest.approx(summary["before"]["reward_mean"])
-    assert {"reward_mean", "color_acc", "shape_acc", "drift_rgb_l2"} <= set(saved["after"])
+    assert {"reward_mean", "color_ok_mean", "shape_ok_mean", "drift_rgb_l2_mean", "fid_vs_base"} <= set(saved["after"])
     assert [h["epoch"] for h in saved["history"]] == [1, 2]
     assert list(run_dir.glob("checkpoint_*/lora.safetensors"))
     assert (run_dir / "config.yaml").is_file() and (run_dir / "previews" / "heldout_after.png").is_file()
@@ -70,7 +70,7 @@ def test_align_in_process_writes_every_output_and_resumes(tmp_path):
     assert "heldout/reward_mean" in summary["history"][-1]
     after = summary["after"]
     lo, hi = after["reward_delta_ci95"]
-    assert lo <= after["reward_delta_vs_base"] <= hi and {"color_acc", "shape_acc", "diversity"} <= set(after)
+    assert lo <= after["reward_delta_vs_base"] <= hi and {"color_ok_mean", "shape_ok_mean", "diversity_mean", "fid_vs_base"} <= set(after)
     for name in ("config.yaml", "metrics.csv", "reward_curve.png", "summary.json", "previews/epoch_0002.png",
                  "previews/heldout_before.png", "previews/heldout_after.png", "samples/heldout_00.ply"):
         assert (run_dir / name).is_file(), name

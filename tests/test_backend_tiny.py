@@ -5,7 +5,7 @@ import torch
 
 from r2d3.backends import TinySplatBackend, WeightsError, available_backends, load_backend
 from r2d3.render.gaussians import quat_from_z_to, rotate_z_by
-from r2d3.train.lora import adapters_disabled, add_lora, load_lora_state_dict, lora_state_dict
+from r2d3.backends.lora import adapters_disabled, add_lora, load_lora_state_dict, lora_state_dict
 
 
 @pytest.fixture

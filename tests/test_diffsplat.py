@@ -212,7 +212,7 @@ def test_decode_activations(backend):
 def test_sample_render_reward_and_lora(backend):
     """The aligner's chain on DiffSplat: SDE-DPM-Solver++ sampling with CFG, decode, render and a reward
     with a finite gradient w.r.t. the latents; LoRA attaches to the paper's target modules."""
-    from r2d3.train.lora import add_lora
+    from r2d3.backends.lora import add_lora
 
     sampler = SamplerConfig(kind="sde-dpmsolver++", num_steps=3, guidance_scale=5.0)
     render = RenderConfig(num_views=2, resolution=16, distance=1.4, fov_deg=39.6, elevation_deg=0.0)

@@ -13,7 +13,9 @@ from r2d3.eval.extractors import (ExtractorWeightsError, load_extractor, pool_vi
 from r2d3.config import RenderConfig, SamplerConfig
 from r2d3.eval.fid import feature_stats, fid, fid_bootstrap, frechet_distance, multiview_fid
 from r2d3.eval.image_stats import image_stats
-from r2d3.eval.job import initial_noise, noise_seed, select_prompts, summarize
+from r2d3.data.prompts import select_prompts
+from r2d3.eval.summary import summarize
+from r2d3.pipeline import initial_noise, noise_seed
 
 
 def test_frechet_distance_matches_closed_form_for_diagonal_gaussians():
@@ -281,7 +283,7 @@ def test_frechet_reference_gives_the_same_distance_as_fid():
 
 
 def test_prompts_evaluated_together_equal_the_one_prompt_unit(tmp_path):
-    from r2d3.eval.job import CheckpointSpec, EvalSettings, PromptEvaluator
+    from r2d3.jobs.evaluate import CheckpointSpec, EvalSettings, PromptEvaluator
 
     settings = EvalSettings(checkpoints=[CheckpointSpec("base")], seeds=[0, 1], previews=False,
                             sampler=SamplerConfig(num_steps=4), render=RenderConfig(num_views=2, resolution=16))

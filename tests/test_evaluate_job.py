@@ -1,4 +1,4 @@
-"""The evaluation job (r2d3.eval.job, r2d3.ray.evaluate, pipelines/evaluate.py) on a tiny random model:
+"""The evaluation job (r2d3.jobs.evaluate, r2d3.ray.evaluate, pipelines/evaluate.py) on a tiny random model:
 paired samples, outputs, reruns that give identical results in-process and on Ray Data."""
 
 import json
@@ -15,9 +15,9 @@ from safetensors.torch import save_file
 from r2d3.backends import TinySplatBackend, load_backend
 from r2d3.config import RenderConfig, SamplerConfig
 from r2d3.data.procedural import VOCABULARY, split_prompts
-from r2d3.eval.job import (BASE, EvalSettings, PromptEvaluator, load_summary, resolve_checkpoint,
-                           resolve_checkpoints, scalar_metrics)
-from r2d3.train.lora import add_lora, lora_state_dict
+from r2d3.eval.summary import load_summary, scalar_metrics
+from r2d3.jobs.evaluate import BASE, EvalSettings, PromptEvaluator, resolve_checkpoint, resolve_checkpoints
+from r2d3.backends.lora import add_lora, lora_state_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "pipelines"))

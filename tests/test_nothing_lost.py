@@ -352,7 +352,7 @@ def test_an_output_that_is_a_file_fails_before_any_sample(job, tiny, tmp_path, m
     import regenerate
 
     (tmp_path / "taken").write_text("a file")
-    monkeypatch.setattr("r2d3.regenerate.AssetWorker.process", lambda *a: pytest.fail("an asset was computed"))
+    monkeypatch.setattr("r2d3.jobs.regenerate.AssetWorker.process", lambda *a: pytest.fail("an asset was computed"))
     monkeypatch.setattr("r2d3.ray.evaluate.run_evaluation", lambda *a, **k: pytest.fail("evaluation started"))
     for out in (tmp_path / "taken", tmp_path / "taken" / "below"):
         if job == "regenerate":
@@ -378,7 +378,7 @@ def test_sweep_baseline_evaluation_that_is_not_json_fails_before_ray(tmp_path, m
 
 
 def test_nan_rewards_in_the_evaluation_are_counted_not_a_key_error():
-    from r2d3.eval.job import summarize
+    from r2d3.eval.summary import summarize
 
     rows = []
     for ck in ("base", "x"):
@@ -488,7 +488,7 @@ def test_a_read_only_output_fails_before_any_sample(job, tiny, read_only_dir, mo
     import evaluate
     import regenerate
 
-    monkeypatch.setattr("r2d3.regenerate.AssetWorker.process", lambda *a: pytest.fail("an asset was computed"))
+    monkeypatch.setattr("r2d3.jobs.regenerate.AssetWorker.process", lambda *a: pytest.fail("an asset was computed"))
     monkeypatch.setattr("r2d3.ray.evaluate.run_evaluation", lambda *a, **k: pytest.fail("evaluation started"))
     for out in (read_only_dir, read_only_dir / "nightly"):
         if job == "regenerate":

@@ -32,7 +32,7 @@ def models(tmp_path_factory):
     """Tiny base weights and one LoRA checkpoint directory (non-zero adapters, so it differs from base)."""
     from safetensors.torch import save_file
 
-    from r2d3.train.lora import add_lora, lora_state_dict
+    from r2d3.backends.lora import add_lora, lora_state_dict
 
     root = tmp_path_factory.mktemp("models")
     torch.manual_seed(0)
@@ -106,7 +106,7 @@ def test_outputs_comparison_gallery_and_idempotent_rerun(tmp_path, models):
 def test_bad_rows_land_in_errors_and_the_job_continues(tmp_path, models, monkeypatch):
     import regenerate
 
-    from r2d3.regenerate import AssetWorker
+    from r2d3.jobs.regenerate import AssetWorker
 
     make = AssetWorker._make
 

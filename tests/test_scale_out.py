@@ -151,7 +151,7 @@ def test_a_killed_worker_restarts_from_the_last_checkpoint(tmp_path, ray_local):
 
     from r2d3.config import AlignConfig, build_config
     from r2d3.ray.train import fit_on_ray
-    from r2d3.train.align_job import run_worker  # noqa: F401 - imported by the workers as well
+    from r2d3.jobs.align import run_worker  # noqa: F401 - imported by the workers as well
 
     weights = tiny_weights(tmp_path / "w")
     config = build_config(AlignConfig, overrides=tiny_args(weights, tmp_path / "runs", "crash") + [

@@ -22,7 +22,7 @@ from r2d3.backends.text import PromptEmbeds  # noqa: E402
 from r2d3.config import RenderConfig, SamplerConfig  # noqa: E402
 from r2d3.diffusion import guided_model_fn, scheduler_from_config  # noqa: E402
 from r2d3.rewards import build_reward  # noqa: E402
-from r2d3.train.lora import add_lora  # noqa: E402
+from r2d3.backends.lora import add_lora  # noqa: E402
 
 RES = 12
 

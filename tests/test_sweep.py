@@ -5,6 +5,7 @@ import csv
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -12,17 +13,20 @@ import yaml
 
 from r2d3.config import AlignConfig, build_config
 from r2d3.ray.tune import (
+    FINAL_METRIC,
     METRIC,
     GuardSettings,
     Param,
     SpaceError,
     apply_params,
-    best_row,
+    best_result,
+    final_result,
     guarded_score,
     heldout_result,
     load_space,
     parse_space,
     result_rows,
+    start_baseline,
     trial_config,
     write_best_config,
     write_tables,
@@ -114,24 +118,24 @@ def test_trial_config_applies_sampled_values(tmp_path):
 # ---------------------------------------------------------------------------------------------------------
 # the guarded objective
 
-BASE = {"reward_mean": 0.78, "color_acc": 0.84, "shape_acc": 0.62}
+BASE = {"reward_mean": 0.78, "color_ok_mean": 0.84, "shape_ok_mean": 0.62}
 GUARD = GuardSettings(max_drift=0.04, max_acc_drop=5.0, penalty=1.0)
 
 
 def test_guard_passes_compliant_trials_through():
-    out = guarded_score({"reward_mean": 0.81, "drift_rgb_l2": 0.02, "color_acc": 0.84, "shape_acc": 0.59},
+    out = guarded_score({"reward_mean": 0.81, "drift_rgb_l2_mean": 0.02, "color_ok_mean": 0.84, "shape_ok_mean": 0.59},
                         BASE, GUARD)
     assert out[METRIC] == pytest.approx(0.81) and out["guard/violated"] == 0
     assert out["guard/acc_drop_points"] == pytest.approx(3.0)
 
 
 def test_reward_hacking_cannot_win():
-    honest = guarded_score({"reward_mean": 0.79, "drift_rgb_l2": 0.03, "color_acc": 0.84, "shape_acc": 0.62},
+    honest = guarded_score({"reward_mean": 0.79, "drift_rgb_l2_mean": 0.03, "color_ok_mean": 0.84, "shape_ok_mean": 0.62},
                            BASE, GUARD)[METRIC]
-    drifted = guarded_score({"reward_mean": 0.99, "drift_rgb_l2": 0.05, "color_acc": 0.84, "shape_acc": 0.62},
+    drifted = guarded_score({"reward_mean": 0.99, "drift_rgb_l2_mean": 0.05, "color_ok_mean": 0.84, "shape_ok_mean": 0.62},
                             BASE, GUARD)
     # 0.99 held-out reward, but shape accuracy 15.6 points below the base
-    forgetful = guarded_score({"reward_mean": 0.99, "drift_rgb_l2": 0.02, "color_acc": 0.84, "shape_acc": 0.464},
+    forgetful = guarded_score({"reward_mean": 0.99, "drift_rgb_l2_mean": 0.02, "color_ok_mean": 0.84, "shape_ok_mean": 0.464},
                               BASE, GUARD)
     # formula: min(R, R0) - penalty * (1 + excess)
     assert drifted[METRIC] == pytest.approx(0.78 - 1.0 * (1 + 0.25))
@@ -139,7 +143,7 @@ def test_reward_hacking_cannot_win():
     assert drifted["guard/violated"] == forgetful["guard/violated"] == 1
     assert max(drifted[METRIC], forgetful[METRIC]) < 0.78 - 1.0 < honest
     # a trial that lost reward and broke the guard scores below its own reward, too
-    worse = guarded_score({"reward_mean": 0.5, "drift_rgb_l2": 0.08}, BASE, GUARD)[METRIC]
+    worse = guarded_score({"reward_mean": 0.5, "drift_rgb_l2_mean": 0.08}, BASE, GUARD)[METRIC]
     assert worse == pytest.approx(0.5 - 2.0)
     # among guarded trials, the smaller breach ranks first
     assert drifted[METRIC] > forgetful[METRIC]
@@ -147,56 +151,142 @@ def test_reward_hacking_cannot_win():
 
 def test_guard_thresholds_can_be_switched_off_and_nan_is_a_violation():
     off = GuardSettings(max_drift=None, max_acc_drop=None, penalty=1.0)
-    assert guarded_score({"reward_mean": 0.99, "drift_rgb_l2": 1.0, "shape_acc": 0.0}, BASE, off)[METRIC] == 0.99
-    nan = guarded_score({"reward_mean": float("nan"), "drift_rgb_l2": 0.01}, BASE, GUARD)
+    assert guarded_score({"reward_mean": 0.99, "drift_rgb_l2_mean": 1.0, "shape_ok_mean": 0.0}, BASE, off)[METRIC] == 0.99
+    nan = guarded_score({"reward_mean": float("nan"), "drift_rgb_l2_mean": 0.01}, BASE, GUARD)
     assert nan["guard/violated"] == 1 and nan[METRIC] == pytest.approx(0.78 - 2.0)
 
 
 def test_only_heldout_reports_reach_tune():
     assert heldout_result({"epoch": 1, "reward_mean": 0.7}, BASE, GUARD) is None
     result = heldout_result({"epoch": 2, "reward_mean": 0.7, "heldout/reward_mean": 0.8,
-                             "heldout/drift_rgb_l2": 0.01, "heldout/color_acc": 0.84, "heldout/shape_acc": 0.62},
+                             "heldout/drift_rgb_l2_mean": 0.01, "heldout/color_ok_mean": 0.84, "heldout/shape_ok_mean": 0.62},
                             BASE, GUARD)
     assert result[METRIC] == pytest.approx(0.8) and result["epoch"] == 2
 
 
-def test_best_row_prefers_completed_trials():
-    rows = [{"trial": "a", METRIC: 0.9, "status": "stopped early (epoch 1)"},
-            {"trial": "b", METRIC: 0.8, "status": "completed"}, {"trial": "c", METRIC: None, "status": "error"}]
-    assert best_row(rows)["trial"] == "b"
-    assert best_row(rows[:1])["trial"] == "a" and best_row(rows[2:]) is None
+def test_a_finished_run_reports_its_final_evaluation_with_the_final_score():
+    summary = {"after": {"reward_mean": 0.8, "drift_rgb_l2_mean": 0.01, "color_ok_mean": 0.84, "shape_ok_mean": 0.62},
+               "history": [{"epoch": 1, "reward_mean": 0.6}, {"epoch": 2, "reward_mean": 0.7,
+                                                              "heldout/reward_mean": 0.75}]}
+    final = final_result(summary, 2, BASE, GUARD)
+    assert final["heldout/reward_mean"] == 0.8 and final["epoch"] == 2 and final["final"] == 1
+    assert final[FINAL_METRIC] == final[METRIC] == pytest.approx(0.8)
+    assert final_result(summary, 4, BASE, GUARD) is None  # stopped before train.epochs: no final evaluation
+    assert final_result({**summary, "after": {}}, 2, BASE, GUARD) is None
+
+
+HELD = {"heldout/reward_mean": 0.8, "heldout/drift_rgb_l2_mean": 0.01, "heldout/color_ok_mean": 0.84,
+        "heldout/shape_ok_mean": 0.62}
+
+
+def _result(path: Path, trial: str, config: dict | None, metrics: dict, error: Exception | None = None):
+    """A Tune trial's Result as a ResultGrid holds it: the last result (Tune adds trial_id, config, done)."""
+    from ray.tune import Result  # after r2d3.ray (it sets how a local Ray binds before Ray is imported)
+
+    if metrics or config is not None:
+        metrics = {"trial_id": trial, **({"config": config} if config is not None else {}), **metrics}
+    return Result(metrics=metrics, checkpoint=None, error=error, path=str(path / f"trial_{trial}"))
 
 
 def test_tables_and_best_config_without_ray(tmp_path):
     params = [Param("train.lr", "grid", (2e-4, 2e-3)), Param("algo.beta", "loguniform", (1e4, 1e5))]
-    held = {"heldout/reward_mean": 0.8, "heldout/drift_rgb_l2": 0.01, "heldout/color_acc": 0.84,
-            "heldout/shape_acc": 0.62}
-    records = [
-        {"trial": "t1", "status": "TERMINATED", "config": {"train.lr": 2e-4, "algo.beta": 2e4},
-         "metrics": {"epoch": 2, METRIC: 0.8, "guard/violated": 0.0, **held}},
-        {"trial": "t2", "status": "TERMINATED", "config": {"train.lr": 2e-3, "algo.beta": 9e4},
-         "metrics": {"epoch": 1, METRIC: 0.9, "guard/violated": 0.0, **held}},
-        {"trial": "t3", "status": "TERMINATED", "config": {"train.lr": 2e-3, "algo.beta": 5e4},
-         "metrics": {"epoch": 2, METRIC: -0.5, "guard/violated": 1.0, **held}},
-        {"trial": "t4", "status": "ERROR", "config": {"train.lr": 2e-4, "algo.beta": 3e4}, "metrics": {}},
-        {"trial": "t5", "status": "RUNNING", "config": {"train.lr": 2e-4, "algo.beta": 4e4},
-         "metrics": {"epoch": 1, METRIC: 0.95, **held}},
+    (tmp_path / "trial_t4").mkdir()  # a trial that failed before reporting: its values from Tune's params.json
+    (tmp_path / "trial_t4" / "params.json").write_text('{"train.lr": 0.0002, "algo.beta": 30000.0}')
+    results = [
+        _result(tmp_path, "t1", {"train.lr": 2e-4, "algo.beta": 2e4},
+                {"epoch": 2, METRIC: 0.8, "guard/violated": 0.0, "done": True, **HELD}),
+        _result(tmp_path, "t2", {"train.lr": 2e-3, "algo.beta": 9e4},
+                {"epoch": 1, METRIC: 0.9, "guard/violated": 0.0, "done": True, **HELD}),
+        _result(tmp_path, "t3", {"train.lr": 2e-3, "algo.beta": 5e4},
+                {"epoch": 2, METRIC: -0.5, "guard/violated": 1.0, "done": True, **HELD}),
+        _result(tmp_path, "t4", None, {}, error=RuntimeError("diverged")),
+        _result(tmp_path, "t5", {"train.lr": 2e-4, "algo.beta": 4e4},  # running when the sweep was interrupted
+                {"epoch": 1, METRIC: 0.95, "done": False, **HELD}),
     ]
-    rows = result_rows(records, params, epochs=2)
+    rows = result_rows(results, params, epochs=2)
     assert [r["trial"] for r in rows] == ["t5", "t2", "t1", "t3", "t4"]
     assert [r["status"] for r in rows] == ["unfinished (epoch 1)", "stopped early (epoch 1)", "completed",
                                            "completed", "error"]
     assert [r["guard"] for r in rows] == ["ok", "ok", "ok", "violated", None]
-    md = write_tables(rows, params, tmp_path, {"reward_mean": 0.78, "color_acc": 0.84}, GUARD)
+    assert (rows[-1]["train.lr"], rows[-1]["algo.beta"]) == (2e-4, 3e4)
+    md = write_tables(rows, params, tmp_path, {"reward_mean": 0.78, "color_ok_mean": 0.84}, GUARD)
     assert "| t1 | 0.0002 | 2e+04 | 0.8 |" in md and "colour 84.0 %" in md and "shape n/a" in md
     with open(tmp_path / "results.csv") as f:
         table = list(csv.DictReader(f))
     assert [r["trial"] for r in table] == ["t5", "t2", "t1", "t3", "t4"] and table[-1][METRIC] == ""
     base = build_config(AlignConfig, [], ["run.name=base", "train.epochs=2"])
-    path = write_best_config(rows, params, base, tmp_path, "s")  # the best completed trial: t1
+    path = write_best_config(rows[2], params, base, tmp_path, "s")
     best = build_config(AlignConfig, [path])
     assert (best.train.lr, best.algo.beta, best.train.epochs, best.run.name) == (2e-4, 2e4, 2, None)
-    assert "best trial of sweep s: t1" in path.read_text()
+    assert "best trial of sweep s: t1 (completed)" in path.read_text()
+    assert write_best_config(None, params, base, tmp_path / "none", "s") is None
+
+
+@pytest.mark.slow
+def test_the_winner_is_the_best_final_evaluation_in_tunes_result_grid(tmp_path, ray_local):
+    """On a real ResultGrid (Tune run, then restored from its saved state): a trial stopped early with a
+    higher score does not win over the best trial that ran all epochs; an errored trial keeps its values."""
+    from ray import tune
+
+    from r2d3.ray.tune.trial import _trial_dirname
+
+    scripts = {  # train.lr -> the results that trial reports (epochs = 2)
+        1e-4: [{"epoch": 1, METRIC: 0.5}, {"epoch": 2, METRIC: 0.8, FINAL_METRIC: 0.8, "final": 1}],
+        2e-4: [{"epoch": 1, METRIC: 0.9}],  # returns after epoch 1 (as if ASHA stopped it)
+        3e-4: [{"epoch": 2, METRIC: -0.5, FINAL_METRIC: -0.5, "final": 1, "guard/violated": 1.0}],
+        4e-4: [],  # fails before its first result
+    }
+
+    def scripted(config):
+        for report in scripts[config["train.lr"]]:
+            tune.report({**HELD, "guard/violated": 0.0, **report})
+        if not scripts[config["train.lr"]]:
+            raise RuntimeError("diverged")
+
+    params = [Param("train.lr", "grid", tuple(scripts))]
+    tuner = tune.Tuner(scripted, param_space={"train.lr": tune.grid_search(list(scripts))},
+                       tune_config=tune.TuneConfig(trial_dirname_creator=_trial_dirname),
+                       run_config=tune.RunConfig(name="scripted", storage_path=str(tmp_path), verbose=0))
+    for grid in (tuner.fit(), tune.Tuner.restore(str(tmp_path / "scripted"), scripted).get_results()):
+        rows = {r["train.lr"]: r for r in result_rows(grid, params, epochs=2)}
+        assert {lr: r["status"] for lr, r in rows.items()} == {
+            1e-4: "completed", 2e-4: "stopped early (epoch 1)", 3e-4: "completed", 4e-4: "error"}
+        best = best_result(grid)
+        assert best.config["train.lr"] == 1e-4 and best.metrics[FINAL_METRIC] == 0.8
+        assert grid.num_terminated + grid.num_errors == 4
+
+
+@pytest.mark.parametrize("overrides, driver_sees_cuda, gpus", [
+    (["scale.use_gpu=true"], False, 1),  # the command line's `true` arrived as "True" and got no GPU
+    (["scale.use_gpu=false"], True, 0),
+    ([], True, 1),  # auto: a GPU when the driver sees one
+    ([], False, 0),
+])
+def test_the_baseline_task_requests_a_gpu_as_scale_use_gpu_says(overrides, driver_sees_cuda, gpus, tmp_path,
+                                                               monkeypatch):
+    import ray
+    import torch
+
+    built = {}
+
+    class Task:
+        def options(self, **options):
+            built.update(options)
+            return self
+
+        def remote(self, payload):
+            return "baseline ref"
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: driver_sees_cuda)
+    monkeypatch.setattr(ray, "remote", lambda fn: Task())
+    config = build_config(AlignConfig, [], [*overrides, "scale.cpus_per_worker=0.5"])
+    assert start_baseline(config, tmp_path) == "baseline ref"
+    assert built == {"num_cpus": 0.5, "num_gpus": gpus}
+    if overrides:  # the string field's spellings as well as a bool
+        built.clear()
+        value = "True" if gpus else "false"
+        assert start_baseline(replace(config, scale=replace(config.scale, use_gpu=value)), tmp_path)
+        assert built["num_gpus"] == gpus
 
 
 def test_help_documents_space_format_and_settings():
@@ -237,7 +327,7 @@ def test_sweep_end_to_end_and_restore(tmp_path, ray_local):
     with open(sweep_dir / "results.csv") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 2 and sorted(float(r["train.lr"]) for r in rows) == [2e-4, 2e-3]
-    assert all(r[METRIC] and r["reward"] and r["drift_rgb_l2"] for r in rows)
+    assert all(r[METRIC] and r["reward"] and r["drift_rgb_l2_mean"] for r in rows)
     assert {r["status"] for r in rows} <= {"completed", "stopped early (epoch 1)"}
     assert "completed" in {r["status"] for r in rows}
     assert (sweep_dir / "results.md").read_text().count("\n| ") == 3  # header + 2 trials
@@ -258,15 +348,15 @@ def test_sweep_end_to_end_and_restore(tmp_path, ray_local):
 
 
 def test_guard_baseline_from_an_evaluation_summary_must_match_the_trials_prompts_and_reward():
+    from r2d3.jobs.align import heldout_prompts
     from r2d3.ray.tune import baseline_from_evaluation
-    from r2d3.train.align_job import heldout_prompts
 
     config = build_config(AlignConfig, overrides=["eval.num_prompts=4"])
     summary = {"job": {"reward": config.reward}, "prompts": heldout_prompts(config),
                "checkpoints": {"base": {"reward_mean": 0.78, "color_ok_mean": 0.9, "shape_ok_mean": 0.6,
                                         "reward_ci95": [0.7, 0.8]}}}
-    assert baseline_from_evaluation(summary, config) == {"reward_mean": 0.78, "drift_rgb_l2": 0.0,
-                                                         "color_acc": 0.9, "shape_acc": 0.6}
+    assert baseline_from_evaluation(summary, config) == {"reward_mean": 0.78, "drift_rgb_l2_mean": 0.0,
+                                                         "color_ok_mean": 0.9, "shape_ok_mean": 0.6}
     with pytest.raises(ValueError, match="other held-out prompts.*--num-prompts 4"):
         baseline_from_evaluation({**summary, "prompts": summary["prompts"][:3]}, config)
     with pytest.raises(ValueError, match="scored reward 'clip_tiny'"):

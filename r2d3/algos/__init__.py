@@ -2,7 +2,6 @@
 
 from r2d3.algos import ddpo, draft, nabla_gfn, refl  # noqa: F401  (registration)
 from r2d3.algos.base import (
-    AlignContext,
     Algorithm,
     SampleBatch,
     available_algorithms,
@@ -10,5 +9,5 @@ from r2d3.algos.base import (
     stratified_transitions,
 )
 
-__all__ = ["AlignContext", "Algorithm", "SampleBatch", "available_algorithms", "build_algorithm",
+__all__ = ["Algorithm", "SampleBatch", "available_algorithms", "build_algorithm",
            "stratified_transitions"]

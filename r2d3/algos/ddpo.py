@@ -12,9 +12,9 @@ from collections import defaultdict
 
 import torch
 
-from r2d3.algos.base import (AlgorithmBase, AlignContext, SampleBatch, as_dict, register_algorithm,
-                             stratified_transitions)
+from r2d3.algos.base import AlgorithmBase, SampleBatch, as_dict, register_algorithm, stratified_transitions
 from r2d3.config import AlgoConfig
+from r2d3.pipeline import Pipeline
 
 
 def per_prompt_advantages(rewards: torch.Tensor, prompts: list[str], min_count: int = 2) -> torch.Tensor:
@@ -46,7 +46,7 @@ class DDPO(AlgorithmBase):
             -self.config.adv_clip, self.config.adv_clip)
         return batch
 
-    def accumulate(self, ctx: AlignContext, batch: SampleBatch, scale: float,
+    def accumulate(self, ctx: Pipeline, batch: SampleBatch, scale: float,
                    generator: torch.Generator) -> dict[str, float]:
         traj = batch.trajectory
         if traj.log_probs is None:

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import torch
 
-from r2d3.algos.base import AlgorithmBase, AlignContext, SampleBatch, as_dict, register_algorithm
+from r2d3.algos.base import AlgorithmBase, SampleBatch, as_dict, register_algorithm
 from r2d3.config import AlgoConfig
+from r2d3.pipeline import Pipeline
 
 
 class DRaFT(AlgorithmBase):
@@ -22,7 +23,7 @@ class DRaFT(AlgorithmBase):
         self.k = config.draft_k
         self.config = config
 
-    def accumulate(self, ctx: AlignContext, batch: SampleBatch, scale: float,
+    def accumulate(self, ctx: Pipeline, batch: SampleBatch, scale: float,
                    generator: torch.Generator) -> dict[str, float]:
         traj = batch.trajectory
         model_fn = ctx.model_fn(batch.cond)

@@ -27,11 +27,18 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from r2d3.algos.base import (AlgorithmBase, AlignContext, SampleBatch, TrainedModule, as_dict, register_algorithm,
-                             stratified_transitions)
+from r2d3.algos.base import (
+    AlgorithmBase,
+    SampleBatch,
+    TrainedModule,
+    as_dict,
+    register_algorithm,
+    stratified_transitions,
+)
 from r2d3.algos.flow import FlowCorrection
+from r2d3.backends.lora import adapters_disabled
 from r2d3.config import AlgoConfig
-from r2d3.train.lora import adapters_disabled
+from r2d3.pipeline import Pipeline
 
 
 class NablaGFN(AlgorithmBase):
@@ -61,7 +68,7 @@ class NablaGFN(AlgorithmBase):
         self.num_steps = num_steps
         self.flow: FlowCorrection | None = None
 
-    def build_modules(self, ctx: AlignContext) -> dict[str, TrainedModule]:
+    def build_modules(self, ctx: Pipeline) -> dict[str, TrainedModule]:
         if not self.config.flow_correction:
             return {}
         text_dim = ctx.uncond.tokens.shape[-1]
@@ -69,13 +76,13 @@ class NablaGFN(AlgorithmBase):
         self.flow.to(ctx.uncond.tokens.device)
         return {"flow": TrainedModule(self.flow, self.config.flow_lr, self.config.flow_weight_decay)}
 
-    def reward_weight(self, ctx: AlignContext, step: int, at: str = "next") -> float:
+    def reward_weight(self, ctx: Pipeline, step: int, at: str = "next") -> float:
         """w of the state after step ``step`` (``at="next"``) or before it (``"current"``)."""
         table = ctx.sampler.alpha_bar_next if at == "next" else ctx.sampler.alpha_bar
         alpha_bar = float(table[step])
         return alpha_bar if self.config.reward_weighting == "squared" else alpha_bar ** 0.5
 
-    def x0_next(self, ctx: AlignContext, model_fn, x_next: Tensor, step: int) -> Tensor:
+    def x0_next(self, ctx: Pipeline, model_fn, x_next: Tensor, step: int) -> Tensor:
         """x0_hat at the next latent, through the current (LoRA) model unless Jacobian-free."""
         t_next = ctx.sampler.next_timesteps[step].to(x_next.device).expand(x_next.shape[0])
         out = model_fn(x_next, t_next)
@@ -89,7 +96,7 @@ class NablaGFN(AlgorithmBase):
         alpha_bar = float(ctx.sampler.alpha_bar_next[min(step + 1, self.num_steps - 1)])
         return (x_next - (1 - alpha_bar) ** 0.5 * out) / alpha_bar**0.5
 
-    def reward_grad(self, ctx: AlignContext, model_fn, x_next: Tensor, step: int, prompts, cameras) -> tuple[Tensor, Tensor]:
+    def reward_grad(self, ctx: Pipeline, model_fn, x_next: Tensor, step: int, prompts, cameras) -> tuple[Tensor, Tensor]:
         """``(g [B, *S], reward [B])``: the view-averaged reward's gradient w.r.t. the next latent."""
         x = x_next.detach().requires_grad_(True)
         with torch.enable_grad():
@@ -104,7 +111,7 @@ class NablaGFN(AlgorithmBase):
         factor = (self.config.reward_grad_clip / norms).clamp(max=1.0)
         return drive * factor.view(-1, *[1] * (drive.ndim - 1))
 
-    def reverse_residual(self, ctx: AlignContext, model_fn, x_t: Tensor, x_next: Tensor, step: int) -> Tensor:
+    def reverse_residual(self, ctx: Pipeline, model_fn, x_t: Tensor, x_next: Tensor, step: int) -> Tensor:
         """rev_theta(x_t) - rev_ref(x_t), rev = grad_{x_t} log p(x_next | x_t): no parameter graph."""
         t = ctx.sampler.timesteps[step].to(x_t.device).expand(x_t.shape[0])
 
@@ -121,7 +128,7 @@ class NablaGFN(AlgorithmBase):
             residual = residual - rev()
         return residual
 
-    def reward_grad_current(self, ctx: AlignContext, model_fn, x_t: Tensor, step: int, prompts, cameras) -> Tensor:
+    def reward_grad_current(self, ctx: Pipeline, model_fn, x_t: Tensor, step: int, prompts, cameras) -> Tensor:
         """grad_{x_t} r(x0_hat(x_t)) with x0_hat at x_t's own timestep (the reverse loss's flow term)."""
         x = x_t.detach().requires_grad_(True)
         t = ctx.sampler.timesteps[step].to(x.device).expand(x.shape[0])
@@ -133,7 +140,7 @@ class NablaGFN(AlgorithmBase):
             (grad,) = torch.autograd.grad(reward.sum(), x)
         return grad
 
-    def transition(self, ctx: AlignContext, model_fn, traj, step: int, prompts, cameras,
+    def transition(self, ctx: Pipeline, model_fn, traj, step: int, prompts, cameras,
                    cond=None) -> dict[str, Tensor]:
         """All terms of one transition's loss for the whole batch (``loss`` carries the LoRA graph, and the
         flow correction's when it is on; ``cond`` are the prompts' embeddings, needed by g_phi)."""
@@ -167,13 +174,13 @@ class NablaGFN(AlgorithmBase):
         return terms | {"loss": loss, "loss_score": loss_score, "loss_reg": loss_reg, "score": score,
                         "score_ref": score_ref, "target": target, "drive": drive, "reward_grad": grad, "reward": reward}
 
-    def terminal_loss(self, ctx: AlignContext, traj, cond) -> Tensor:
+    def terminal_loss(self, ctx: Pipeline, traj, cond) -> Tensor:
         """|g_phi(x_0)|^2 at the trajectories' final states: the flow correction vanishes at the end."""
         x0 = traj.latents[:, -1]
         t0 = ctx.sampler.next_timesteps[-1].to(x0.device).expand(x0.shape[0])
         return self.flow(x0, t0, cond).square().mean()
 
-    def accumulate(self, ctx: AlignContext, batch: SampleBatch, scale: float,
+    def accumulate(self, ctx: Pipeline, batch: SampleBatch, scale: float,
                    generator: torch.Generator) -> dict[str, float]:
         traj = batch.trajectory
         steps = stratified_transitions(traj.num_steps, self.config.timestep_fraction, generator)
@@ -192,7 +199,7 @@ class NablaGFN(AlgorithmBase):
             for key in ("flow_norm", "loss_reverse"):
                 if key in terms:
                     totals[key] = totals.get(key, 0.0) + terms[key].item()
-            norm = lambda x: x.detach().flatten(1).norm(dim=1).mean().item()  # noqa: E731
+            norm = lambda x: x.detach().flatten(1).norm(dim=1).mean().item()
             totals["loss"] += terms["loss"].item()
             totals["loss_score"] += terms["loss_score"].item()
             totals["loss_reg"] += terms["loss_reg"].item()

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import torch
 
-from r2d3.algos.base import AlgorithmBase, AlignContext, SampleBatch, as_dict, register_algorithm
+from r2d3.algos.base import AlgorithmBase, SampleBatch, as_dict, register_algorithm
 from r2d3.config import AlgoConfig
+from r2d3.pipeline import Pipeline
 
 
 class ReFL(AlgorithmBase):
@@ -24,7 +25,7 @@ class ReFL(AlgorithmBase):
         self.num_steps = num_steps
         self.config = config
 
-    def accumulate(self, ctx: AlignContext, batch: SampleBatch, scale: float,
+    def accumulate(self, ctx: Pipeline, batch: SampleBatch, scale: float,
                    generator: torch.Generator) -> dict[str, float]:
         traj = batch.trajectory
         j = self.first_step + int(torch.randint(self.num_steps - self.first_step, (1,), generator=generator))

@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 from typing import Any, Callable, Protocol, Sequence, runtime_checkable
 
+import torch
 from torch import Tensor, nn
 
 from r2d3.backends.text import PromptEmbeds
@@ -61,25 +62,74 @@ def load_pretrained_dir(cls: Any, path: Path, label: str, rebuild: str, device: 
 
 @runtime_checkable
 class Backend(Protocol):
+    """Everything samplers, alignment losses, the training loop and the sample / eval jobs read from a model.
+
+    Every member below is read by some caller, so every backend defines every member explicitly (no
+    ``getattr`` fallback is needed; ``tests/test_backend_conformance.py`` checks each backend against this
+    protocol). Members that callers read but that cannot be part of the structural check:
+
+    * ``text_encoder`` (an ``nn.Module``) *or* ``encoder_fingerprint() -> str``: read by
+      :func:`r2d3.data.embeddings.encoder_fingerprint` to tell precomputed prompt embeddings of different
+      encoders apart. Not a protocol member because DiffSplat loads its T5 lazily behind a property and
+      ``isinstance(backend, Backend)`` would load (or fail to load) it.
+    """
+
     name: str
-    #: the module that LoRA adapts (``denoise`` runs it; its own forward signature is the backend's business)
+    """The registry name (``load_backend(name)``); checkpoints, logs and embedding fingerprints carry it so
+    a LoRA or an embedding file is never applied to another model."""
+
     denoiser: nn.Module
-    #: shape of one sample's latent, without the batch axis
-    latent_shape: tuple[int, ...]
-    #: module-name suffixes that LoRA may target (peft ``target_modules``)
+    """The module that LoRA adapts (``denoise`` runs it; its own forward signature is the backend's
+    business). Training freezes it, adds the adapter to it and saves only the adapter's weights."""
+
     lora_target_modules: list[str]
-    #: the diffusers scheduler config the model was trained with (``prediction_type`` included)
+    """Module-name suffixes of ``denoiser`` that LoRA targets by default (peft ``target_modules``); each
+    must match at least one peft-adaptable layer, else the adapter silently trains less than intended."""
+
     scheduler_config: dict[str, Any]
-    # Optional: ``final_x0 = True`` makes samplers end with the model's x̂_0 at the last state (see
-    # StochasticSampler.sample), for schedules whose cleanest training level is still noisy.
-    # Optional: ``sampler_defaults``, the model's own sampling settings (``SamplerConfig`` fields, e.g.
-    # DiffSplat's 20-step SDE-DPM-Solver++ at CFG 5) that r2d3.sample uses unless told otherwise.
+    """The diffusers scheduler config the model was trained with (``prediction_type`` included), from which
+    :func:`r2d3.diffusion.scheduler_from_config` builds the sampler's schedule, so sampling uses exactly the
+    training noise levels."""
 
-    def encode_prompts(self, prompts: Sequence[str]) -> PromptEmbeds: ...
+    final_x0: bool
+    """``True`` makes samplers end with the model's x̂_0 at the last state (see
+    ``StochasticSampler.sample``), for schedules whose cleanest training level is still noisy (Shap-E);
+    ``False`` keeps the last stochastic step's latent, as the losses' trajectories do. Read by the training
+    loop, ``r2d3.sample`` and the DRaFT algorithm."""
 
-    def denoise(self, x: Tensor, t: Tensor, cond: PromptEmbeds) -> Tensor: ...
+    sampler_defaults: dict[str, Any]
+    """The model's own sampling settings (``SamplerConfig`` fields, e.g. DiffSplat's 20-step
+    SDE-DPM-Solver++ at CFG 5) that ``r2d3.sample`` uses unless told otherwise; empty: r2d3's
+    ``SamplerConfig`` defaults apply. Read through :func:`sampler_defaults`, which copies it."""
 
-    def decode(self, latents: Tensor) -> Gaussians: ...
+    @property
+    def latent_shape(self) -> tuple[int, ...]:
+        """Shape of one sample's latent, without the batch axis: the sampler draws ``x_T`` of
+        ``[B, *latent_shape]`` and ``denoise`` / ``decode`` take that shape."""
+        ...
+
+    @property
+    def device(self) -> torch.device:
+        """Where the denoiser's weights are: callers put noise, cameras and latents there before calling
+        ``denoise`` / ``decode`` (the training loop, ``r2d3.sample``, the algorithms' camera sampling)."""
+        ...
+
+    def encode_prompts(self, prompts: Sequence[str]) -> PromptEmbeds:
+        """Frozen text embeddings of ``prompts`` (``""`` is the unconditional prompt of classifier-free
+        guidance); deterministic, row ``i`` depending on prompt ``i`` only, so embeddings can be precomputed
+        and batched freely."""
+        ...
+
+    def denoise(self, x: Tensor, t: Tensor, cond: PromptEmbeds) -> Tensor:
+        """The model output (in ``scheduler_config["prediction_type"]``) for latents ``x`` ``[B, *latent_shape]``
+        at training timesteps ``t`` (``[B]`` or a scalar), differentiable in the LoRA parameters; row ``i``
+        depends on row ``i`` of each input only."""
+        ...
+
+    def decode(self, latents: Tensor) -> Gaussians:
+        """Clean latents ``[B, *latent_shape]`` -> valid :class:`~r2d3.render.Gaussians` ``[B, N, ...]``,
+        differentiable in the latents (reward gradients flow back through it), per sample."""
+        ...
 
 
 _REGISTRY: dict[str, Callable[..., Backend]] = {}

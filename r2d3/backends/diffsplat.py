@@ -196,6 +196,8 @@ class DiffSplatBackend:
     #: the paper's sampling: 20-step first-order SDE-DPM-Solver++, CFG 5 (module docstring)
     sampler_defaults = {"kind": "sde-dpmsolver++", "num_steps": 20, "eta": 1.0, "guidance_scale": 5.0}
     lora_target_modules = LORA_TARGET_MODULES
+    #: the paper decodes the last stochastic step's latent (PixArt's linear schedule ends nearly clean)
+    final_x0 = False
 
     def __init__(self, transformer: MultiViewPixArtTransformer, gsvae: GSVAE, text_encoder: Any = None,
                  tokenizer: Any = None, scheduler_config: dict[str, Any] | None = None,

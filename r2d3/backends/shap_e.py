@@ -77,7 +77,8 @@ from torch.utils.checkpoint import checkpoint
 
 from r2d3.backends.base import WEIGHTS_FILE, WeightsError, load_pretrained_dir, register_backend
 from r2d3.backends.text import PromptEmbeds
-from r2d3.render.gaussians import Gaussians, quat_from_z_to
+from r2d3.render.gaussians import Gaussians
+from r2d3.render.quaternions import quat_from_z_to
 
 #: the prior's attention and feed-forward linears (diffusers ``BasicTransformerBlock`` names)
 LORA_TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"]

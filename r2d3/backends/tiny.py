@@ -30,7 +30,8 @@ from torch import Tensor, nn
 
 from r2d3.backends.base import WeightsError, check_keys_match, register_backend
 from r2d3.backends.text import PromptEmbeds, TextEncoder
-from r2d3.render.gaussians import Gaussians, quat_from_z_to, rotate_z_by
+from r2d3.render.gaussians import Gaussians
+from r2d3.render.quaternions import quat_from_z_to, rotate_z_by
 
 LATENT_CHANNELS = 9
 LORA_TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out", "fc1", "fc2"]
@@ -154,6 +155,10 @@ class TinySplatBackend:
 
     name = "tiny"
     lora_target_modules = LORA_TARGET_MODULES
+    #: no own sampling settings: r2d3's ``SamplerConfig`` defaults are tuned for this model
+    sampler_defaults: dict[str, Any] = {}
+    #: the cosine schedule's cleanest training level (t = 0) is clean enough to decode the last latent
+    final_x0 = False
 
     def __init__(
         self,

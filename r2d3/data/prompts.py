@@ -168,6 +168,13 @@ def load_prompts(source: str, column: str = "prompt") -> PromptList:
     return out
 
 
+def select_prompts(prompts: Sequence[str], n: int) -> list[str]:
+    """``n`` prompts spread evenly over ``prompts`` (deterministic; all of them when ``n`` is larger): the
+    held-out set of the training job and of the evaluation job."""
+    n = min(n, len(prompts))
+    return [prompts[int(i * len(prompts) / n)] for i in range(n)] if n > 0 else []
+
+
 class PromptStream:
     """Prompt batches pulled from a stream of row batches that restarts every data epoch.
 

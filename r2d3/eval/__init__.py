@@ -8,7 +8,7 @@
 - :mod:`r2d3.eval.extractors`: feature extractors / image–text models (clip_tiny, local CLIP, a local vision backbone);
 - :mod:`r2d3.eval.image_stats`: saturation, contrast, background coverage, edge density;
 - :mod:`r2d3.eval.bootstrap`: intervals by resampling prompts;
-- :mod:`r2d3.eval.job` and :mod:`r2d3.eval.report`: the evaluation job's work unit, summary and report
+- :mod:`r2d3.jobs.evaluate` and :mod:`r2d3.eval.report`: the evaluation job's work unit, summary and report
   (run on Ray Data by :mod:`r2d3.ray.evaluate`, ``pipelines/evaluate.py``).
 """
 

@@ -20,7 +20,7 @@ import torch
 
 from r2d3.config import AlignConfig
 from r2d3.train import loop
-from r2d3.train.align_job import run_worker
+from r2d3.jobs.align import run_worker
 from r2d3.train.session import LocalSession
 
 METHODS = ("nabla_gfn", "ddpo", "refl", "draft")

@@ -11,12 +11,14 @@ every splat's orientation is composed with that rotation, so the asset is rotate
 from __future__ import annotations
 
 import numpy as np
-import torch
 
 from r2d3.render.gaussians import Gaussians
+from r2d3.render.quaternions import quat_multiply
 
 #: export frames (see the module docstring)
 FRAMES = ("y-up", "y-down")
+#: the unit quaternion (w, x, y, z) of the half turn about x taking y-up to y-down (and back)
+_HALF_TURN_X = (0.0, 1.0, 0.0, 0.0)
 
 
 def check_frame(frame: str) -> str:
@@ -31,9 +33,7 @@ def gaussians_in_frame(gaussians: Gaussians, frame: str) -> Gaussians:
     if check_frame(frame) == "y-up":
         return gaussians
     sign = gaussians.means.new_tensor([1.0, -1.0, -1.0])
-    w, x, y, z = gaussians.quats.unbind(-1)
-    # (0, 1, 0, 0) * q: the Hamilton product with the unit quaternion of a half turn about x
-    quats = torch.stack([-x, w, -z, y], dim=-1)
+    quats = quat_multiply(gaussians.quats.new_tensor(_HALF_TURN_X), gaussians.quats)
     return Gaussians(gaussians.means * sign, gaussians.scales, quats, gaussians.opacities, gaussians.colors)
 
 

@@ -42,7 +42,7 @@ from r2d3.export._atomic import atomic_path
 from r2d3.export.frame import points_in_frame
 from r2d3.export.ply import single_asset
 from r2d3.render.gaussians import Gaussians
-from r2d3.render.projection import quat_to_rotmat
+from r2d3.render.quaternions import quat_to_rotmat
 
 DEFAULT_LEVEL = 0.5
 """Default isosurface level in opacity units (half the peak of one fully opaque Gaussian)."""

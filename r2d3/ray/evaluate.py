@@ -5,12 +5,12 @@ JSON and a Markdown/HTML report.
                                     -> rows (checkpoint x prompt x seed) -> driver: summary + report
 
 Each :class:`EvalActor` builds the backend (with every checkpoint's LoRA), the reward and the feature
-extractor once, then evaluates whole prompts (all seeds, all checkpoints; see :mod:`r2d3.eval.job` for
+extractor once, then evaluates whole prompts (all seeds, all checkpoints; see :mod:`r2d3.jobs.evaluate` for
 why that unit). ``actors=0`` runs the same code in this process without Ray. The driver gathers the
 rows (small: scalars, pooled features and one preview PNG per checkpoint x prompt), checks that every
 checkpoint has every (prompt, seed), and writes into ``out_dir``::
 
-    samples.parquet   one row per checkpoint x prompt x seed (r2d3.eval.job documents the columns)
+    samples.parquet   one row per checkpoint x prompt x seed (r2d3.jobs.evaluate documents the columns)
     summary.json      the job's settings, prompts, per-checkpoint metrics with intervals, timings
     report.md/.html   tables, tradeoff.png, per_prompt_delta.png, grid_<checkpoint>_{best,worst}.png
 """
@@ -27,8 +27,9 @@ from typing import Any
 import pyarrow as pa
 
 from r2d3.config import reward_label
-from r2d3.eval.job import (EvalSettings, PromptEvaluator, previews_from_rows, row_schema, rows_to_table, sort_rows,
-                           summarize)
+from r2d3.eval.samples import previews_from_rows, row_schema, rows_to_table, sort_rows
+from r2d3.eval.summary import summarize
+from r2d3.jobs.evaluate import EvalSettings, PromptEvaluator
 from r2d3.ray.actors import map_with_actors
 
 log = logging.getLogger(__name__)
@@ -36,7 +37,7 @@ SUMMARY_VERSION = 1
 
 
 class EvalActor:
-    """One :class:`~r2d3.eval.job.PromptEvaluator` per actor process; batches of prompt units -> rows."""
+    """One :class:`~r2d3.jobs.evaluate.PromptEvaluator` per actor process; batches of prompt units -> rows."""
 
     def __init__(self, settings: EvalSettings):
         import dataclasses
@@ -97,7 +98,7 @@ def run_evaluation(settings: EvalSettings, prompts: list[str], out_dir: str | os
                 "actors": actors, "batch_size": batch_size,
                 "bootstrap": {"unit": "prompt", "level": 0.95, "draws": draws, "fid_draws": fid_draws, "seed": 0},
                 "noise": "per (prompt, seed): torch.Generator().manual_seed(noise_seed) draws [1 + K, *latent] "
-                         "(x_T, then the step noises); noise_seed = r2d3.eval.job.noise_seed(prompt, seed), in "
+                         "(x_T, then the step noises); noise_seed = r2d3.pipeline.noise_seed(prompt, seed), in "
                          "samples.parquet"})
     summary: dict[str, Any] = {"version": SUMMARY_VERSION, "job": job, "prompts": list(prompts),
                                "checkpoints": metrics}

@@ -4,7 +4,7 @@
         -> rows streamed back to the driver (progress) -> errors.parquet, gallery.html, manifest.parquet
 
 Each :class:`RegenActor` builds the backend (with every checkpoint's LoRA) and the rewards once, then
-writes each asset's files and ``done.json`` itself (:class:`r2d3.regenerate.AssetWorker`); only small
+writes each asset's files and ``done.json`` itself (:class:`r2d3.jobs.regenerate.AssetWorker`); only small
 rows travel back. ``actors=0`` runs the same code in this process without Ray. Finished assets (the
 manifest plus ``done.json`` markers) are skipped, so a rerun or a resumed run only does what is missing,
 and the manifest is rewritten from scratch from all finished rows under the output (whatever run made
@@ -19,7 +19,7 @@ import sys
 import time
 from typing import Any, Sequence
 
-from r2d3.regenerate import (ERRORS, GALLERY, MANIFEST, AssetWorker, RegenSettings, Store, _reward_name,
+from r2d3.jobs.regenerate import (ERRORS, GALLERY, MANIFEST, AssetWorker, RegenSettings, Store, _reward_name,
                              error_schema, finished_rows, manifest_metadata, manifest_schema, row_key,
                              rows_to_table, sort_rows)
 
@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 
 
 class RegenActor:
-    """One :class:`~r2d3.regenerate.AssetWorker` per actor process."""
+    """One :class:`~r2d3.jobs.regenerate.AssetWorker` per actor process."""
 
     def __init__(self, settings: RegenSettings):
         import dataclasses

@@ -217,7 +217,7 @@ def _storage(uri: str) -> tuple[pafs.FileSystem, str]:
 
 
 def _worker_loop(payload: dict[str, Any]) -> None:
-    from r2d3.train import align_job
+    from r2d3.jobs import align as align_job
 
     config = from_dict(AlignConfig, payload["config"])
     run_dir = Path(payload["run_dir"])

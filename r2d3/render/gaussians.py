@@ -4,7 +4,8 @@ Conventions (stated once, here):
 - world frame is right-handed, **y up**; assets live roughly inside the unit cube centred at the origin;
 - ``means``      ``[B, N, 3]`` world positions;
 - ``scales``     ``[B, N, 3]`` standard deviations along the Gaussian's local axes, **linear** (not log), > 0;
-- ``quats``      ``[B, N, 4]`` rotation quaternions in **(w, x, y, z)** order, unit norm;
+- ``quats``      ``[B, N, 4]`` rotation quaternions in **(w, x, y, z)** order, unit norm (helpers in
+  :mod:`r2d3.render.quaternions`);
 - ``opacities``  ``[B, N]`` opacity as a **probability** in [0, 1] (the PLY file stores its logit);
 - ``colors``     ``[B, N, 3]`` linear RGB in [0, 1] (the PLY file stores SH degree-0 coefficients).
 """
@@ -15,6 +16,8 @@ from dataclasses import dataclass, fields
 
 import torch
 from torch import Tensor
+
+from r2d3.render.quaternions import quat_from_z_to, rotate_z_by  # noqa: F401 (re-exported for older imports)
 
 
 class InvalidGaussiansError(ValueError):
@@ -37,23 +40,23 @@ class Gaussians:
     def num_gaussians(self) -> int:
         return self.means.shape[1]
 
-    def to(self, *args, **kwargs) -> "Gaussians":
+    def to(self, *args, **kwargs) -> Gaussians:
         return Gaussians(**{f.name: getattr(self, f.name).to(*args, **kwargs) for f in fields(self)})
 
-    def detach(self) -> "Gaussians":
+    def detach(self) -> Gaussians:
         return Gaussians(**{f.name: getattr(self, f.name).detach() for f in fields(self)})
 
-    def __getitem__(self, index) -> "Gaussians":
+    def __getitem__(self, index) -> Gaussians:
         """Select assets along the batch axis (keeps the batch axis for int indices too)."""
         if isinstance(index, int):
             index = slice(index, index + 1)
         return Gaussians(**{f.name: getattr(self, f.name)[index] for f in fields(self)})
 
     @staticmethod
-    def cat(items: list["Gaussians"]) -> "Gaussians":
+    def cat(items: list[Gaussians]) -> Gaussians:
         return Gaussians(**{f.name: torch.cat([getattr(g, f.name) for g in items]) for f in fields(Gaussians)})
 
-    def validate(self, normalize_quats: bool = True) -> "Gaussians":
+    def validate(self, normalize_quats: bool = True) -> Gaussians:
         """Check shapes, dtypes and values; return a copy with unit quaternions.
 
         Non-unit quaternions are normalised (documented normalisation: any non-zero quaternion
@@ -92,18 +95,3 @@ class Gaussians:
             raise InvalidGaussiansError("Gaussians.quats contains a zero quaternion (no rotation defined)")
         quats = self.quats / norm if normalize_quats else self.quats
         return Gaussians(self.means, self.scales, quats, self.opacities, self.colors)
-
-
-def quat_from_z_to(normal: Tensor) -> Tensor:
-    """Unit quaternion (w, x, y, z) rotating +z onto the unit vector ``normal`` (shortest arc)."""
-    nx, ny, nz = normal.unbind(-1)
-    q = torch.stack([1 + nz, -ny, nx, torch.zeros_like(nz)], dim=-1)
-    norm = q.norm(dim=-1, keepdim=True)
-    flip = q.new_tensor([0.0, 1.0, 0.0, 0.0]).expand_as(q)  # +z -> -z: half turn about x
-    return torch.where(norm > 1e-6, q / norm.clamp(min=1e-12), flip)
-
-
-def rotate_z_by(quats: Tensor) -> Tensor:
-    """The image of +z under unit quaternions (w, x, y, z): the third column of the rotation matrix."""
-    w, x, y, z = quats.unbind(-1)
-    return torch.stack([2 * (x * z + w * y), 2 * (y * z - w * x), 1 - 2 * (x * x + y * y)], dim=-1)

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from r2d3.render.quaternions import quat_to_rotmat  # also imported from here by older code
+
 #: A Gaussian contributes to a pixel only where its alpha is at least this (as in 3DGS and gsplat).
 ALPHA_MIN = 1.0 / 255.0
 #: Per-Gaussian alpha is clamped to this so transmittance never reaches exactly zero (as in 3DGS).
@@ -24,17 +26,6 @@ ALPHA_MAX = 0.99
 #: Out-of-view Gaussians use the Jacobian at this fraction beyond the image border (3DGS/gsplat clamp),
 #: so that a Gaussian far outside the frustum does not get a huge, unstable footprint.
 _FRUSTUM_MARGIN = 0.3
-
-
-def quat_to_rotmat(quats: Tensor) -> Tensor:
-    """Rotation matrices ``[..., 3, 3]`` from unit quaternions ``[..., 4]`` in (w, x, y, z) order."""
-    w, x, y, z = quats.unbind(-1)
-    rows = (
-        1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y),
-        2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x),
-        2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y),
-    )  # fmt: skip
-    return torch.stack(rows, dim=-1).reshape(*quats.shape[:-1], 3, 3)
 
 
 @dataclass

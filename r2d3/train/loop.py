@@ -17,8 +17,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from r2d3.algos import AlignContext, SampleBatch, build_algorithm
-from r2d3.algos.base import Scorer, make_context, prepare_batch
+from r2d3.algos import SampleBatch, build_algorithm
+from r2d3.algos.base import prepare_batch
 from r2d3.backends import available_backends, load_backend
 from r2d3.config import WANDB_MODES, AlignConfig, ConfigError, RenderConfig, SamplerConfig, check_finite
 from r2d3.diffusion.schedules import SCHEDULER_KINDS
@@ -27,7 +27,9 @@ from r2d3.rewards import build_reward, load_reward
 from r2d3.render import SPLAT_BACKENDS
 from r2d3.train.checkpoint import (CorruptCheckpointError, TrainState, check_compatible, load_checkpoint,
                                    save_checkpoint)
-from r2d3.train.lora import add_lora, load_lora_state_dict, lora_state_dict
+from r2d3.backends.lora import add_lora, load_lora_state_dict, lora_state_dict
+from r2d3.devices import resolve_device
+from r2d3.pipeline import Pipeline, Scorer
 from r2d3.train.session import Session
 
 log = logging.getLogger(__name__)
@@ -35,12 +37,6 @@ log = logging.getLogger(__name__)
 
 class TrainingAborted(RuntimeError):
     """Too many batches with non-finite losses or rewards."""
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 #: device names ``run.device`` accepts
@@ -167,7 +163,7 @@ class Worker:
     """Everything a worker builds once: model with LoRA, sampler, reward, algorithm, optimizer."""
 
     config: AlignConfig
-    ctx: AlignContext
+    ctx: Pipeline
     algorithm: Any
     params: list[torch.nn.Parameter]  # the LoRA's
     optimizer: torch.optim.Optimizer
@@ -187,8 +183,8 @@ class Worker:
 def build_worker(config: AlignConfig, scorer: Scorer | None = None, load_prompt_list: bool = True) -> Worker:
     """Model with LoRA, sampler, reward, algorithm and optimizer for one worker.
 
-    ``scorer`` replaces in-process render + reward (see :class:`~r2d3.algos.base.AlignContext`), e.g.
-    with a pool of remote render/reward actors."""
+    ``scorer`` replaces in-process render + reward (see :class:`~r2d3.pipeline.Pipeline`), e.g.
+    with a pool of remote render/reward actors; then this process loads no reward model."""
     validate(config)
     device = resolve_device(config.run.device)
     torch.manual_seed(config.run.seed)  # LoRA init: identical on every worker
@@ -203,7 +199,8 @@ def build_worker(config: AlignConfig, scorer: Scorer | None = None, load_prompt_
     except ValueError as err:
         raise ConfigError(f"model.lora_targets: {err} (the backend's own list: {backend.lora_target_modules})") from err
     algorithm = build_algorithm(config.algo, config.sampler.num_steps)
-    ctx = make_context(backend, config.sampler, load_reward(config.reward, device), config.render, scorer)
+    reward_fn = load_reward(config.reward, device) if scorer is None else None
+    ctx = Pipeline.build(backend, config.sampler, config.render, reward_fn, scorer)
     modules = algorithm.build_modules(ctx)
     t = config.train
     groups = [{"params": params}] + [{"params": list(m.module.parameters()), "lr": m.lr,
@@ -215,23 +212,11 @@ def build_worker(config: AlignConfig, scorer: Scorer | None = None, load_prompt_
                   {name: m.module for name, m in modules.items()})
 
 
-@torch.no_grad()
-def sample_batch(ctx: AlignContext, prompts: list[str], generator: torch.Generator,
-                 noise: torch.Tensor | None = None, jitter_cameras: bool = True) -> SampleBatch:
-    """Sample trajectories for ``prompts`` with the current policy and score their final samples.
-
-    Noise is drawn on the CPU generator (the same numbers on any device) unless given as
-    ``[B, 1 + K, *S]`` (x_T, then the K step noises)."""
-    device = ctx.backend.device
-    shape = (len(prompts), 1 + ctx.sampler.num_steps, *ctx.backend.latent_shape)
-    noise = torch.randn(shape, generator=generator) if noise is None else noise
-    noise = noise.to(device)
-    cond = ctx.backend.encode_prompts(prompts)
-    traj = ctx.sampler.sample(ctx.model_fn(cond), x_T=noise[:, 0], noises=noise[:, 1:],
-                              final_x0=getattr(ctx.backend, "final_x0", False))
-    cameras = ctx.cameras(len(prompts), generator if jitter_cameras else None, jitter=jitter_cameras)
-    rewards = ctx.reward_of_latents(traj.final, prompts, cameras)
-    return SampleBatch(traj, prompts, cond, rewards)
+def sample_batch(ctx: Pipeline, prompts: list[str], generator: torch.Generator) -> SampleBatch:
+    """Trajectories for ``prompts`` with the current policy, scored with jittered reward cameras; noise
+    and camera jitter come from the run's generator (on the CPU: the same numbers on any device)."""
+    g = ctx.generate(prompts, ctx.noise(len(prompts), generator), generator=generator, jitter=True, render=False)
+    return SampleBatch.from_generation(g)
 
 
 def _finite_grads(params: list[torch.nn.Parameter]) -> bool:
@@ -326,7 +311,7 @@ def _buffer_tensors(batch: SampleBatch) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu() for k, v in out.items()}
 
 
-def _buffer_from_tensors(ctx: AlignContext, data: dict[str, torch.Tensor], prompts: list[str]) -> SampleBatch:
+def _buffer_from_tensors(ctx: Pipeline, data: dict[str, torch.Tensor], prompts: list[str]) -> SampleBatch:
     from r2d3.backends.text import PromptEmbeds
     from r2d3.diffusion import Trajectory
 

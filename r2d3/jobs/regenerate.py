@@ -19,7 +19,7 @@ S3, which is all-or-nothing). An asset counts as finished only once its ``done.j
 written after its files. A rerun reads ``manifest.parquet`` plus every ``done.json`` and only works on
 the missing keys, so a killed run resumes to the same manifest as an uninterrupted one and reruns never
 duplicate rows. Each asset is computed alone from noise seeded by ``noise_seed(prompt, seed)`` (the
-evaluation job's scheme, :mod:`r2d3.eval.job`), so results do not depend on batching or on resumption.
+evaluation job's scheme, :mod:`r2d3.jobs.evaluate`), so results do not depend on batching or on resumption.
 """
 
 from __future__ import annotations
@@ -40,8 +40,16 @@ from typing import Any, Sequence
 
 import torch
 
-from r2d3.config import AlignConfig, RenderConfig, SamplerConfig
-from r2d3.eval.job import BASE, CheckpointSpec, initial_noise, noise_seed, resolve_checkpoint
+from r2d3.config import AlignConfig, RenderConfig, SamplerConfig, reward_label
+from r2d3.devices import resolve_device
+from r2d3.eval.image_stats import image_stats
+from r2d3.eval.prompt_following import prompt_following
+from r2d3.eval.samples import gradeable
+from r2d3.export import encode_gif, encode_ply, encode_png, make_grid, render_turntable
+from r2d3.export.mesh import encode_glb, gaussians_to_mesh
+from r2d3.jobs.evaluate import BASE, CheckpointSpec, ModelBank, resolve_checkpoint
+from r2d3.pipeline import Pipeline, noise_seed
+from r2d3.rewards import load_reward
 
 log = logging.getLogger(__name__)
 
@@ -172,7 +180,7 @@ def localize(uri: str, cache: str | os.PathLike | None = None) -> str:
 
 
 def resolve(arg: str, cache: str | os.PathLike | None = None) -> CheckpointSpec:
-    """:func:`r2d3.eval.job.resolve_checkpoint` that also accepts ``s3://`` checkpoints (``LABEL=s3://...``
+    """:func:`r2d3.jobs.evaluate.resolve_checkpoint` that also accepts ``s3://`` checkpoints (``LABEL=s3://...``
     too); the name of an S3 checkpoint is its last two path components, like a local one."""
     label, sep, rest = arg.partition("=")
     if sep and label and "/" not in label and rest.startswith("s3://"):
@@ -245,8 +253,6 @@ class RegenSettings:
 
 
 def _reward_name(spec: Any) -> str:
-    from r2d3.config import reward_label
-
     return slug(reward_label(spec))
 
 
@@ -255,11 +261,8 @@ class AssetWorker:
     files and a manifest row (or an error row); calling it on a batch of items returns all rows."""
 
     def __init__(self, settings: RegenSettings):
-        from r2d3.eval.job import ModelBank, _device
-        from r2d3.rewards import load_reward
-
         self.settings = settings
-        self.device = _device(settings.device)
+        self.device = resolve_device(settings.device)
         specs = []
         for spec in settings.checkpoints:  # an S3 checkpoint may not be on this node yet
             if not spec.is_base and not (Path(spec.path) / "lora.safetensors").is_file():
@@ -269,32 +272,24 @@ class AssetWorker:
         self.bank = ModelBank(settings.backend, settings.weights, self.device, specs)
         self.rewards = [load_reward(r, self.device) for r in settings.rewards]
         self.store = Store(settings.out)
-        self._contexts: dict[int, Any] = {}
+        self._pipelines: dict[int, Pipeline] = {}
 
-    def _context(self, backend):
-        from r2d3.algos.base import make_context
-
-        if id(backend) not in self._contexts:
-            self._contexts[id(backend)] = make_context(backend, self.settings.sampler, self.rewards[0],
-                                                       self.settings.render)
-        return self._contexts[id(backend)]
+    def _pipeline(self, backend) -> Pipeline:
+        if id(backend) not in self._pipelines:
+            self._pipelines[id(backend)] = Pipeline.build(backend, self.settings.sampler, self.settings.render,
+                                                          self.rewards[0])
+        return self._pipelines[id(backend)]
 
     @torch.no_grad()
     def _make(self, spec: CheckpointSpec, prompt: str, seed: int) -> dict[str, Any]:
-        from r2d3.data.procedural import PromptParseError, parse_prompt
-        from r2d3.eval.image_stats import image_stats
-        from r2d3.eval.prompt_following import prompt_following
-        from r2d3.export import encode_gif, encode_ply, encode_png, make_grid, render_turntable
-        from r2d3.train.align_job import sample_and_render
-
         s = self.settings
         ckpt_id = s.ids[spec.name]
         where = asset_dir(ckpt_id, prompt, seed)
         t0 = time.perf_counter()
         backend, disable = self.bank.backend_for(spec)
-        noise = initial_noise([noise_seed(prompt, seed)], s.sampler.num_steps, backend.latent_shape)
-        latents, rewards, render = sample_and_render(self._context(backend), [prompt], noise, base=disable)
-        on_device = backend.decode(latents)[0:1]  # one asset, rendered where it was sampled
+        pipeline = self._pipeline(backend)
+        g = pipeline.generate([prompt], pipeline.seeded_noise([prompt], [seed]), base=disable, keep_trajectory=False)
+        render, on_device = g.renders, g.gaussians  # one asset, decoded once, rendered where it was sampled
         gaussians = on_device.detach().to(torch.device("cpu"))
         t1 = time.perf_counter()
         # previews and turntables frame the asset (the reward renders keep the training cameras)
@@ -313,23 +308,20 @@ class AssetWorker:
             self.store.write_bytes(rel, data)
             paths[f"{kind}_path"] = rel
         t2 = time.perf_counter()
-        scores: dict[str, Any] = {"reward": float(rewards[0])}
+        scores: dict[str, Any] = {"reward": float(g.rewards[0])}
         for spec_r, fn in zip(s.rewards[1:], self.rewards[1:]):
             scores[f"reward_{_reward_name(spec_r)}"] = float(fn(render, [prompt])[0])
         scores.update({k: float(v[0]) for k, v in image_stats(render).items()})
-        try:
-            parse_prompt(prompt)
+        if gradeable(prompt):
             pf = prompt_following(render, [prompt])["per_sample"][0]
             scores["color_ok"], scores["shape_ok"] = bool(pf["color_ok"]), bool(pf["shape_ok"])
-        except PromptParseError:  # free text: only the grammar's prompts can be graded
+        else:  # free text: only the grammar's prompts can be graded
             scores["color_ok"] = scores["shape_ok"] = None
         t3 = time.perf_counter()
         return {**scores, **paths, "t_sample_s": t1 - t0, "t_export_s": t2 - t1, "t_score_s": t3 - t2,
                 "t_total_s": t3 - t0}
 
     def _glb(self, gaussians) -> bytes:
-        from r2d3.export.mesh import encode_glb, gaussians_to_mesh
-
         s = self.settings
         return encode_glb(gaussians_to_mesh(gaussians, resolution=s.mesh_resolution), unlit=s.unlit, frame=s.frame)
 
