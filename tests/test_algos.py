@@ -10,7 +10,7 @@ from diffusers.configuration_utils import register_to_config
 from diffusers.loaders import PeftAdapterMixin
 from torch import nn
 
-from r2d3.algos import Pipeline, build_algorithm, stratified_transitions
+from r2d3.algos import SampleBatch, build_algorithm, stratified_transitions
 from r2d3.algos.ddpo import per_prompt_advantages
 from r2d3.backends import TinySplatBackend
 from r2d3.backends.text import PromptEmbeds
@@ -18,7 +18,7 @@ from r2d3.config import AlgoConfig, RenderConfig
 from r2d3.diffusion import StochasticSampler, make_scheduler
 from r2d3.rewards import build_reward
 from r2d3.backends.lora import add_lora
-from r2d3.train.loop import sample_batch
+from r2d3.pipeline import Pipeline
 
 # ---------------------------------------------------------------- a toy 1-D diffusion with an analytic reward
 
@@ -80,13 +80,16 @@ class ToyContext(Pipeline):
 def toy_setup(algo_overrides=None, num_steps=4):
     backend = ToyBackend()
     sampler = StochasticSampler(SCHEDULE, num_steps, eta=1.0)
-    ctx = ToyContext(backend, sampler, None, RenderConfig(), 1.0, backend.encode_prompts([""]))
+    ctx = ToyContext(backend, sampler, RenderConfig(), 1.0, backend.encode_prompts([""]))
     torch.manual_seed(0)
     add_lora(backend.denoiser, 1, None, ["to_q"])
     config = AlgoConfig(**({"beta": 2.0, "reg_scale": 0.0, "off_policy_lag": False} | (algo_overrides or {})))
     gen = torch.Generator().manual_seed(0)
     noise = torch.randn(3, 1 + num_steps, 1, generator=gen, dtype=torch.float64)
-    batch = sample_batch(ctx, ["p", "p", "q"], gen, noise=noise)
+    prompts = ["p", "p", "q"]
+    cond = backend.encode_prompts(prompts)
+    traj = sampler.sample(ctx.model_fn(cond), x_T=noise[:, 0], noises=noise[:, 1:])
+    batch = SampleBatch(traj, prompts, cond, ctx.reward_of_latents(traj.final, prompts, None))
     return ctx, batch, build_algorithm(config, num_steps)
 
 
@@ -204,7 +207,7 @@ def test_reward_gradient_matches_finite_differences_through_render():
     backend.text_encoder.double()
     sampler = StochasticSampler(make_scheduler("ddim", beta_schedule="squaredcos_cap_v2"), 4)
     render = RenderConfig(num_views=2, resolution=16, elevation_jitter_deg=0.0, azimuth_jitter_deg=0.0)
-    ctx = Pipeline(backend, sampler, build_reward("colorfulness"), render, 2.0, backend.encode_prompts([""]))
+    ctx = Pipeline(backend, sampler, render, 2.0, backend.encode_prompts([""]), build_reward("colorfulness"))
     algo = build_algorithm(AlgoConfig(), 4)
     cond = backend.encode_prompts(["a"])
     model_fn = ctx.model_fn(cond)

@@ -17,7 +17,7 @@ pytest.importorskip("tokenizers")
 from diffusers import AutoencoderKL, AutoencoderTiny, PixArtTransformer2DModel  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
-from r2d3.algos.base import make_context  # noqa: E402
+from r2d3.pipeline import Pipeline  # noqa: E402
 from r2d3.backends import WeightsError, load_backend  # noqa: E402
 from r2d3.backends.diffsplat import (  # noqa: E402
     GSVAE,
@@ -216,7 +216,7 @@ def test_sample_render_reward_and_lora(backend):
 
     sampler = SamplerConfig(kind="sde-dpmsolver++", num_steps=3, guidance_scale=5.0)
     render = RenderConfig(num_views=2, resolution=16, distance=1.4, fov_deg=39.6, elevation_deg=0.0)
-    ctx = make_context(backend, sampler, build_reward("colorfulness"), render)
+    ctx = Pipeline.build(backend, sampler, render, build_reward("colorfulness"))
     gen = torch.Generator().manual_seed(0)
     cond = backend.encode_prompts(["a red chair", "blue lamp"])
     traj = ctx.sampler.sample(ctx.model_fn(cond), shape=(2, *backend.latent_shape), generator=gen)

@@ -6,7 +6,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from r2d3.algos import Pipeline
+from r2d3.pipeline import Pipeline
 from r2d3.backends import TinySplatBackend
 from r2d3.config import AlignConfig, RenderConfig, ScaleConfig, build_config
 from r2d3.data.procedural import VOCABULARY
@@ -34,7 +34,7 @@ def latents(batch: int, num: int, dtype=torch.float64, seed: int = 0) -> torch.T
 
 def contexts(backend, reward_spec, render: RenderConfig):
     reward = build_reward(reward_spec).requires_grad_(False)
-    plain = Pipeline(backend, None, reward, render, 1.0, None)
+    plain = Pipeline(backend, None, render, 1.0, None, reward)
     return plain, replace(plain, scorer=in_process_scorer(reward, render))
 
 
@@ -76,7 +76,7 @@ def test_scorer_passes_gradcheck_and_is_first_order_only(backend):
 
 def test_score_with_grad_is_the_gradient_of_the_summed_reward(backend):
     reward = build_reward("colorfulness")
-    cams = Pipeline(backend, None, reward, RENDER, 1.0, None).cameras(2, None, jitter=False)
+    cams = Pipeline(backend, None, RENDER, 1.0, None, reward).cameras(2, None, jitter=False)
     gaussians = backend.decode(latents(2, 24))
     rewards, grads = score_with_grad(gaussians, cams, PROMPTS[:2], reward, RENDER, need_grad=True)
     none_rewards, none_grads = score_with_grad(gaussians, cams, PROMPTS[:2], reward, RENDER, need_grad=False)

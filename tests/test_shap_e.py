@@ -15,7 +15,7 @@ pytest.importorskip("tokenizers")
 
 from diffusers import HeunDiscreteScheduler  # noqa: E402
 
-from r2d3.algos.base import make_context  # noqa: E402
+from r2d3.pipeline import Pipeline  # noqa: E402
 from r2d3.backends import Backend, WeightsError, available_backends, load_backend  # noqa: E402
 from r2d3.backends.shap_e import SHAP_E_SCHEDULER_CONFIG, SHAP_E_TO_WORLD, ShapEBackend  # noqa: E402
 from r2d3.backends.text import PromptEmbeds  # noqa: E402
@@ -130,7 +130,7 @@ def test_sample_decode_render_reward_gradient(backend):
     render = RenderConfig(num_views=2, resolution=24, elevation_jitter_deg=0.0, azimuth_jitter_deg=0.0)
     reward = build_reward("colorfulness")
     sampler = SamplerConfig(kind="ddim", num_steps=4, eta=1.0, guidance_scale=3.0)
-    ctx = make_context(backend, sampler, reward, render)
+    ctx = Pipeline.build(backend, sampler, render, reward)
     prompts = ["a red cube", "a blue sphere"]
     cond = backend.encode_prompts(prompts)
     gen = torch.Generator().manual_seed(0)
@@ -149,7 +149,7 @@ def test_sample_decode_render_reward_gradient(backend):
     # geometry reward: the normal (density gradient) path is differentiable too
     x1 = traj.final.detach().requires_grad_(True)
     dnc_reward = build_reward({"name": "dnc", "kwargs": {"detach_depth": False}})
-    dnc = dnc_reward(ctx.render_latents(x1, cams), prompts)
+    dnc = dnc_reward(ctx.render_views(backend.decode(x1), cams), prompts)
     dnc.sum().backward()
     assert torch.isfinite(x1.grad).all() and x1.grad.abs().sum() > 0
 
@@ -246,8 +246,8 @@ def test_shap_e_samples_end_with_the_priors_clean_prediction():
 
     backend = ShapEBackend.random_init()
     assert backend.final_x0
-    ctx = make_context(backend, SamplerConfig(num_steps=3, guidance_scale=1.0), build_reward("colorfulness"),
-                       RenderConfig(num_views=1, resolution=8))
+    ctx = Pipeline.build(backend, SamplerConfig(num_steps=3, guidance_scale=1.0), RenderConfig(num_views=1, resolution=8),
+                         build_reward("colorfulness"))
     batch = sample_batch(ctx, ["a chair"], torch.Generator().manual_seed(0))
     traj = batch.trajectory
     assert traj.clean_final is not None and not torch.equal(traj.final, traj.latents[:, -1])
