@@ -19,7 +19,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from r2d3.backends.base import WeightsError
+from r2d3.pretrained import WeightsError
 from r2d3.config import AlignConfig, ConfigError, parse_cli, reward_label
 from r2d3.data.prompts import PromptSourceError
 from r2d3.ray.train import ClusterResourcesError

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from r2d3.backends import load_backend
-from r2d3.config import AlignConfig, build_config
+from r2d3.config import AlignConfig, SamplerConfig, build_config
 from r2d3.data.procedural import split_prompts
 from r2d3.render import orbit_cameras, render_gaussians
 from r2d3.sample import generate
@@ -42,10 +42,10 @@ def run_sampling(args: argparse.Namespace) -> str:
     cams = orbit_cameras(20.0, [0, 90, 180, 270], distance=2.5, fov_deg=40.0, width=64, height=64)
 
     def sample_only():
-        return generate(backend, prompts, [0], num_steps=20)
+        return generate(backend, prompts, [0])
 
     def sample_and_render():
-        _, _, gaussians = generate(backend, prompts, [0], num_steps=20)
+        gaussians = generate(backend, prompts, [0]).gaussians
         with torch.no_grad():
             render_gaussians(gaussians, cams)
 
@@ -88,9 +88,9 @@ def run_prior(args: argparse.Namespace) -> str:
         color, shape = [], []
         for i in range(0, len(prompts), 20):
             chunk = prompts[i: i + 20]
-            rows_, _, gaussians = generate(backend, chunk, args.seeds, num_steps=20, guidance_scale=scale)
+            made = generate(backend, chunk, args.seeds, SamplerConfig(guidance_scale=scale))
             with torch.no_grad():
-                pf = prompt_following(render_gaussians(gaussians, cams), [p for p, _ in rows_])
+                pf = prompt_following(render_gaussians(made.gaussians, cams), made.prompts)
             color += [p["color_ok"] for p in pf["per_sample"]]
             shape += [p["shape_ok"] for p in pf["per_sample"]]
         c, s = sum(color) / len(color), sum(shape) / len(shape)
@@ -176,7 +176,7 @@ def run_methods(args: argparse.Namespace) -> str:
     """Nabla-R2D3 vs DDPO / ReFL / DRaFT-K on the embedded default: rewards x seeds, equal sample budgets."""
     from benchmark import machine_description
 
-    from r2d3.eval.comparison import METHODS, VARIANTS, method_config, run_method, update_cost
+    from r2d3.jobs.compare import all_methods, method_config, run_method, update_cost
 
     import yaml
 
@@ -201,7 +201,7 @@ def run_methods(args: argparse.Namespace) -> str:
         reward = reward_label(reward_spec)
         curves, finals = {}, {}
         for seed in args.seeds:  # seed-major: an interrupted suite leaves whole seeds finished
-            for method in METHODS + tuple(VARIANTS):
+            for method in all_methods():
                 updates = args.ddpo_updates if method == "ddpo" else args.updates
                 every = args.eval_every * (4 if method == "ddpo" else 1)
                 name = f"{reward}-{method}-s{seed}"
@@ -233,7 +233,7 @@ def run_methods(args: argparse.Namespace) -> str:
             reach.append(hit[0] if hit else None)
         lines += ["", f"Updates Nabla-R2D3 needs to reach DDPO's {args.ddpo_updates}-update held-out reward "
                   f"({ddpo_final:.4f}), per seed: {reach} (target <= 20; None: not reached in {args.updates}).", ""]
-    cost = update_cost(replace(base, reward=rewards[0]), methods=METHODS + tuple(VARIANTS))
+    cost = update_cost(replace(base, reward=rewards[0]), methods=all_methods())
     ddpo_t = cost["ddpo"]["update_s"]
     lines += ["### Cost of one update (same batch, same machine, one run)", "",
               "| method | s / update | vs DDPO | peak extra memory (MB) | denoiser fwd / bwd per trained transition |",

@@ -27,10 +27,11 @@ from typing import Any
 
 import torch
 import yaml
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from tqdm.auto import tqdm
 
 from r2d3.config import AlignConfig, build_config, reward_label
+from r2d3.storage import atomic_write_bytes
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -78,7 +79,7 @@ def add_frontier_arguments(p: argparse.ArgumentParser) -> None:
 def point_config(base: AlignConfig, method: str, level: float, reward: Any, seed: int, updates: int,
                  name: str) -> AlignConfig:
     """The comparison's config for one method/seed/reward (equal sample budgets), the knob set to ``level``."""
-    from r2d3.eval.comparison import method_config
+    from r2d3.jobs.compare import method_config
 
     overrides, knob, _ = ALL_METHODS[method]
     overrides = dict(overrides)
@@ -149,12 +150,10 @@ def score_points(base_config: AlignConfig, reward: Any, runs: dict[str, Path], p
     scores_dir.mkdir(parents=True, exist_ok=True)
     base = _base_grids(rows[BASE], len(prompts), len(seeds))
     if not base_file.exists():
-        save_file({k: v.contiguous() for k, v in base.items()}, base_file)
+        atomic_write_bytes(base_file, save({k: v.contiguous() for k, v in base.items()}))
     for name in todo:
         tensors = _measures(rows[name], base, len(prompts), len(seeds))
-        tmp = scores_dir / f"{name}.tmp"
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp)
-        tmp.rename(scores_dir / f"{name}.safetensors")
+        atomic_write_bytes(scores_dir / f"{name}.safetensors", save({k: v.contiguous() for k, v in tensors.items()}))
 
 
 def _plot(result, reward: str, path: Path, labels: dict[str, str]) -> None:
@@ -199,7 +198,7 @@ def run_frontier(args: argparse.Namespace) -> str:
     from benchmark import machine_description
 
     from r2d3.data.prompts import load_prompts
-    from r2d3.eval.comparison import run_method
+    from r2d3.jobs.compare import run_method
     from r2d3.eval.frontier import Point, analyse
     from r2d3.data.prompts import select_prompts
 

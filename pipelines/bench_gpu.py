@@ -124,7 +124,7 @@ def _sampling_rows(args: argparse.Namespace) -> list[str]:
         chunk = [prompts[i % len(prompts)] for i in range(count)]
 
         def sample_and_render():
-            _, _, gaussians = generate(backend, chunk, [0], num_steps=20)
+            gaussians = generate(backend, chunk, [0]).gaussians
             with torch.no_grad():
                 render_gaussians(gaussians, cams)
 
@@ -135,13 +135,13 @@ def _sampling_rows(args: argparse.Namespace) -> list[str]:
 
 
 def _method_rows(args: argparse.Namespace) -> list[str]:
-    from r2d3.eval.comparison import METHODS, VARIANTS, update_cost
+    from r2d3.jobs.compare import all_methods, update_cost
 
     base = build_config(AlignConfig, [], ["run.device=cuda", "run.wandb_mode=disabled"])
     rows = []
     for raster in args.rasterisers:
         config = replace(base, render=replace(base.render, backend=raster))
-        cost = update_cost(config, methods=METHODS + tuple(VARIANTS), repeats=5)
+        cost = update_cost(config, methods=all_methods(), repeats=5)
         ddpo = cost["ddpo"]["update_s"]
         for method, c in cost.items():
             rows.append(f"| {raster} | {method} | {c['update_s'] * 1e3:.1f} | {c['update_s'] / ddpo:.2f}x | "
@@ -178,7 +178,7 @@ def run_gpu(args: argparse.Namespace) -> str:
                   "| assets per call | seconds | assets / s |", "|---:|---:|---:|", *_sampling_rows(args), ""]
     if "methods" not in args.skip:
         lines += ["### One optimizer update of each method on the GPU", "",
-                  "`update_cost` of `r2d3.eval.comparison` with the default alignment config on `cuda`: one "
+                  "`update_cost` of `r2d3.jobs.compare` with the default alignment config on `cuda`: one "
                   "update on the same 4 sampled trajectories (8 trained transitions each where the method "
                   "subsamples), median of 5 after one untimed update; memory is peak CUDA memory above the level "
                   "before the update.", "",

@@ -39,7 +39,7 @@ def run_mesh(args: argparse.Namespace) -> str:
 
     every = load_prompts("procedural:heldout").prompts
     prompts = every[:: max(1, len(every) // args.prompts)][: args.prompts]
-    _, _, gaussians = generate(load_backend("tiny"), prompts, [0], 20)
+    gaussians = generate(load_backend("tiny"), prompts, [0]).gaussians
     rows = []
     for label, kwargs in SETTINGS:
         pieces, chis = [], []

@@ -89,7 +89,7 @@ def parse_reward(text: str | None) -> Any:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
-    from r2d3.backends.base import WeightsError
+    from r2d3.pretrained import WeightsError
     from r2d3.config import RenderConfig, SamplerConfig
     from r2d3.data.prompts import PromptSourceError, load_prompts
     from r2d3.data.prompts import select_prompts

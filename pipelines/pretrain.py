@@ -20,7 +20,7 @@ import torch
 from diffusers import DDPMScheduler
 from tqdm import tqdm
 
-from r2d3.backends.text import TextEncoder
+from r2d3.text import TextEncoder
 from r2d3.backends.tiny import DEFAULT_SCHEDULER_CONFIG, TinySplatBackend, TinySplatDenoiser, default_weights_dir
 from r2d3.data.procedural import VOCABULARY, ProceduralShapes
 

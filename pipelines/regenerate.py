@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
     import yaml
 
-    from r2d3.backends.base import WeightsError
+    from r2d3.pretrained import WeightsError
     from r2d3.config import AlignConfig, RenderConfig, SamplerConfig
     from r2d3.data.prompts import PromptSourceError, load_prompts
     from r2d3.jobs.evaluate import BASE

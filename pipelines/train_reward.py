@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import shutil
 import sys
 import time
 from dataclasses import replace
@@ -31,11 +30,12 @@ import torch
 
 from r2d3.data import procedural
 from r2d3.eval.prompt_following import colour_accuracy
-from r2d3.eval.procedural_views import RenderedViews, render_procedural_views
+from r2d3.data.procedural.views import RenderedViews, render_procedural_views
 from r2d3.eval.shape_classifier import ShapeClassifierTrainConfig, train_shape_classifier
 from r2d3.eval.shape_classifier import default_weights_dir as shape_weights_dir
 from r2d3.rewards.clip_tiny import default_weights_dir as clip_weights_dir
 from r2d3.rewards.clip_tiny_training import ClipTinyTrainConfig, train_clip_tiny
+from r2d3.storage import atomic_dir
 
 WHAT = ("all", "clip_tiny", "shape_classifier")
 
@@ -44,23 +44,22 @@ def _log(message: str) -> None:
     print(message, flush=True)
 
 
+def _source_digest(package: Path) -> str:
+    """sha256 over every module of a package (names and bytes), so a change to any of them shows."""
+    digest = hashlib.sha256()
+    for file in sorted(package.rglob("*.py")):
+        digest.update(file.relative_to(package).as_posix().encode() + b"\0" + file.read_bytes())
+    return digest.hexdigest()
+
+
 def _write_weights(model, report: dict, out: Path) -> None:
     """Write ``model`` + ``training_report.json`` to a sibling temporary directory and swap it in, so an
     interrupted run never leaves a half-written weights directory behind."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp, old = out.with_name(out.name + ".tmp"), out.with_name(out.name + ".old")
-    for stale in (tmp, old):
-        if stale.exists():
-            shutil.rmtree(stale)
-    model.save_pretrained(tmp, safe_serialization=True)
-    (tmp / "training_report.json").write_text(json.dumps(report, indent=2) + "\n")
-    for file in tmp.iterdir():
-        file.chmod(0o644)  # package data: readable by everyone, whatever the writer's umask
-    if out.exists():
-        out.rename(old)
-    tmp.rename(out)
-    if old.exists():
-        shutil.rmtree(old)
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        (tmp / "training_report.json").write_text(json.dumps(report, indent=2) + "\n")
+        for file in tmp.iterdir():
+            file.chmod(0o644)  # package data: readable by everyone, whatever the writer's umask
     _log(f"wrote {out}")
 
 
@@ -116,7 +115,7 @@ def main(argv: list[str] | None = None) -> dict:
     common = {
         "command": " ".join(argv_used),
         # which version of the procedural data the weights were trained on
-        "procedural_source_sha256": hashlib.sha256(Path(procedural.__file__).read_bytes()).hexdigest(),
+        "procedural_source_sha256": _source_digest(Path(procedural.__file__).parent),
         "render_seconds": render_seconds,
         "torch_threads": torch.get_num_threads(),
         "heldout_objects": len(heldout),

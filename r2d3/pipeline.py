@@ -24,7 +24,7 @@ from torch import Tensor
 
 from r2d3.backends.base import Backend
 from r2d3.backends.lora import adapters_disabled
-from r2d3.backends.text import PromptEmbeds
+from r2d3.text import PromptEmbeds
 from r2d3.config import RenderConfig, SamplerConfig
 from r2d3.diffusion import StochasticSampler, Trajectory, guided_model_fn, scheduler_from_config
 from r2d3.render import render_gaussians

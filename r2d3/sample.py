@@ -1,77 +1,50 @@
 """Sample 3D assets from a backend: ``python -m r2d3.sample "a red cube" --out DIR``.
 
 Writes ``<slug>_<seed>.ply`` (standard 3DGS layout) and ``<slug>_<seed>.png`` (a multi-view preview)
-per prompt and seed, optionally with LoRA weights from an alignment checkpoint.
+per prompt and seed, optionally with LoRA weights from an alignment checkpoint. Samples come from
+:class:`r2d3.pipeline.Pipeline` with the evaluation job's noise, so ``(prompt, seed)`` here is the same
+asset that ``pipelines/evaluate.py`` scored and ``pipelines/regenerate.py`` wrote for that checkpoint.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import re
 import sys
 from pathlib import Path
+from typing import Sequence
 
-import torch
-
-from r2d3.backends import load_backend
-from r2d3.config import RenderConfig
-from r2d3.diffusion import StochasticSampler, scheduler_from_config
+from r2d3.backends.base import Backend, sampler_defaults
+from r2d3.config import RenderConfig, SamplerConfig
 from r2d3.export import render_turntable, save_preview_grid, write_ply
+from r2d3.export.frame import FRAMES
+from r2d3.jobs.evaluate import ModelBank, resolve_checkpoint
+from r2d3.pipeline import Generation, Pipeline
+from r2d3.pretrained import WeightsError
+from r2d3.storage import slug
+from r2d3.train.checkpoint import CorruptCheckpointError
+from r2d3.train.loop import check_sampler_and_render
 
 
-def slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")[:60] or "prompt"
+def backend_sampler(backend: Backend, **chosen: object) -> SamplerConfig:
+    """The sampler settings of ``backend`` (its own defaults over r2d3's), with ``chosen`` non-None values
+    on top."""
+    return SamplerConfig(**{**dataclasses.asdict(SamplerConfig()), **sampler_defaults(backend),
+                            **{k: v for k, v in chosen.items() if v is not None}})
 
 
-def load_lora_checkpoint(backend, checkpoint: str | Path) -> None:
-    """Apply the LoRA weights of an alignment run: a run directory (its newest complete checkpoint), a
-    checkpoint directory or its ``lora.safetensors``. Rank, alpha and targets come from the checkpoint
-    (its ``config.yaml``), so the adapted model is the one that was trained."""
-    from r2d3.jobs.evaluate import resolve_checkpoint
-    from r2d3.train.checkpoint import CorruptCheckpointError, load_lora_file
-    from r2d3.backends.lora import add_lora, load_lora_state_dict
-
-    spec = resolve_checkpoint(str(checkpoint))
-    file = Path(spec.path) / "lora.safetensors"
-    state = load_lora_file(file)
-    ranks = [v.shape[0] for k, v in state.items() if "lora_A" in k]
-    if not ranks:
-        raise CorruptCheckpointError(f"{file} holds no LoRA weights (no lora_A tensors): not an r2d3 checkpoint")
-    add_lora(backend.denoiser, ranks[0], spec.lora_alpha, list(spec.lora_targets or backend.lora_target_modules))
-    try:
-        load_lora_state_dict(backend.denoiser, state)
-    except (RuntimeError, ValueError) as err:
-        raise CorruptCheckpointError(f"{file} does not fit backend {backend.name!r}: {str(err).splitlines()[0]}") from err
-
-
-@torch.no_grad()
-def generate(backend, prompts: list[str], seeds: list[int], num_steps: int = 20, guidance_scale: float = 1.5,
-             kind: str = "ddim", eta: float = 1.0):
-    """Final latents ``[len(prompts) * len(seeds), *S]`` and their Gaussians; noise seeded per (prompt, seed)."""
-    sampler = StochasticSampler(scheduler_from_config(backend.scheduler_config, kind=kind), num_steps, eta=eta)
+def generate(backend: Backend, prompts: Sequence[str], seeds: Sequence[int], sampler: SamplerConfig | None = None,
+             base: bool = False) -> Generation:
+    """Every prompt with every seed (rows prompt-major), sampled and decoded; not rendered or scored.
+    ``sampler`` defaults to the backend's own settings; ``base`` disables the LoRA adapters."""
+    pipe = Pipeline.build(backend, sampler or backend_sampler(backend), RenderConfig())
     rows = [(p, s) for p in prompts for s in seeds]
-    noise = torch.stack([torch.randn(1 + num_steps, *backend.latent_shape,
-                                     generator=torch.Generator().manual_seed(s)) for _, s in rows]).to(backend.device)
-    cond = backend.encode_prompts([p for p, _ in rows])
-    uncond = backend.encode_prompts([""])
-    from r2d3.backends.text import PromptEmbeds
-
-    both = PromptEmbeds.cat([cond, uncond])
-    traj = sampler.sample(lambda x, t, c: backend.denoise(x, t, PromptEmbeds(c["tokens"], c["mask"])),
-                          x_T=noise[:, 0], noises=noise[:, 1:],
-                          cond={"tokens": both.tokens[: len(rows)], "mask": both.mask[: len(rows)]},
-                          uncond={"tokens": both.tokens[len(rows):], "mask": both.mask[len(rows):]},
-                          guidance_scale=guidance_scale, final_x0=getattr(backend, "final_x0", False))
-    return rows, traj.final, backend.decode(traj.final)
+    names = [p for p, _ in rows]
+    return pipe.generate(names, pipe.seeded_noise(names, [s for _, s in rows]), score=False, render=False,
+                         base=base, keep_trajectory=False)
 
 
 def main(argv: list[str] | None = None) -> list[Path]:
-    from r2d3.backends.base import WeightsError, sampler_defaults
-    from r2d3.config import SamplerConfig
-    from r2d3.export.frame import FRAMES
-    from r2d3.train.checkpoint import CorruptCheckpointError
-
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("prompts", nargs="+", help="text prompts")
     p.add_argument("--out", type=Path, required=True, help="output directory")
@@ -89,25 +62,18 @@ def main(argv: list[str] | None = None) -> list[Path]:
     p.add_argument("--sh-degree", type=int, choices=(0, 3), default=0, help="3: zero-filled f_rest_* in the .ply")
     args = p.parse_args(argv)
     try:
-        backend = load_backend(args.backend, weights=args.weights)
-        chosen = {"kind": args.sampler, "num_steps": args.steps, "eta": args.eta,
-                  "guidance_scale": args.guidance_scale}
-        settings = {**dataclasses.asdict(SamplerConfig()), **sampler_defaults(backend),
-                    **{k: v for k, v in chosen.items() if v is not None}}
-        sampler = SamplerConfig(**settings)
-        from r2d3.train.loop import check_sampler_and_render
-
+        spec = resolve_checkpoint(args.lora or "base")
+        backend, base = ModelBank(args.backend, args.weights, "cpu", [spec]).backend_for(spec)
+        sampler = backend_sampler(backend, kind=args.sampler, num_steps=args.steps, eta=args.eta,
+                                  guidance_scale=args.guidance_scale)
         check_sampler_and_render(sampler, RenderConfig(resolution=args.resolution), prefix=("", ""))
-        if args.lora:
-            load_lora_checkpoint(backend, args.lora)
     except (WeightsError, CorruptCheckpointError, FileNotFoundError, ValueError) as err:
         sys.exit(f"sample: {err}")
-    rows, _, gaussians = generate(backend, args.prompts, args.seeds, sampler.num_steps, sampler.guidance_scale,
-                                  kind=sampler.kind, eta=sampler.eta)
+    made = generate(backend, args.prompts, args.seeds, sampler, base=base)
     written = []
-    for i, (prompt, seed) in enumerate(rows):
-        stem = args.out / f"{slug(prompt)}_{seed}"
-        asset = gaussians[i]
+    for i, (prompt, seed) in enumerate((p, s) for p in args.prompts for s in args.seeds):
+        stem = args.out / f"{slug(prompt, 'prompt')}_{seed}"
+        asset = made.gaussians[i]
         write_ply(asset, stem.with_suffix(".ply"), frame=args.frame, sh_degree=args.sh_degree)
         views = render_turntable(asset, num_frames=4, size=args.resolution)  # framed to fit the asset
         save_preview_grid(views, stem.with_suffix(".png"), row_labels=[prompt])

@@ -13,7 +13,7 @@ from torch import nn
 from r2d3.algos import SampleBatch, build_algorithm, stratified_transitions
 from r2d3.algos.ddpo import per_prompt_advantages
 from r2d3.backends import TinySplatBackend
-from r2d3.backends.text import PromptEmbeds
+from r2d3.text import PromptEmbeds
 from r2d3.config import AlgoConfig, RenderConfig
 from r2d3.diffusion import StochasticSampler, make_scheduler
 from r2d3.rewards import build_reward
@@ -153,7 +153,7 @@ def test_per_prompt_advantages_normalise_within_prompts():
 @pytest.mark.parametrize("name", ["nabla_gfn", "refl", "draft", "ddpo"])
 def test_one_small_step_along_the_gradient_lowers_the_loss(name):
     ctx, batch, algo = toy_setup({"name": name, "draft_k": 2, "refl_min_step": -2, "reg_scale": 1.0})
-    batch = algo.prepare(batch) if hasattr(algo, "prepare") else batch
+    batch = algo.prepare(batch)
     params = [p for p in ctx.backend.denoiser.parameters() if p.requires_grad]
     if name == "ddpo":  # the clipped objective is flat at ratio 1 beyond the clip range: widen it
         algo.config.clip_range = 10.0

@@ -51,7 +51,7 @@ from r2d3.backends import Backend, available_backends, load_backend  # noqa: E40
 from r2d3.backends.base import sampler_defaults  # noqa: E402
 from r2d3.backends.diffsplat import tiny_diffsplat  # noqa: E402
 from r2d3.backends.shap_e import ShapEBackend  # noqa: E402
-from r2d3.backends.text import PromptEmbeds  # noqa: E402
+from r2d3.text import PromptEmbeds  # noqa: E402
 from r2d3.config import SamplerConfig  # noqa: E402
 from r2d3.diffusion import (  # noqa: E402
     PREDICTION_TYPES,

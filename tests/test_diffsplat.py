@@ -236,7 +236,7 @@ def test_sample_render_reward_and_lora(backend):
 def test_padding_is_zeroed_and_changes_nothing(backend):
     """Zeroed padded T5 features give the same prediction as the raw ones (they are masked out), and the
     embedding cache then stores only the real tokens."""
-    from r2d3.backends.text import PromptEmbeds
+    from r2d3.text import PromptEmbeds
     from r2d3.data.embeddings import encoder_fingerprint
 
     cond = backend.encode_prompts(["a red chair"])

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from r2d3.backends.base import WeightsError
+from r2d3.pretrained import WeightsError
 from r2d3.eval.bootstrap import bootstrap_ci, bootstrap_statistic
 from r2d3.eval.diversity import diversity
 from r2d3.eval.extractors import (ExtractorWeightsError, load_extractor, pool_views, prompt_similarity,
@@ -289,7 +289,7 @@ def test_prompts_evaluated_together_equal_the_one_prompt_unit(tmp_path):
                             sampler=SamplerConfig(num_steps=4), render=RenderConfig(num_views=2, resolution=16))
     ev = PromptEvaluator(settings)
     prompts = ["a red cube", "a small blue torus", "not a grammar prompt at all"]
-    alone = [r for i, p in enumerate(prompts) for r in ev.evaluate_prompt(i, p)]
+    alone = [r for i, p in enumerate(prompts) for r in ev.evaluate_prompts([i], [p])]
     together = ev.evaluate_prompts(range(3), prompts, chunk=6)
     assert len(alone) == len(together) == 6
     for a, b in zip(alone, together):

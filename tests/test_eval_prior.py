@@ -5,7 +5,7 @@ import shutil
 import pytest
 import torch
 
-from r2d3.backends.base import WeightsError
+from r2d3.pretrained import WeightsError
 from r2d3.data.procedural import COLORS, ProceduralShapes, ShapeAttributes, build_gaussians
 from r2d3.data.procedural import PromptParseError
 from r2d3.eval import (

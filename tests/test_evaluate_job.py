@@ -66,7 +66,7 @@ def test_checkpoints_resolve_with_the_base_first(models):
 
 def test_every_checkpoint_sees_the_same_noise_and_the_base_is_the_frozen_model(models):
     ev = PromptEvaluator(settings(models))
-    rows = ev.evaluate_prompt(3, PROMPTS[0])
+    rows = ev.evaluate_prompts([3], [PROMPTS[0]])
     assert len(rows) == 2 * 2
     base = [r for r in rows if r["checkpoint"] == "base"]
     tuned = [r for r in rows if r["checkpoint"] != "base"]
@@ -76,7 +76,7 @@ def test_every_checkpoint_sees_the_same_noise_and_the_base_is_the_frozen_model(m
     assert all(r["prompt_index"] == 3 and r["color_ok"] in (0.0, 1.0) for r in rows)
     assert base[0]["preview_png"] and base[1]["preview_png"] is None and len(base[0]["features"]) == 64
     # the base rows do not depend on which other checkpoints are evaluated (adapters disabled == no LoRA)
-    alone = PromptEvaluator(settings(models, checkpoints=("base",))).evaluate_prompt(3, PROMPTS[0])
+    alone = PromptEvaluator(settings(models, checkpoints=("base",))).evaluate_prompts([3], [PROMPTS[0]])
     assert [r["reward"] for r in alone] == [r["reward"] for r in base]
     assert [r["features"] for r in alone] == [r["features"] for r in base]
 

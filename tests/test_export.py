@@ -11,13 +11,12 @@ import torch
 from PIL import Image
 from plyfile import PlyData, PlyElement
 
+from r2d3.storage import OutputError, atomic_path
 from r2d3.export import (
     PLY_PROPERTIES,
     SH_C0,
-    ExportPathError,
     PlyFormatError,
     VideoBackendUnavailableError,
-    atomic_path,
     encode_ply,
     make_grid,
     mp4_available,
@@ -148,11 +147,11 @@ def test_unwritable_path_raises_naming_it(tmp_path):
     blocker = tmp_path / "not_a_dir"
     blocker.write_text("x")
     target = blocker / "sub" / "a.ply"
-    with pytest.raises(ExportPathError, match="not_a_dir/sub/a.ply"):
+    with pytest.raises(OutputError, match="not_a_dir/sub/a.ply"):
         write_ply(random_gaussians(), target)
-    with pytest.raises(ExportPathError, match="is an existing directory"):
+    with pytest.raises(OutputError, match="is an existing directory"):
         write_ply(random_gaussians(), tmp_path)
-    assert isinstance(ExportPathError("x"), OSError)
+    assert isinstance(OutputError("x"), OSError)
 
 
 def test_parent_directories_are_created(tmp_path):
@@ -443,5 +442,5 @@ def test_directory_that_refuses_new_files(tmp_path, monkeypatch):
         raise PermissionError(13, "Permission denied")
 
     monkeypatch.setattr(tempfile, "mkstemp", refuse)
-    with pytest.raises(ExportPathError, match="locked.png.*Permission denied"):
+    with pytest.raises(OutputError, match="locked.png.*Permission denied"):
         save_preview_grid(solid_views((1.0, 0.0, 0.0)), tmp_path / "locked.png")

@@ -11,7 +11,6 @@ g*(x_{j+1}) = c_{j+1} - beta w_j grad r(x0_hat(x_{j+1})), which training must ap
 from __future__ import annotations
 
 import math
-from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
@@ -20,7 +19,7 @@ from diffusers import DDIMScheduler
 
 from r2d3.algos import build_algorithm
 from r2d3.algos.flow import FlowCorrection
-from r2d3.backends.text import PromptEmbeds
+from r2d3.text import PromptEmbeds
 from r2d3.config import AlgoConfig
 from r2d3.diffusion import StochasticSampler
 

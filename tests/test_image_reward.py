@@ -18,7 +18,7 @@ tokenizers = pytest.importorskip("tokenizers")
 
 from helpers import random_render  # noqa: E402
 
-from r2d3.backends.base import WeightsError  # noqa: E402
+from r2d3.pretrained import WeightsError  # noqa: E402
 from r2d3.rewards import ImageRewardReward, available_rewards, build_reward  # noqa: E402
 from r2d3.rewards.convert import imagereward_to_blip, save_image_reward  # noqa: E402
 

@@ -126,7 +126,7 @@ def test_bad_config_values_are_named(weights, tmp_path, override, message):
 
 
 def test_update_cost_counts_the_denoiser_passes_of_each_method(weights):
-    from r2d3.eval.comparison import update_cost
+    from r2d3.jobs.compare import update_cost
 
     cost = update_cost(tiny_config(weights, "algo.timestep_fraction=0.5", "algo.refl_min_step=-2"), repeats=1,
                        methods=("nabla_gfn", "ddpo", "refl", "nabla_gfn+jacobian_free"))

@@ -35,7 +35,7 @@ def tiny_sample():
     from r2d3.backends import load_backend
     from r2d3.sample import generate
 
-    _, _, gaussians = generate(load_backend("tiny"), ["a red cube"], [0])
+    gaussians = generate(load_backend("tiny"), ["a red cube"], [0]).gaussians
     return gaussians
 
 

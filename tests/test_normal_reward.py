@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from r2d3.backends.base import WeightsError
+from r2d3.pretrained import WeightsError
 from r2d3.render import Cameras, Gaussians, RenderOutput, look_at, orbit_cameras, render_gaussians
 from r2d3.rewards import available_rewards, build_reward, load_reward
 from r2d3.rewards.normal_estimator import (

@@ -16,7 +16,7 @@ import torch
 
 from helpers import save_tiny_weights
 from r2d3.backends import load_backend
-from r2d3.backends.base import WeightsError
+from r2d3.pretrained import WeightsError
 from r2d3.config import AlignConfig, ConfigError, build_config
 from r2d3.data.prompts import PromptSourceError, check_shards, load_prompts
 from r2d3.train.checkpoint import CorruptCheckpointError, checkpoints_newest_first, load_checkpoint
@@ -445,7 +445,7 @@ def test_no_pickle_loading_anywhere():
 
 
 def test_the_render_cache_is_safetensors_and_a_planted_pickle_is_not_run(tmp_path):
-    from r2d3.eval.procedural_views import RenderedViews, render_procedural_views
+    from r2d3.data.procedural.views import RenderedViews, render_procedural_views
 
     views = render_procedural_views("train", 2, 2, size=16, num_gaussians=32)
     views.save(tmp_path / "v.safetensors")

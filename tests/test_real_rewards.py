@@ -16,7 +16,7 @@ tokenizers = pytest.importorskip("tokenizers")
 from helpers import random_render  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
-from r2d3.backends.base import WeightsError  # noqa: E402
+from r2d3.pretrained import WeightsError  # noqa: E402
 from r2d3.rewards import available_rewards, build_reward  # noqa: E402
 from r2d3.rewards.clip_models import AESTHETIC_HEAD_FILE, AestheticHead  # noqa: E402
 from r2d3.rewards.convert import openclip_to_transformers, save_transformers_clip  # noqa: E402
@@ -191,17 +191,17 @@ def test_a_reward_checkpoint_that_does_not_match_is_refused_naming_the_tensors(w
 
 
 def test_non_square_views_are_centre_cropped_not_stretched():
-    from r2d3.eval.extractors import _model_input
+    from r2d3.pretrained import model_input
 
     g = torch.Generator().manual_seed(0)
     wide = torch.rand(1, 3, 20, 40, generator=g)
     mean, std = torch.zeros(1, 3, 1, 1), torch.ones(1, 3, 1, 1)
     crop = {"centre_crop": True}
-    torch.testing.assert_close(_model_input(wide, 16, mean, std, **crop), _model_input(wide[..., 10:30], 16, mean, std))
+    torch.testing.assert_close(model_input(wide, 16, mean, std, **crop), model_input(wide[..., 10:30], 16, mean, std))
     tall = wide.transpose(-1, -2)
-    torch.testing.assert_close(_model_input(tall, 16, mean, std, **crop), _model_input(tall[..., 10:30, :], 16, mean,
+    torch.testing.assert_close(model_input(tall, 16, mean, std, **crop), model_input(tall[..., 10:30, :], 16, mean,
                                                                                          std))
-    assert not torch.allclose(_model_input(wide, 16, mean, std), _model_input(wide[..., 10:30], 16, mean, std))
+    assert not torch.allclose(model_input(wide, 16, mean, std), model_input(wide[..., 10:30], 16, mean, std))
 
 
 def test_missing_tokenizer_and_aesthetic_head(weights, tmp_path):

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from r2d3.backends.base import WeightsError
+from r2d3.pretrained import WeightsError
 from r2d3.data.procedural import ProceduralShapes
 from r2d3.render import Cameras, RenderOutput, jittered_orbit_cameras, orbit_cameras, render_gaussians
 from r2d3.rewards import available_rewards, build_reward, colorfulness, depth_to_normal

@@ -18,7 +18,7 @@ from diffusers import HeunDiscreteScheduler  # noqa: E402
 from r2d3.pipeline import Pipeline  # noqa: E402
 from r2d3.backends import Backend, WeightsError, available_backends, load_backend  # noqa: E402
 from r2d3.backends.shap_e import SHAP_E_SCHEDULER_CONFIG, SHAP_E_TO_WORLD, ShapEBackend  # noqa: E402
-from r2d3.backends.text import PromptEmbeds  # noqa: E402
+from r2d3.text import PromptEmbeds  # noqa: E402
 from r2d3.config import RenderConfig, SamplerConfig  # noqa: E402
 from r2d3.diffusion import guided_model_fn, scheduler_from_config  # noqa: E402
 from r2d3.rewards import build_reward  # noqa: E402

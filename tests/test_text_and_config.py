@@ -7,7 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from r2d3.backends.text import BOS, PAD, TextEncoder, WordTokenizer
+from r2d3.text import BOS, PAD, TextEncoder, WordTokenizer
 from r2d3.config import AlignConfig, ConfigError, build_config, describe, parse_cli, to_yaml
 from r2d3.data.prompts import PromptSourceError, load_prompts
 

@@ -1,6 +1,7 @@
 """What users open: .glb files that glTF clients show in the right colours, .ply files in the frame and
 SH layout other viewers expect, file modes a web server can serve, and the sample CLI's inputs."""
 
+import dataclasses
 import json
 import os
 import shutil
@@ -29,7 +30,7 @@ def shipped_samples():
     """Assets of the shipped model (the embedded default) for a few held-out prompts."""
     backend = load_backend("tiny")
     prompts = ["a red cube", "a blue sphere", "a tall green cylinder", "a small purple torus"]
-    _, _, gaussians = generate(backend, prompts, [0], 20)
+    gaussians = generate(backend, prompts, [0]).gaussians
     return prompts, gaussians
 
 
@@ -245,16 +246,17 @@ def test_sample_takes_a_run_directory_and_names_a_file_that_is_not_a_checkpoint(
 
 def test_sample_uses_the_backends_own_sampler_settings(monkeypatch, tmp_path):
     from r2d3 import sample
+    from r2d3.jobs import evaluate as evaluate_job
 
     seen = {}
 
-    def fake_generate(backend, prompts, seeds, num_steps, guidance_scale, kind, eta):
-        seen.update(num_steps=num_steps, guidance_scale=guidance_scale, kind=kind, eta=eta)
+    def fake_generate(backend, prompts, seeds, sampler, base):
+        seen.update(dataclasses.asdict(sampler))
         raise SystemExit(0)
 
     backend = load_backend("tiny")
     backend.sampler_defaults = {"kind": "sde-dpmsolver++", "num_steps": 7, "guidance_scale": 5.0}
-    monkeypatch.setattr(sample, "load_backend", lambda *a, **k: backend)
+    monkeypatch.setattr(evaluate_job, "load_backend", lambda *a, **k: backend)
     monkeypatch.setattr(sample, "generate", fake_generate)
     with pytest.raises(SystemExit):
         sample.main(["a red cube", "--out", str(tmp_path)])

@@ -15,7 +15,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
-from r2d3.backends.text import PromptEmbeds
+from r2d3.text import PromptEmbeds
 from r2d3.config import AlgoConfig
 from r2d3.diffusion import Trajectory
 from r2d3.pipeline import Generation, Pipeline
@@ -68,23 +68,26 @@ class Algorithm(Protocol):
         """Networks this algorithm trains besides the LoRA, built for ``ctx``'s backend (usually none)."""
         ...
 
+    def prepare(self, batch: SampleBatch) -> SampleBatch:
+        """Annotate a whole epoch's samples before training on them (DDPO's advantages); usually identity."""
+        ...
+
     def accumulate(self, ctx: Pipeline, batch: SampleBatch, scale: float,
-                   generator: torch.Generator) -> dict[str, float]: ...
+                   generator: torch.Generator) -> dict[str, float]:
+        """Add ``scale`` times this batch's loss gradient into the trained parameters; return its metrics."""
+        ...
 
 
 class AlgorithmBase:
-    """The protocol's defaults: on-policy, no networks besides the LoRA."""
+    """The protocol's defaults: on-policy, no networks besides the LoRA, samples used as drawn."""
 
     uses_lag = False
 
     def build_modules(self, ctx: Pipeline) -> dict[str, TrainedModule]:
         return {}
 
-
-def prepare_batch(algorithm: Algorithm, batch: SampleBatch) -> SampleBatch:
-    """Let an algorithm annotate a whole epoch's samples before training (DDPO's advantages)."""
-    prepare = getattr(algorithm, "prepare", None)
-    return prepare(batch) if prepare else batch
+    def prepare(self, batch: SampleBatch) -> SampleBatch:
+        return batch
 
 
 def stratified_transitions(num_steps: int, fraction: float, generator: torch.Generator) -> list[int]:

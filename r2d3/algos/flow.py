@@ -22,7 +22,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from r2d3.backends.text import PromptEmbeds
+from r2d3.text import PromptEmbeds
 
 
 def timestep_embedding(t: Tensor, dim: int, max_period: float = 10_000.0) -> Tensor:

@@ -7,57 +7,13 @@ Samplers and alignment losses only talk to this protocol, never to a concrete mo
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Any, Callable, Protocol, Sequence, runtime_checkable
 
 import torch
 from torch import Tensor, nn
 
-from r2d3.backends.text import PromptEmbeds
+from r2d3.text import PromptEmbeds
 from r2d3.render.gaussians import Gaussians
-
-
-class WeightsError(RuntimeError):
-    """Missing, unreadable or mismatching model weights; the message says which file and what to do."""
-
-
-def check_keys_match(module: nn.Module, directory: Path,
-                     filename: str = "diffusion_pytorch_model.safetensors") -> None:
-    """Strict loading for modules loaded through diffusers' ``from_pretrained``, which only warns about
-    unexpected tensors (and may initialise missing ones): both are a ``WeightsError`` naming the file."""
-    from safetensors import safe_open
-
-    file = directory / filename
-    with safe_open(str(file), framework="pt") as f:
-        saved = set(f.keys())
-    expected = set(module.state_dict())
-    missing, unexpected = sorted(expected - saved), sorted(saved - expected)
-    if missing or unexpected:
-        raise WeightsError(f"{file} does not match {type(module).__name__}: missing {missing[:5]}"
-                           f"{' ...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
-                           f"{' ...' if len(unexpected) > 5 else ''}")
-
-
-#: the file name diffusers' ``save_pretrained`` gives a model's safetensors weights
-WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
-
-
-def load_pretrained_dir(cls: Any, path: Path, label: str, rebuild: str, device: str | Any = "cpu") -> Any:
-    """``cls.from_pretrained(path)`` (safetensors only) frozen in eval mode on ``device``; missing or
-    corrupt files raise :class:`WeightsError` naming the path and the command that rebuilds them."""
-    needed = [path / cls.config_name, path / WEIGHTS_FILE]
-    missing = [str(p) for p in needed if not p.is_file()]
-    if missing:
-        raise WeightsError(f"{label} weights are missing: {', '.join(missing)}. Rebuild them with `{rebuild}` "
-                           "or pass the directory it wrote.")
-    try:
-        json.loads(needed[0].read_text())
-        model = cls.from_pretrained(path, use_safetensors=True, low_cpu_mem_usage=False)
-    except Exception as err:  # json, safetensors and diffusers raise several types for bad files
-        raise WeightsError(f"could not load {label} weights from {path} ({type(err).__name__}: {err}). The files "
-                           f"are corrupt or from an incompatible version; rebuild them with `{rebuild}`.") from err
-    return model.to(device).eval().requires_grad_(False)
 
 
 @runtime_checkable

@@ -41,8 +41,9 @@ from diffusers.loaders import PeftAdapterMixin
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from r2d3.backends.base import WeightsError, register_backend
-from r2d3.backends.text import PromptEmbeds
+from r2d3.pretrained import WeightsError
+from r2d3.backends.base import register_backend
+from r2d3.text import PromptEmbeds
 from r2d3.render.cameras import orbit_cameras
 from r2d3.render.gaussians import Gaussians
 

@@ -75,8 +75,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from r2d3.backends.base import WEIGHTS_FILE, WeightsError, load_pretrained_dir, register_backend
-from r2d3.backends.text import PromptEmbeds
+from r2d3.pretrained import WEIGHTS_FILE, WeightsError, load_pretrained_dir
+from r2d3.backends.base import register_backend
+from r2d3.text import PromptEmbeds
 from r2d3.render.gaussians import Gaussians
 from r2d3.render.quaternions import quat_from_z_to
 

@@ -10,7 +10,7 @@ CPU cores. Each sample is a set of ``N`` Gaussian tokens with 9 latent channels
 and the decoder turns them into flat surface Gaussians (disc-shaped: two tangential axes of
 ``tangent_scale``, a thin axis of ``normal_scale`` along the normal; fixed ``opacity``). The transformer
 has no positional encoding, so it is equivariant to the order of the tokens, as a set model should be.
-The text encoder (:class:`~r2d3.backends.text.TextEncoder`) is trained jointly and frozen afterwards.
+The text encoder (:class:`~r2d3.text.TextEncoder`) is trained jointly and frozen afterwards.
 """
 
 from __future__ import annotations
@@ -28,8 +28,9 @@ from diffusers.configuration_utils import register_to_config
 from diffusers.loaders import PeftAdapterMixin
 from torch import Tensor, nn
 
-from r2d3.backends.base import WeightsError, check_keys_match, register_backend
-from r2d3.backends.text import PromptEmbeds, TextEncoder
+from r2d3.pretrained import WeightsError, check_keys_match
+from r2d3.backends.base import register_backend
+from r2d3.text import PromptEmbeds, TextEncoder
 from r2d3.render.gaussians import Gaussians
 from r2d3.render.quaternions import quat_from_z_to, rotate_z_by
 

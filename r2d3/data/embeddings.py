@@ -34,8 +34,9 @@ from typing import Any
 
 import torch
 
-from r2d3.backends.text import PromptEmbeds
 from r2d3.data.prompts import PromptSourceError, _row_problem, check_shards
+from r2d3.storage import filesystem
+from r2d3.text import PromptEmbeds
 
 log = logging.getLogger(__name__)
 
@@ -147,19 +148,13 @@ def encode_table(backend: Any, prompts: Sequence[object], fingerprint: str | Non
     return pa.table(encode_batch(backend, prompts, fingerprint), schema=embedding_schema())
 
 
-def _filesystem(uri: str):
-    import pyarrow.fs as pafs
-
-    return pafs.FileSystem.from_uri(uri) if "://" in uri else (pafs.LocalFileSystem(), uri)
-
-
 def parquet_row_count(files: Sequence[str]) -> int:
     """Rows in Parquet files (local paths or URIs), from their footers only."""
     import pyarrow.parquet as pq
 
     total = 0
     for uri in files:
-        fs, path = _filesystem(uri)
+        fs, path = filesystem(uri)
         with fs.open_input_file(path) as f:
             total += pq.ParquetFile(f).metadata.num_rows
     return total
@@ -185,7 +180,7 @@ def summarize_embeddings(source: str) -> EmbeddingsSummary:
     counts: dict[str, int] = {}
     rows = 0
     for uri in shards.files:
-        fs, path = _filesystem(uri)
+        fs, path = filesystem(uri)
         with fs.open_input_file(path) as f:
             column = pq.read_table(f, columns=["encoder"]).column("encoder")
         rows += len(column)
@@ -196,7 +191,7 @@ def summarize_embeddings(source: str) -> EmbeddingsSummary:
 
 def write_manifest(output: str, manifest: dict[str, Any]) -> str:
     """``output/_manifest.json`` (local or s3://); returns its location."""
-    fs, path = _filesystem(output)
+    fs, path = filesystem(output)
     target = f"{path.rstrip('/')}/{MANIFEST}"
     if "://" not in output:  # object stores have no directories to create
         fs.create_dir(path.rstrip("/"), recursive=True)
@@ -311,7 +306,7 @@ def load_embedding_cache(source: str, backend: Any) -> EmbeddingCache:
     tokens, masks, lengths, dim, rows = [], [], [], None, 0
     for uri in shards.files:
         try:
-            fs, path = _filesystem(uri)
+            fs, path = filesystem(uri)
             with fs.open_input_file(path) as f:
                 table = pq.read_table(f)
         except Exception as err:  # a shard that lists but does not read: skip it as check_shards does

@@ -12,6 +12,8 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from r2d3.storage import filesystem
+
 log = logging.getLogger(__name__)
 
 
@@ -82,7 +84,7 @@ def check_shards(source: str, column: str = "prompt", verify_data: bool = True) 
     import pyarrow.parquet as pq
 
     try:
-        fs, path = pafs.FileSystem.from_uri(source) if "://" in source else (pafs.LocalFileSystem(), source)
+        fs, path = filesystem(source)
         if any(ch in path for ch in "*?["):
             import fnmatch
 

@@ -3,7 +3,7 @@
 - :mod:`r2d3.eval.prompt_following`: colour (analytic) and shape (silhouette CNN) accuracy against
   the prompt;
 - :mod:`r2d3.eval.diversity`: diversity across seeds and drift between two models' samples;
-- :mod:`r2d3.eval.procedural_views`: cached ground-truth renders of procedural objects;
+- :mod:`r2d3.data.procedural.views`: cached ground-truth renders of procedural objects;
 - :mod:`r2d3.eval.fid`: multi-view FID (Fréchet distance of per-asset pooled image features);
 - :mod:`r2d3.eval.extractors`: feature extractors / image–text models (clip_tiny, local CLIP, a local vision backbone);
 - :mod:`r2d3.eval.image_stats`: saturation, contrast, background coverage, edge density;

@@ -29,7 +29,6 @@ the path and what to put there.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Sequence
@@ -38,14 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from r2d3.backends.base import WeightsError
-
-#: CLIP's image normalisation (used when a checkpoint has no preprocessor_config.json)
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
+from r2d3.pretrained import (CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, WeightsError, load_transformers_dir,
+                             model_input, normalisation, require_dir)
 
 class ExtractorWeightsError(WeightsError):
     """An evaluation model's weights are missing or unreadable; the message names the path."""
@@ -99,59 +92,6 @@ class ClipTinyExtractor(FeatureExtractor):
         return self.model.encode_text(list(prompts)).float().cpu()
 
 
-def _require_dir(path: Path, kind: str, what: str) -> None:
-    if not path.is_dir():
-        raise ExtractorWeightsError(f"{kind} weights not found: {path} is not a directory. Put {what} there "
-                                    "(this project never downloads weights).")
-
-
-def _load_pretrained(model_cls, path: Path, kind: str, what: str, device: torch.device):
-    """``model_cls.from_pretrained`` from local safetensors only, with errors that name the path."""
-    _require_dir(path, kind, what)
-    missing = [f for f in ("config.json", "model.safetensors") if not (path / f).is_file()
-               and not (f == "model.safetensors" and (path / "model.safetensors.index.json").is_file())]
-    if missing:
-        raise ExtractorWeightsError(f"{kind} weights incomplete in {path}: missing {', '.join(missing)}. "
-                                    f"Put {what} there.")
-    try:
-        model, info = model_cls.from_pretrained(str(path), local_files_only=True, use_safetensors=True,
-                                                output_loading_info=True)
-    except Exception as err:  # corrupt or mismatching files
-        raise ExtractorWeightsError(f"could not load {kind} weights from {path} ({type(err).__name__}: {err})") from err
-    # strict: transformers would random-initialise a missing tensor and only print a report
-    problems = {label: [str(k) for k in info.get(key) or [] if "position_ids" not in str(k)]
-                for label, key in (("missing", "missing_keys"), ("unexpected", "unexpected_keys"),
-                                   ("mis-shaped", "mismatched_keys"))}
-    if any(problems.values()):
-        listed = "; ".join(f"{label} {keys[:4]}{' ...' if len(keys) > 4 else ''}"
-                           for label, keys in problems.items() if keys)
-        raise ExtractorWeightsError(f"{kind} weights in {path} do not match {model_cls.__name__}: {listed}. "
-                                    f"Put {what} there.")
-    return model.to(device).eval().requires_grad_(False)
-
-
-def _normalisation(path: Path, mean, std, device: torch.device) -> tuple[Tensor, Tensor]:
-    pre = path / "preprocessor_config.json"
-    if pre.is_file():
-        cfg = json.loads(pre.read_text())
-        mean, std = tuple(cfg.get("image_mean", mean)), tuple(cfg.get("image_std", std))
-    return (torch.tensor(mean, device=device).view(1, 3, 1, 1), torch.tensor(std, device=device).view(1, 3, 1, 1))
-
-
-def _model_input(images: Tensor, size: int, mean: Tensor, std: Tensor, centre_crop: bool = False) -> Tensor:
-    """Differentiable preprocessing: bicubic resize to ``size`` and normalisation. ``centre_crop`` first
-    takes the centre square, as CLIP-family models' own preprocessing does (resize the shortest side,
-    centre crop), so a non-square image is never stretched; without it the image is resized whole, as
-    FID-style feature extractors do."""
-    h, w = images.shape[-2:]
-    if centre_crop and h != w:
-        side = min(h, w)
-        top, left = (h - side) // 2, (w - side) // 2
-        images = images[..., top: top + side, left: left + side]
-    x = F.interpolate(images, size=(size, size), mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
-    return (x - mean) / std
-
-
 class HFClipExtractor(FeatureExtractor):
     """A ``transformers`` CLIP model loaded from a local directory (``local_files_only``)."""
 
@@ -164,11 +104,11 @@ class HFClipExtractor(FeatureExtractor):
         super().__init__(device, batch_size)
         self.path = Path(path)
         self.name = f"clip:{path}"
-        _require_dir(self.path, "CLIP", self.WHAT)
+        require_dir(self.path, "CLIP", self.WHAT, ExtractorWeightsError)
         from transformers import CLIPModel
 
-        self.model = _load_pretrained(CLIPModel, self.path, "CLIP", self.WHAT, self.device)
-        self.mean, self.std = _normalisation(self.path, CLIP_MEAN, CLIP_STD, self.device)
+        self.model = load_transformers_dir(CLIPModel, self.path, "CLIP", self.WHAT, self.device, ExtractorWeightsError)
+        self.mean, self.std = normalisation(self.path, CLIP_MEAN, CLIP_STD, self.device)
         self.size = int(self.model.config.vision_config.image_size)
         self._tokenizer = None
 
@@ -178,7 +118,7 @@ class HFClipExtractor(FeatureExtractor):
         return out if isinstance(out, Tensor) else out.pooler_output
 
     def _image_features(self, images: Tensor) -> Tensor:
-        x = _model_input(images, self.size, self.mean, self.std, centre_crop=True)
+        x = model_input(images, self.size, self.mean, self.std, centre_crop=True)
         return F.normalize(self._pooled(self.model.get_image_features(pixel_values=x)), dim=-1)
 
     def tokenizer(self):
@@ -219,13 +159,13 @@ class VisionExtractor(FeatureExtractor):
 
         self.path = Path(path)
         self.name = f"vision:{path}"
-        self.model = _load_pretrained(AutoModel, self.path, "vision backbone", self.WHAT, self.device)
-        self.mean, self.std = _normalisation(self.path, IMAGENET_MEAN, IMAGENET_STD, self.device)
+        self.model = load_transformers_dir(AutoModel, self.path, "vision backbone", self.WHAT, self.device, ExtractorWeightsError)
+        self.mean, self.std = normalisation(self.path, IMAGENET_MEAN, IMAGENET_STD, self.device)
         size = getattr(self.model.config, "image_size", 224)
         self.size = int(size[0] if isinstance(size, (list, tuple)) else size)
 
     def _image_features(self, images: Tensor) -> Tensor:
-        out = self.model(pixel_values=_model_input(images, self.size, self.mean, self.std))
+        out = self.model(pixel_values=model_input(images, self.size, self.mean, self.std))
         pooled = getattr(out, "pooler_output", None)
         return (pooled if pooled is not None else out.last_hidden_state.mean(dim=1)).flatten(1)
 

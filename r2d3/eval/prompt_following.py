@@ -24,7 +24,7 @@ from torch import Tensor
 
 from r2d3.data.procedural import COLORS, ShapeAttributes, parse_prompt
 from r2d3.eval.color import dominant_colours
-from r2d3.eval.procedural_views import RenderedViews
+from r2d3.data.procedural.views import RenderedViews
 from r2d3.eval.shape_classifier import ShapeClassifier, classify_shapes
 from r2d3.render.output import RenderOutput
 

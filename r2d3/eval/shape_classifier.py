@@ -37,9 +37,9 @@ from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
 from torch import Tensor, nn
 
-from r2d3.backends.base import load_pretrained_dir
+from r2d3.pretrained import load_pretrained_dir
 from r2d3.data.procedural import SHAPES
-from r2d3.eval.procedural_views import RenderedViews
+from r2d3.data.procedural.views import RenderedViews
 from r2d3.rewards.clip_tiny import ConvEncoder, to_model_resolution
 
 REBUILD_COMMAND = "python pipelines/train_reward.py --what shape_classifier"

@@ -1,8 +1,7 @@
 """Exports for people and other tools: ``.ply`` splats (standard 3DGS layout), previews (multi-view PNG
 grids, turntable GIF/MP4) and coloured ``.glb`` meshes (opacity-density isosurfaces; needs the ``mesh``
-extra). Every writer is atomic: a file appears complete or not at all."""
+extra). Every writer is atomic (:mod:`r2d3.storage`): a file appears complete or not at all."""
 
-from r2d3.export._atomic import ExportPathError, atomic_path, atomic_write_bytes
 from r2d3.export.frame import FRAMES, gaussians_in_frame
 from r2d3.export.mesh import DEFAULT_LEVEL, NoSurfaceError, encode_glb, gaussians_to_mesh, load_glb, write_glb
 from r2d3.export.ply import (
@@ -31,13 +30,10 @@ __all__ = [
     "DEFAULT_LEVEL",
     "FRAMES",
     "NoSurfaceError",
-    "ExportPathError",
     "PLY_PROPERTIES",
     "PlyFormatError",
     "SH_C0",
     "VideoBackendUnavailableError",
-    "atomic_path",
-    "atomic_write_bytes",
     "encode_gif",
     "encode_glb",
     "encode_ply",

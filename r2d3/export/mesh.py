@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from r2d3.export._atomic import atomic_path
+from r2d3.storage import atomic_path
 from r2d3.export.frame import points_in_frame
 from r2d3.export.ply import single_asset
 from r2d3.render.gaussians import Gaussians

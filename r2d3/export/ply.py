@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from plyfile import PlyData, PlyElement, PlyElementParseError, PlyHeaderParseError
 
-from r2d3.export._atomic import atomic_write_bytes
+from r2d3.storage import atomic_write_bytes
 from r2d3.export.frame import gaussians_in_frame
 from r2d3.render.gaussians import Gaussians, InvalidGaussiansError
 
@@ -121,7 +121,7 @@ def write_ply(gaussians: Gaussians, path: str | os.PathLike[str], *, frame: str 
     """Write one asset (``B == 1``; pass ``gaussians[i]`` for a batch) to ``path`` atomically.
 
     The file appears complete or not at all. Parent directories are created. Raises
-    :class:`~r2d3.export.ExportPathError` naming ``path`` if it cannot be written, and the
+    :class:`~r2d3.storage.OutputError` naming ``path`` if it cannot be written, and the
     :meth:`Gaussians.validate` error for invalid values (nothing is written then).
     """
     return atomic_write_bytes(path, encode_ply(gaussians, frame=frame, sh_degree=sh_degree, min_opacity=min_opacity))

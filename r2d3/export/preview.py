@@ -22,7 +22,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
-from r2d3.export._atomic import atomic_path, atomic_write_bytes
+from r2d3.storage import atomic_path, atomic_write_bytes
 from r2d3.render.gaussians import Gaussians
 from r2d3.render.output import RenderOutput
 
@@ -208,7 +208,7 @@ def save_preview_grid(
 ) -> Path:
     """:func:`make_grid` written to ``path`` as a PNG, atomically; returns the path.
 
-    Raises :class:`~r2d3.export.ExportPathError` naming ``path`` if it cannot be written.
+    Raises :class:`~r2d3.storage.OutputError` naming ``path`` if it cannot be written.
     """
     return atomic_write_bytes(path, encode_png(make_grid(images, **grid_kwargs)))
 

@@ -27,9 +27,10 @@ from r2d3.data.prompts import load_prompts, select_prompts
 from r2d3.eval.extractors import load_extractor
 from r2d3.eval.samples import Measurer
 from r2d3.eval.summary import summarize
-from r2d3.export import atomic_write_bytes, save_preview_grid, write_ply
+from r2d3.export import save_preview_grid, write_ply
 from r2d3.pipeline import Generation
 from r2d3.train import loop
+from r2d3.storage import atomic_write_bytes
 from r2d3.train.session import Session
 
 log = logging.getLogger(__name__)

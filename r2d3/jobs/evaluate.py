@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
-from safetensors.torch import load_file
 from torch import Tensor
 
 from r2d3.backends import load_backend
@@ -32,7 +31,7 @@ from r2d3.eval.extractors import load_extractor
 from r2d3.eval.samples import Measurer
 from r2d3.pipeline import Pipeline
 from r2d3.rewards import load_reward
-from r2d3.train.checkpoint import latest_checkpoint
+from r2d3.train.checkpoint import CorruptCheckpointError, latest_checkpoint, load_lora_file
 
 BASE = "base"
 
@@ -106,7 +105,8 @@ class ModelBank:
     """The backend once per LoRA layout; checkpoints swap their adapter weights in, the base model runs
     with adapters disabled (exactly the frozen network)."""
 
-    def __init__(self, backend: str, weights: str | None, device: torch.device, checkpoints: list[CheckpointSpec]):
+    def __init__(self, backend: str, weights: str | None, device: torch.device | str,
+                 checkpoints: list[CheckpointSpec]):
         self._load = lambda: load_backend(backend, weights=weights, device=str(device))
         self.backends: dict[tuple, Any] = {}
         self.states: dict[str, tuple[tuple, dict[str, Tensor]]] = {}
@@ -114,30 +114,40 @@ class ModelBank:
         for spec in checkpoints:
             if spec.is_base:
                 continue
-            state = load_file(Path(spec.path) / "lora.safetensors")
+            file = Path(spec.path) / "lora.safetensors"
+            state = load_lora_file(file)
             rank = next((v.shape[0] for k, v in state.items() if "lora_A" in k), None)
             if rank is None:
-                raise ValueError(f"{spec.path}/lora.safetensors holds no LoRA weights")
+                raise CorruptCheckpointError(f"{file} holds no LoRA weights (no lora_A tensors): not an r2d3 "
+                                             "checkpoint")
             key = (rank, spec.lora_alpha, tuple(spec.lora_targets or ()))
             if key not in self.backends:
                 b = self._load()
                 add_lora(b.denoiser, rank, spec.lora_alpha, list(spec.lora_targets or b.lora_target_modules))
                 self.backends[key] = b
             self.states[spec.name] = (key, {k: v.to(device) for k, v in state.items()})
+            self._swap_in(spec.name, file)  # a checkpoint that does not fit the backend fails here, not mid-job
         self.base = next(iter(self.backends.values()), None)
         if self.base is None:
             self.base = self._load()
+
+    def _swap_in(self, name: str, file: Path | None = None) -> Any:
+        key, state = self.states[name]
+        backend = self.backends[key]
+        if self.loaded.get(key) != name:
+            try:
+                load_lora_state_dict(backend.denoiser, state)
+            except (RuntimeError, ValueError) as err:
+                raise CorruptCheckpointError(f"{file or name} does not fit backend {backend.name!r}: "
+                                             f"{str(err).splitlines()[0]}") from err
+            self.loaded[key] = name
+        return backend
 
     def backend_for(self, spec: CheckpointSpec) -> tuple[Any, bool]:
         """(backend, run it with adapters disabled)."""
         if spec.is_base:
             return self.base, bool(self.backends)
-        key, state = self.states[spec.name]
-        backend = self.backends[key]
-        if self.loaded.get(key) != spec.name:
-            load_lora_state_dict(backend.denoiser, state)
-            self.loaded[key] = spec.name
-        return backend, False
+        return self._swap_in(spec.name), False
 
 
 # ---------------------------------------------------------------------------------------------------------

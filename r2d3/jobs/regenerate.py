@@ -26,11 +26,9 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import io
 import json
 import logging
 import os
-import re
 import tempfile
 import time
 import traceback
@@ -50,6 +48,7 @@ from r2d3.export.mesh import encode_glb, gaussians_to_mesh
 from r2d3.jobs.evaluate import BASE, CheckpointSpec, ModelBank, resolve_checkpoint
 from r2d3.pipeline import Pipeline, noise_seed
 from r2d3.rewards import load_reward
+from r2d3.storage import OutputError, Store, atomic_write_bytes, is_uri, slug
 
 log = logging.getLogger(__name__)
 
@@ -66,116 +65,23 @@ FILE_NAMES = {"ply": "asset.ply", "glb": "mesh.glb", "preview": "preview.png", "
 TIMINGS = ("t_sample_s", "t_export_s", "t_score_s", "t_total_s")
 
 
-# ---------------------------------------------------------------------------------------------------------
-# storage
-
-
-class OutputError(OSError):
-    """The output location cannot be written."""
-
-
-class Store:
-    """Files under a root that is a local directory or an ``s3://bucket/prefix`` (pyarrow filesystems;
-    S3 endpoint and credentials from the standard ``AWS_*`` variables). Paths are relative, ``/``-separated."""
-
-    def __init__(self, root: str | os.PathLike):
-        import pyarrow.fs as pafs
-
-        root = str(root)
-        self.uri = root.rstrip("/")
-        self.is_s3 = root.startswith("s3://")
-        if self.is_s3:
-            self.fs, self.base = pafs.FileSystem.from_uri(self.uri)
-        else:
-            self.fs, self.base = pafs.LocalFileSystem(), str(Path(root).expanduser().resolve())
-
-    def __getstate__(self):  # pyarrow filesystems are rebuilt in each process
-        return {"uri": self.uri}
-
-    def __setstate__(self, state):
-        self.__init__(state["uri"])
-
-    def full(self, rel: str) -> str:
-        return f"{self.base}/{rel}" if rel else self.base
-
-    def write_bytes(self, rel: str, data: bytes) -> None:
-        if self.is_s3:
-            with self.fs.open_output_stream(self.full(rel)) as f:  # one PUT: the object appears whole or not
-                f.write(data)
-        else:
-            from r2d3.export import atomic_write_bytes
-
-            atomic_write_bytes(self.full(rel), data)
-
-    def read_bytes(self, rel: str) -> bytes:
-        with self.fs.open_input_stream(self.full(rel)) as f:
-            return f.read()
-
-    def exists(self, rel: str) -> bool:
-        import pyarrow.fs as pafs
-
-        return self.fs.get_file_info(self.full(rel)).type == pafs.FileType.File
-
-    def listing(self) -> set[str]:
-        """Relative paths of every file below the root (one recursive listing)."""
-        import pyarrow.fs as pafs
-
-        if self.fs.get_file_info(self.base).type == pafs.FileType.NotFound:
-            return set()
-        infos = self.fs.get_file_info(pafs.FileSelector(self.base, recursive=True, allow_not_found=True))
-        return {i.path[len(self.base) + 1:] for i in infos if i.type == pafs.FileType.File}
-
-    def check_writable(self) -> None:
-        """Write and remove a probe object, so an output that is a file, read-only or unreachable fails
-        before any asset is computed (with the path in the message)."""
-        probe = ".write_test"
-        try:
-            if not self.is_s3:
-                if Path(self.base).exists() and not Path(self.base).is_dir():
-                    raise NotADirectoryError(f"{self.base} is a file")
-                Path(self.base).mkdir(parents=True, exist_ok=True)
-            self.write_bytes(probe, b"")
-            self.fs.delete_file(self.full(probe))
-        except OSError as err:
-            raise OutputError(f"output {self.uri} is not writable: {err}") from err
-
-    def write_table(self, rel: str, table) -> None:
-        import pyarrow.parquet as pq
-
-        buf = io.BytesIO()
-        pq.write_table(table, buf)
-        self.write_bytes(rel, buf.getvalue())
-
-    def read_table(self, rel: str):
-        import pyarrow.parquet as pq
-
-        return pq.read_table(io.BytesIO(self.read_bytes(rel)))
-
-
 def localize(uri: str, cache: str | os.PathLike | None = None) -> str:
     """A local path for ``uri``: itself when local; an ``s3://`` checkpoint directory or
     ``lora.safetensors`` (with its ``config.yaml``) is downloaded into ``cache`` (default: a folder in the
     temporary directory), replacing an earlier copy atomically."""
-    if not uri.startswith("s3://"):
+    if not is_uri(uri):
         return uri
-    import pyarrow.fs as pafs
-
-    fs, path = pafs.FileSystem.from_uri(uri.rstrip("/"))
-    info = fs.get_file_info(path)
-    directory = path.rsplit("/", 1)[0] if info.type == pafs.FileType.File else path
-    if fs.get_file_info(f"{directory}/lora.safetensors").type != pafs.FileType.File:
+    store = Store(uri)
+    if store.exists(""):  # the URI names a file: its checkpoint directory
+        store = Store(store.uri.rsplit("/", 1)[0])
+    if not store.exists("lora.safetensors"):
         raise FileNotFoundError(f"checkpoint not found: {uri} (no lora.safetensors there)")
     digest = hashlib.sha256(uri.encode()).hexdigest()[:12]
-    local = Path(cache or Path(tempfile.gettempdir()) / "r2d3-checkpoints") / digest / directory.rsplit("/", 1)[-1]
+    local = Path(cache or Path(tempfile.gettempdir()) / "r2d3-checkpoints") / digest / store.uri.rsplit("/", 1)[-1]
     for name in ("lora.safetensors", "config.yaml"):
-        src = f"{directory}/{name}"
-        if fs.get_file_info(src).type != pafs.FileType.File:
-            continue  # always fetched again: an object rewritten under the same URI must not be served stale
-        with fs.open_input_stream(src) as f:
-            data = f.read()
-        from r2d3.export import atomic_write_bytes
-
-        atomic_write_bytes(local / name, data)
+        # always fetched again: an object rewritten under the same URI must not be served stale
+        if store.exists(name):
+            atomic_write_bytes(local / name, store.read_bytes(name))
     return str(local)
 
 
@@ -209,10 +115,6 @@ def generation_key(settings: dict[str, Any]) -> str:
     import json
 
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:8]
-
-
-def slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_")[:60] or "x"
 
 
 def prompt_hash(prompt: str) -> str:
@@ -252,7 +154,8 @@ class RegenSettings:
     unlit: bool = False  # .glb material: KHR_materials_unlit instead of non-metallic PBR
 
 
-def _reward_name(spec: Any) -> str:
+def reward_name(spec: Any) -> str:
+    """The slug naming an extra reward's manifest column (``reward_<name>``)."""
     return slug(reward_label(spec))
 
 
@@ -310,7 +213,7 @@ class AssetWorker:
         t2 = time.perf_counter()
         scores: dict[str, Any] = {"reward": float(g.rewards[0])}
         for spec_r, fn in zip(s.rewards[1:], self.rewards[1:]):
-            scores[f"reward_{_reward_name(spec_r)}"] = float(fn(render, [prompt])[0])
+            scores[f"reward_{reward_name(spec_r)}"] = float(fn(render, [prompt])[0])
         scores.update({k: float(v[0]) for k, v in image_stats(render).items()})
         if gradeable(prompt):
             pf = prompt_following(render, [prompt])["per_sample"][0]
@@ -438,7 +341,7 @@ def manifest_metadata(settings: RegenSettings, generation: dict[str, Any] | None
                                   "lora_sha256": hashlib.sha256(lora.read_bytes()).hexdigest() if lora else None}
     return {"r2d3_version": r2d3.__version__, "backend": settings.backend, "weights": settings.weights,
             "sampler": dataclasses.asdict(settings.sampler), "render": dataclasses.asdict(settings.render),
-            "rewards": settings.rewards, "reward_columns": ["reward", *[f"reward_{_reward_name(r)}"
+            "rewards": settings.rewards, "reward_columns": ["reward", *[f"reward_{reward_name(r)}"
                                                                        for r in settings.rewards[1:]]],
             "mesh": settings.mesh, "mesh_resolution": settings.mesh_resolution, "frame": settings.frame,
             "sh_degree": settings.sh_degree, "min_opacity": settings.min_opacity, "unlit": settings.unlit,

@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.fs as pafs
 
 import ray
 import ray.data
@@ -28,6 +27,7 @@ import ray.data
 from r2d3.data.embeddings import (encode_table, encoder_fingerprint, parquet_row_count, summarize_embeddings,
                                   write_manifest)
 from r2d3.data.prompts import PromptSourceError, check_shards
+from r2d3.storage import files_under, filesystem
 
 log = logging.getLogger(__name__)
 
@@ -53,14 +53,7 @@ def _local_or_uri(path: str) -> str:
 
 
 def _has_files(uri: str) -> bool:
-    fs, path = pafs.FileSystem.from_uri(uri) if "://" in uri else (pafs.LocalFileSystem(), uri)
-    info = fs.get_file_info(path)
-    if info.type == pafs.FileType.NotFound:
-        return False
-    if info.type == pafs.FileType.File:
-        return True
-    listing = fs.get_file_info(pafs.FileSelector(path, recursive=True))
-    return any(i.type == pafs.FileType.File for i in listing)
+    return bool(files_under(*filesystem(uri)))
 
 
 def _check_paths(source: str, output: str, overwrite: bool) -> None:

@@ -19,7 +19,7 @@ import sys
 import time
 from typing import Any, Sequence
 
-from r2d3.jobs.regenerate import (ERRORS, GALLERY, MANIFEST, AssetWorker, RegenSettings, Store, _reward_name,
+from r2d3.jobs.regenerate import (ERRORS, GALLERY, MANIFEST, AssetWorker, RegenSettings, Store, reward_name,
                              error_schema, finished_rows, manifest_metadata, manifest_schema, row_key,
                              rows_to_table, sort_rows)
 
@@ -121,7 +121,7 @@ def run_regeneration(settings: RegenSettings, prompts: Sequence[str], seeds: Seq
     # rerun adds to the library, never drops what earlier runs made
     rows = sort_rows(list(done.values()), names, prompts, seeds)
     shown = names + sorted({r["checkpoint"] for r in rows} - set(names))
-    extra = [_reward_name(r) for r in settings.rewards[1:]]
+    extra = [reward_name(r) for r in settings.rewards[1:]]
     schema = manifest_schema(extra)
     store.write_table(ERRORS, rows_to_table(errors, error_schema()))
     if gallery:

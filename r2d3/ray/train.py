@@ -30,6 +30,7 @@ from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 
 from r2d3.config import AlignConfig, from_dict, to_dict
 from r2d3.data.prompts import PromptStream, check_shards, is_parquet_source
+from r2d3.storage import filesystem
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +134,7 @@ class RaySession:
         checkpoint when its controller next polls the worker, so a worker killed right after reporting
         leaves a newer checkpoint in storage than the one Ray restores (or none at all, and the run would
         start over). Partial uploads fail to load and fall back to the next older one."""
-        storage = ray.train.get_context().get_storage()
+        storage = ray.train.get_context().getfilesystem()
         fs, root = storage.storage_filesystem, storage.experiment_fs_path
         infos = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
         names = sorted((i.path for i in infos if i.type == pafs.FileType.Directory
@@ -212,10 +213,6 @@ def wait_for_resources(need: dict[str, float], timeout_s: float, poll_s: float =
         time.sleep(poll_s)
 
 
-def _storage(uri: str) -> tuple[pafs.FileSystem, str]:
-    return pafs.FileSystem.from_uri(uri) if "://" in uri else (pafs.LocalFileSystem(), str(Path(uri).resolve()))
-
-
 def _worker_loop(payload: dict[str, Any]) -> None:
     from r2d3.jobs import align as align_job
 
@@ -228,7 +225,7 @@ def _worker_loop(payload: dict[str, Any]) -> None:
         session.close()
     outputs = payload.get("outputs_uri")
     if session.rank == 0 and outputs:  # rank 0 may run on another node: publish next to the checkpoints
-        fs, path = _storage(outputs)
+        fs, path = filesystem(outputs)
         fs.create_dir(path, recursive=True)
         pafs.copy_files(str(run_dir), path, destination_filesystem=fs)
 
@@ -311,6 +308,6 @@ def read_summary(run_dir: Path, storage_path: str) -> dict[str, Any]:
     local = run_dir / "summary.json"
     if local.exists():
         return json.loads(local.read_text())
-    fs, path = _storage(f"{storage_path.rstrip('/')}/{run_dir.name}/{OUTPUTS}/summary.json")
+    fs, path = filesystem(f"{storage_path.rstrip('/')}/{run_dir.name}/{OUTPUTS}/summary.json")
     with fs.open_input_stream(path) as f:
         return json.loads(f.read())

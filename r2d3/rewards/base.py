@@ -28,6 +28,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor, nn
 
+from r2d3.pretrained import WeightsError
 from r2d3.render.output import RenderOutput
 
 
@@ -181,9 +182,7 @@ NEVER_DOWNLOADS = "(this project never downloads weights)"
 
 def local_weights_dir(weights: Any, reward: str, holding: str) -> Path:
     """The local directory of a pretrained reward's weights; ``None`` or a missing directory raises
-    :class:`~r2d3.backends.base.WeightsError` saying what the directory must hold (``holding``)."""
-    from r2d3.backends.base import WeightsError
-
+    :class:`~r2d3.pretrained.WeightsError` saying what the directory must hold (``holding``)."""
     if weights is None or str(weights) == "":
         raise WeightsError(f"reward {reward!r} needs `weights`: a local directory holding {holding}. Pass it in "
                            f"the spec, e.g. {{'name': '{reward}', 'kwargs': {{'weights': '<dir>'}}}} "

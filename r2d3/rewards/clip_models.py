@@ -37,8 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from r2d3.backends.base import WeightsError
-from r2d3.eval.extractors import CLIP_MEAN, CLIP_STD, _load_pretrained, _model_input, _normalisation
+from r2d3.pretrained import CLIP_MEAN, CLIP_STD, WeightsError, load_transformers_dir, model_input, normalisation
 from r2d3.render.output import RenderOutput
 from r2d3.rewards.base import (Reward, check_prompts, local_weights_dir, register_reward,
                                views_as_batch)
@@ -120,8 +119,8 @@ class ClipModelReward(Reward):
             raise ValueError(f"noise_std must be >= 0, got {noise_std}")
         device = torch.device(device)
         self.tokenizer = _load_tokenizer(path, name) if self.needs_text else None
-        self.model = _load_pretrained(CLIPModel, path, name, DOWNLOADS[name], device).to(self.dtype)
-        mean, std = _normalisation(path, CLIP_MEAN, CLIP_STD, device)
+        self.model = load_transformers_dir(CLIPModel, path, name, DOWNLOADS[name], device).to(self.dtype)
+        mean, std = normalisation(path, CLIP_MEAN, CLIP_STD, device)
         self.register_buffer("mean", mean.to(self.dtype), persistent=False)
         self.register_buffer("std", std.to(self.dtype), persistent=False)
         self.size = int(self.model.config.vision_config.image_size)
@@ -137,7 +136,7 @@ class ClipModelReward(Reward):
         images = images.to(self.dtype)
         if self.noise_std > 0:
             images = images + self.noise_std * torch.randn_like(images)
-        return _model_input(images, self.size, self.mean, self.std, centre_crop=True)
+        return model_input(images, self.size, self.mean, self.std, centre_crop=True)
 
     def image_embeddings(self, images: Tensor) -> Tensor:
         """Unit-norm projected image embeddings ``[N, D]``."""

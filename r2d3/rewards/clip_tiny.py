@@ -6,7 +6,7 @@ end to end. It is a CLIP-style dual encoder:
 
 - image tower: a 4-layer stride-2 CNN (GroupNorm + SiLU, down to 4x4, mean+max pooling) on 64x64
   RGB views as rendered (composited on white), scaled to [-1, 1];
-- text tower: its own :class:`~r2d3.backends.text.TextEncoder` (word vocabulary of the procedural
+- text tower: its own :class:`~r2d3.text.TextEncoder` (word vocabulary of the procedural
   grammar), masked mean pooling;
 - linear projections to a shared 64-d space; the reward of a view is the **cosine similarity** between
   its image embedding and the prompt's text embedding, in [-1, 1], averaged over views.
@@ -44,8 +44,8 @@ from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
 from torch import Tensor, nn
 
-from r2d3.backends.base import load_pretrained_dir
-from r2d3.backends.text import TextEncoder
+from r2d3.pretrained import load_pretrained_dir
+from r2d3.text import TextEncoder
 from r2d3.render.output import RenderOutput
 from r2d3.rewards.base import Reward, check_prompts, register_reward, views_as_batch
 

@@ -37,7 +37,7 @@ from r2d3.data.procedural import (
     VOCABULARY,
     ShapeAttributes,
 )
-from r2d3.eval.procedural_views import RenderedViews
+from r2d3.data.procedural.views import RenderedViews
 from r2d3.rewards.clip_tiny import ClipTinyModel
 
 

@@ -33,6 +33,8 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor
 
+from r2d3.pretrained import CLIP_MEAN, CLIP_STD
+
 
 def load_torch_checkpoint(path: str | Path) -> dict[str, Tensor]:
     """A state dict from a ``.pt``/``.pth`` file, loaded safely; unwraps ``{"state_dict": ...}`` and strips
@@ -195,8 +197,6 @@ def save_transformers_clip(state: Mapping[str, Tensor], config: Any, output: str
 
     from transformers import CLIPModel
 
-    from r2d3.eval.extractors import CLIP_MEAN, CLIP_STD
-
     model = CLIPModel(config)
     model.load_state_dict(dict(state), strict=True)
     output = Path(output)
@@ -357,8 +357,6 @@ def save_image_reward(vision: Mapping[str, Tensor], vision_config: Any, text: Ma
 
     from safetensors.torch import save_file
     from transformers import AutoTokenizer, BlipTextModel, BlipVisionModel
-
-    from r2d3.eval.extractors import CLIP_MEAN, CLIP_STD
 
     tokenizer_dir = Path(tokenizer_dir)
     if not tokenizer_dir.is_dir():

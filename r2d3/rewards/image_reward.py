@@ -42,8 +42,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from r2d3.backends.base import WeightsError
-from r2d3.eval.extractors import _model_input
+from r2d3.pretrained import WeightsError, model_input
 from r2d3.render.output import RenderOutput
 from r2d3.rewards.base import (NEVER_DOWNLOADS, Reward, check_prompts, local_weights_dir, register_reward,
                                views_as_batch)
@@ -184,7 +183,7 @@ class ImageRewardReward(Reward):
         side = min(h, w)
         top, left = round((h - side) / 2.0), round((w - side) / 2.0)
         images = images[..., top:top + side, left:left + side]
-        return _model_input(images, self.size, self.mean, self.std, centre_crop=True)
+        return model_input(images, self.size, self.mean, self.std, centre_crop=True)
 
     def tokens(self, prompts: Sequence[str]) -> tuple[Tensor, Tensor]:
         """``(input_ids, attention_mask)`` ``[N, max_length]`` as ImageReward tokenizes prompts."""

@@ -72,7 +72,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from r2d3.backends.base import WeightsError
+from r2d3.pretrained import WeightsError
 from r2d3.render.output import RenderOutput
 from r2d3.rewards.base import Reward, register_reward, views_as_batch
 

@@ -26,6 +26,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from r2d3.config import AlignConfig, to_dict, to_yaml
+from r2d3.storage import atomic_dir
 
 #: options that may change between a run and its resumption without changing what is trained
 RESUMABLE_KEYS = {"run.resume", "run.restart", "run.progress", "run.wandb_mode", "run.log_images_every", "run.output_dir",
@@ -84,6 +85,25 @@ class TrainState:
     resumes: list[int] = field(default_factory=list)  # the epoch each resumption started from
 
 
+def _write_checkpoint(tmp: Path, config: AlignConfig, state: TrainState, lora: dict[str, torch.Tensor],
+                      optimizer: torch.optim.Optimizer, generator: torch.Generator,
+                      buffer: dict[str, torch.Tensor] | None, buffer_prompts: list[str] | None,
+                      modules: dict[str, torch.Tensor] | None) -> None:
+    save_file(lora, tmp / "lora.safetensors")
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    save_file({"generator": generator.get_state()}, tmp / "rng.safetensors")
+    if modules:
+        save_file({k: v.contiguous() for k, v in modules.items()}, tmp / "modules.safetensors")
+    if buffer is not None:
+        save_file({k: v.contiguous() for k, v in buffer.items()}, tmp / "buffer.safetensors")
+        (tmp / "buffer.json").write_text(json.dumps({"prompts": buffer_prompts or []}))
+    meta = {"epoch": state.epoch, "optimizer_steps": state.optimizer_steps, "bad_batches": state.bad_batches,
+            "history": state.history, "before": state.before, "resumes": state.resumes,
+            "fingerprint": training_fingerprint(config)}
+    (tmp / "state.json").write_text(json.dumps(meta, indent=1))
+    (tmp / "config.yaml").write_text(to_yaml(config))
+
+
 def save_checkpoint(
     path: str | os.PathLike,
     config: AlignConfig,
@@ -95,28 +115,13 @@ def save_checkpoint(
     buffer_prompts: list[str] | None = None,
     modules: dict[str, torch.Tensor] | None = None,
 ) -> Path:
+    """Every file of a resumable checkpoint, written to a sibling directory that replaces ``path`` only
+    once complete (a crash mid-write leaves the previous checkpoints as they were)."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
     try:
-        tmp.mkdir(parents=True)
-        save_file(lora, tmp / "lora.safetensors")
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        save_file({"generator": generator.get_state()}, tmp / "rng.safetensors")
-        if modules:
-            save_file({k: v.contiguous() for k, v in modules.items()}, tmp / "modules.safetensors")
-        if buffer is not None:
-            save_file({k: v.contiguous() for k, v in buffer.items()}, tmp / "buffer.safetensors")
-            (tmp / "buffer.json").write_text(json.dumps({"prompts": buffer_prompts or []}))
-        meta = {"epoch": state.epoch, "optimizer_steps": state.optimizer_steps, "bad_batches": state.bad_batches,
-                "history": state.history, "before": state.before, "resumes": state.resumes, "fingerprint": training_fingerprint(config)}
-        (tmp / "state.json").write_text(json.dumps(meta, indent=1))
-        (tmp / "config.yaml").write_text(to_yaml(config))
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
+        with atomic_dir(path) as tmp:
+            _write_checkpoint(tmp, config, state, lora, optimizer, generator, buffer, buffer_prompts, modules)
     except (OSError, RuntimeError) as err:  # torch reports a full disk as a RuntimeError from its zip writer
-        shutil.rmtree(tmp, ignore_errors=True)
         free = shutil.disk_usage(path.parent if path.parent.exists() else Path.cwd()).free
         full = "no space left on the device" if free < 64 * 2**20 or "No space" in str(err) or "enforce fail" in str(err) \
             else str(err).splitlines()[0]

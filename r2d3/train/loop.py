@@ -18,7 +18,6 @@ import torch
 from tqdm.auto import tqdm
 
 from r2d3.algos import SampleBatch, build_algorithm
-from r2d3.algos.base import prepare_batch
 from r2d3.backends import available_backends, load_backend
 from r2d3.config import WANDB_MODES, AlignConfig, ConfigError, RenderConfig, SamplerConfig, check_finite
 from r2d3.diffusion.schedules import SCHEDULER_KINDS
@@ -227,7 +226,7 @@ def train_epoch(worker: Worker, samples: SampleBatch, generator: torch.Generator
                 state: TrainState, progress: bool = False) -> dict[str, float]:
     """Optimizer steps over ``samples``: shuffled train batches, ``grad_accum`` per step."""
     t = worker.config.train
-    samples = prepare_batch(worker.algorithm, samples)
+    samples = worker.algorithm.prepare(samples)
     order = torch.randperm(len(samples), generator=generator)
     # samples dropped for non-finite rewards are replaced by repeats, so every worker takes the same
     # number of steps (each step all-reduces gradients: a worker with fewer steps would hang the rest)
@@ -312,7 +311,7 @@ def _buffer_tensors(batch: SampleBatch) -> dict[str, torch.Tensor]:
 
 
 def _buffer_from_tensors(ctx: Pipeline, data: dict[str, torch.Tensor], prompts: list[str]) -> SampleBatch:
-    from r2d3.backends.text import PromptEmbeds
+    from r2d3.text import PromptEmbeds
     from r2d3.diffusion import Trajectory
 
     dev = ctx.backend.device

@@ -22,10 +22,13 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+from safetensors.torch import save
 from torch import Tensor
 
-from r2d3.data.procedural import ProceduralShapes, ShapeAttributes
+from r2d3.data.procedural.dataset import ProceduralShapes
+from r2d3.data.procedural.grammar import ShapeAttributes
 from r2d3.render import jittered_orbit_cameras, render_gaussians
+from r2d3.storage import atomic_write_bytes
 
 
 @dataclass
@@ -54,10 +57,6 @@ class RenderedViews:
     def save(self, path: str | os.PathLike) -> None:
         """One safetensors file (tensors, labels in its JSON metadata), written atomically: a cache that
         loads without unpickling, so a file planted in the cache directory cannot run code."""
-        from safetensors.torch import save
-
-        from r2d3.export import atomic_write_bytes
-
         meta = {"attributes": json.dumps([dataclasses.asdict(a) for a in self.attributes]),
                 "prompts": json.dumps(self.prompts), "seconds": repr(float(self.seconds))}
         tensors = {k: getattr(self, k).contiguous() for k in ("rgb", "alpha", "depth")}

@@ -13,17 +13,17 @@ import threading
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import psutil
 import torch
 
+from r2d3.algos import available_algorithms
 from r2d3.config import AlignConfig
-from r2d3.train import loop
 from r2d3.jobs.align import run_worker
+from r2d3.train import loop
 from r2d3.train.session import LocalSession
 
-METHODS = ("nabla_gfn", "ddpo", "refl", "draft")
 #: Nabla-R2D3 options whose effect the comparison measures: name -> algo overrides
 VARIANTS: dict[str, dict[str, Any]] = {
     "nabla_gfn+jacobian_free": {"name": "nabla_gfn", "jacobian_free": True},
@@ -31,10 +31,16 @@ VARIANTS: dict[str, dict[str, Any]] = {
 }
 
 
+def all_methods() -> tuple[str, ...]:
+    """Every registered algorithm, then the :data:`VARIANTS`: a newly registered algorithm joins the
+    comparison without being listed here."""
+    return tuple(available_algorithms()) + tuple(VARIANTS)
+
+
 def algo_for(base: AlignConfig, method: str):
-    """The algo section of ``base`` set to one method of :data:`METHODS` or one :data:`VARIANTS`."""
-    if method not in METHODS and method not in VARIANTS:
-        raise ValueError(f"unknown method {method!r}; valid: {', '.join(METHODS + tuple(VARIANTS))}")
+    """The algo section of ``base`` set to one registered algorithm or one of the :data:`VARIANTS`."""
+    if method not in all_methods():
+        raise ValueError(f"unknown method {method!r}; valid: {', '.join(all_methods())}")
     return replace(base.algo, **VARIANTS.get(method, {"name": method}))
 
 
@@ -122,19 +128,19 @@ def _count_calls(module: torch.nn.Module) -> tuple[dict[str, int], list]:
     return counts, handles
 
 
-def update_cost(base: AlignConfig, methods: tuple[str, ...] = METHODS, repeats: int = 3) -> dict[str, dict]:
+def update_cost(base: AlignConfig, methods: Sequence[str] | None = None, repeats: int = 3) -> dict[str, dict]:
     """Time, peak memory and denoiser passes of one optimizer update of each method on the same batch.
 
     A denoiser forward counts a CFG-doubled batch once; backward counts passes that reach the denoiser
     (input-gradient passes included)."""
     results: dict[str, dict] = {}
-    for method in methods:
+    for method in all_methods() if methods is None else methods:
         config = replace(base, algo=algo_for(base, method), run=replace(base.run, progress=False))
         worker = loop.build_worker(config)
         gen = torch.Generator().manual_seed(0)
         prompts = worker.prompts[: config.train.train_batch_size]
         batch = loop.sample_batch(worker.ctx, prompts, gen)
-        batch = getattr(worker.algorithm, "prepare", lambda b: b)(batch)
+        batch = worker.algorithm.prepare(batch)
         counts, handles = _count_calls(worker.ctx.backend.denoiser)
         times, mems = [], []
         cuda = worker.device.type == "cuda"

@@ -1,0 +1,192 @@
+"""Where r2d3 reads and writes files: one seam for local paths and ``s3://`` URIs, and atomic writes.
+
+Filesystems are pyarrow's (:func:`filesystem`): Ray Data reads and writes through them and Ray Train
+stores checkpoints with them, so jobs, Ray tasks and the trainer share one client and one way of
+configuring S3 (the standard ``AWS_*`` variables, ``AWS_ENDPOINT_URL`` for an S3-compatible server).
+
+A crash, a full disk or a killed worker must never leave a half-written file or checkpoint under its
+final name: nightly regeneration and resumed training decide what is done by what exists, so a
+truncated file would be mistaken for a finished one. Local files are written to a hidden temporary
+next to the destination (same filesystem, so the final ``os.replace`` is atomic) and renamed at the
+end (:func:`atomic_path`, :func:`atomic_dir`); an S3 object is one PUT, which appears whole or not.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from pathlib import Path
+from typing import Any
+
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+
+def _umask() -> int:
+    """The process umask (reading it means setting it; it is put straight back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+class OutputError(OSError):
+    """An output location cannot be written (missing permissions, a file where a directory should be,
+    an unreachable bucket, ...); the message names it."""
+
+
+def _unwritable(path: Path, reason: str, cause: BaseException | None = None) -> OutputError:
+    if isinstance(cause, OSError) and cause.strerror:
+        reason = f"{reason}: {cause.strerror}"
+    return OutputError(f"cannot write {str(path)!r}: {reason}")
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; on success rename it to ``path``, on error delete it.
+
+    The temporary name keeps ``path``'s suffix so writers that infer the format from the extension
+    (imageio) still work. Parent directories are created. Raises :class:`ExportPathError` naming
+    ``path`` when the location cannot be written.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise _unwritable(path, "it is an existing directory")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise _unwritable(path, f"cannot create the directory {str(path.parent)!r}", e) from e
+    try:
+        # hidden, unique, and ending in the real suffix so extension-sniffing writers still work
+        prefix, suffix = f".{path.name}.", f".partial{path.suffix}"
+        fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=prefix, suffix=suffix)
+    except OSError as e:
+        raise _unwritable(path, "cannot create a file in its directory", e) from e
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:  # make the bytes durable before the rename publishes them
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a plain open() would honour the umask
+        os.replace(tmp, path)
+    except BaseException:
+        with suppress(OSError):
+            tmp.unlink()
+        raise
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically; return the final path."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
+
+
+@contextmanager
+def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield an empty sibling directory of ``path`` to fill; on success it replaces ``path`` (an earlier
+    directory there is removed first), on error it is deleted and ``path`` is left as it was."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir(parents=True)
+        yield tmp
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def slug(text: str, default: str = "x") -> str:
+    """A file-name-safe form of ``text`` (letters, digits, ``.``, ``_``, ``-``; at most 60 characters)."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_")[:60] or default
+
+
+def is_uri(path: str | os.PathLike[str]) -> bool:
+    return "://" in str(path)
+
+
+def filesystem(uri: str | os.PathLike[str]) -> tuple[pafs.FileSystem, str]:
+    """The pyarrow filesystem and in-filesystem path of a URI (``s3://bucket/key``), or of a local path
+    (made absolute: Ray tasks need not share the driver's working directory)."""
+    if is_uri(uri):
+        return pafs.FileSystem.from_uri(str(uri).rstrip("/"))
+    return pafs.LocalFileSystem(), str(Path(uri).expanduser().resolve())
+
+
+def files_under(fs: pafs.FileSystem, path: str) -> list[pafs.FileInfo]:
+    """Every file at or below ``path`` (itself when it is a file; empty when nothing is there)."""
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.NotFound:
+        return []
+    if info.type == pafs.FileType.File:
+        return [info]
+    return [i for i in fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
+            if i.type == pafs.FileType.File]
+
+
+class Store:
+    """Files under a root that is a local directory or an ``s3://bucket/prefix``. Paths are relative,
+    ``/``-separated; local writes are atomic, S3 writes are single PUTs."""
+
+    def __init__(self, root: str | os.PathLike[str]):
+        self.uri = str(root).rstrip("/")
+        self.is_s3 = is_uri(self.uri)
+        self.fs, self.base = filesystem(self.uri)
+
+    def __getstate__(self) -> dict[str, Any]:  # pyarrow filesystems are rebuilt in each process
+        return {"uri": self.uri}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["uri"])
+
+    def full(self, rel: str) -> str:
+        return f"{self.base}/{rel}" if rel else self.base
+
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        if self.is_s3:
+            with self.fs.open_output_stream(self.full(rel)) as f:
+                f.write(data)
+        else:
+            atomic_write_bytes(self.full(rel), data)
+
+    def read_bytes(self, rel: str) -> bytes:
+        with self.fs.open_input_stream(self.full(rel)) as f:
+            return f.read()
+
+    def exists(self, rel: str) -> bool:
+        return self.fs.get_file_info(self.full(rel)).type == pafs.FileType.File
+
+    def listing(self) -> set[str]:
+        """Relative paths of every file below the root (one recursive listing)."""
+        return {i.path[len(self.base) + 1:] for i in files_under(self.fs, self.base)}
+
+    def check_writable(self) -> None:
+        """Write and remove a probe object, so an output that is a file, read-only or unreachable fails
+        before anything is computed (with the path in the message)."""
+        probe = ".write_test"
+        try:
+            if not self.is_s3:
+                if Path(self.base).exists() and not Path(self.base).is_dir():
+                    raise NotADirectoryError(f"{self.base} is a file")
+                Path(self.base).mkdir(parents=True, exist_ok=True)
+            self.write_bytes(probe, b"")
+            self.fs.delete_file(self.full(probe))
+        except OSError as err:
+            raise OutputError(f"output {self.uri} is not writable: {err}") from err
+
+    def write_table(self, rel: str, table: Any) -> None:
+        buf = io.BytesIO()
+        pq.write_table(table, buf)
+        self.write_bytes(rel, buf.getvalue())
+
+    def read_table(self, rel: str) -> Any:
+        return pq.read_table(io.BytesIO(self.read_bytes(rel)))
