@@ -97,7 +97,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from r2d3.eval.report import headline_rows
     from r2d3.jobs.regenerate import Store
     from r2d3.rewards import build_reward
-    from r2d3.train.loop import check_sampler_and_render
 
     if args.num_prompts < 1:
         sys.exit(f"evaluate: --num-prompts must be >= 1, got {args.num_prompts}")
@@ -110,13 +109,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         prompts = select_prompts(load_prompts(args.prompts, args.prompt_column).prompts, args.num_prompts)
     except (FileNotFoundError, ValueError, PromptSourceError) as err:
         sys.exit(f"evaluate: {err}")
-    sampler = replace(SamplerConfig(), kind=args.sampler, num_steps=args.steps, eta=args.eta,
-                      guidance_scale=args.guidance_scale)
-    render = replace(RenderConfig(), num_views=args.views, resolution=args.resolution)
     out = Path(args.out or f"runs/eval-{time.strftime('%Y%m%d-%H%M%S')}")
-    try:
-        check_sampler_and_render(sampler, render, prefix=("--sampler/--steps/--eta/--guidance-scale: ",
-                                                          "--views/--resolution: "))
+    try:  # the config sections check the values (a bad one is named as its config key)
+        sampler = replace(SamplerConfig(), kind=args.sampler, num_steps=args.steps, eta=args.eta,
+                          guidance_scale=args.guidance_scale)
+        render = replace(RenderConfig(), num_views=args.views, resolution=args.resolution)
         if args.actors < 0 or args.batch_size < 1 or args.bootstrap < 1 or args.fid_bootstrap < 1:
             raise ValueError("--actors must be >= 0 and --batch-size, --bootstrap, --fid-bootstrap >= 1")
         Store(str(out)).check_writable()  # before any sample is computed

@@ -93,20 +93,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from r2d3.ray.regenerate import run_regeneration
     from r2d3.jobs.regenerate import OutputError, RegenSettings, checkpoint_id, generation_key, resolve
     from r2d3.rewards import build_reward
-    from r2d3.train.loop import check_sampler_and_render
 
     if len(set(args.seeds)) != len(args.seeds):
         sys.exit(f"regenerate: --seeds must not repeat, got {args.seeds}")
-    sampler = replace(SamplerConfig(), kind=args.sampler, num_steps=args.steps, eta=args.eta,
-                      guidance_scale=args.guidance_scale)
-    render = replace(RenderConfig(), num_views=args.views, resolution=args.resolution)
     positive = {"--max-prompts": args.max_prompts, "--max-assets": args.max_assets,
                 "--turntable-frames": args.turntable_frames, "--batch-size": args.batch_size}
     sized = {"--turntable-size": args.turntable_size, "--mesh-resolution": args.mesh_resolution,
              "--preview-size": args.preview_size}
-    try:
-        check_sampler_and_render(sampler, render, prefix=("--sampler/--steps/--eta/--guidance-scale: ",
-                                                          "--views/--resolution: "))
+    try:  # the config sections check the values (a bad one is named as its config key)
+        sampler = replace(SamplerConfig(), kind=args.sampler, num_steps=args.steps, eta=args.eta,
+                          guidance_scale=args.guidance_scale)
+        render = replace(RenderConfig(), num_views=args.views, resolution=args.resolution)
         for flag, value in positive.items():
             if value is not None and value < 1:
                 raise ValueError(f"{flag} must be >= 1, got {value}")

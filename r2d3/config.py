@@ -2,7 +2,12 @@
 command line with ``section.key=value`` and saved next to every run.
 
 Each field's help text lives in its ``metadata["help"]``, so ``--help`` documents every option from
-the same source the code reads.
+the same source the code reads. So do its allowed values: ``choices`` and a ``check`` (a predicate and
+what it requires) in the same metadata, enforced by every section's ``__post_init__``. OmegaConf builds
+sections through their constructors, so a bad value from a YAML file, a ``key=value`` override, a
+sweep trial or ``dataclasses.replace`` is a :class:`ConfigError` naming the key before any model loads.
+Checks that need a registry (algorithm, backend and reward names) or several sections at once live
+in :func:`r2d3.train.loop.validate`, which also runs before anything loads.
 """
 
 from __future__ import annotations
@@ -11,11 +16,12 @@ import argparse
 import copy
 import dataclasses
 import math
+import re
 import sys
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence, TypeVar
+from typing import Any, Callable, ClassVar, Optional, Sequence, TypeVar
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -24,17 +30,59 @@ T = TypeVar("T")
 
 #: values of ``run.wandb_mode``
 WANDB_MODES = ("offline", "online", "disabled")
+#: values of ``sampler.kind`` (the schedulers of :mod:`r2d3.diffusion.schedules`)
+SAMPLER_KINDS = ("ddim", "sde-dpmsolver++")
+#: values of ``render.backend`` (``auto`` and the rasterisers of :mod:`r2d3.render.splat`)
+RENDER_BACKENDS = ("auto", "torch", "gsplat")
+#: ``run.device`` values: auto, cpu, mps, cuda, cuda:N
+DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+
+#: a predicate on a field's value and what it requires ("must be >= 1")
+Check = tuple[Callable[[Any], bool], str]
 
 
 class ConfigError(ValueError):
     """A bad configuration value or file; the message names the key or file."""
 
 
-def opt(default: Any, help: str, **kwargs: Any) -> Any:  # noqa: A002 - mirrors argparse's name
-    """A dataclass field with a help string (mutable defaults are copied per instance)."""
+def at_least(low: float) -> Check:
+    return (lambda v: v >= low, f"must be >= {low:g}")
+
+
+def positive() -> Check:
+    return (lambda v: v > 0, "must be > 0")
+
+
+def within(low: float, high: float, open_low: bool = False) -> Check:
+    return ((lambda v: low < v <= high) if open_low else (lambda v: low <= v <= high),
+            f"must be in {'(' if open_low else '['}{low:g}, {high:g}]")
+
+
+def opt(default: Any, help: str, *, choices: Sequence[Any] | None = None,  # noqa: A002 - argparse's name
+        check: Check | None = None, **kwargs: Any) -> Any:
+    """A dataclass field with a help string and, optionally, the values it accepts (``choices``) or a
+    ``check`` (``None`` always passes it: it means "the default"); mutable defaults are copied."""
+    metadata = {"help": help, "choices": tuple(choices) if choices is not None else None, "check": check}
     if isinstance(default, (dict, list)):
-        return field(default_factory=lambda: copy.deepcopy(default), metadata={"help": help}, **kwargs)
-    return field(default=default, metadata={"help": help}, **kwargs)
+        return field(default_factory=lambda: copy.deepcopy(default), metadata=metadata, **kwargs)
+    return field(default=default, metadata=metadata, **kwargs)
+
+
+class Section:
+    """A config section: ``__post_init__`` checks every field against its metadata, naming it as
+    ``<key>.<field>`` (``key``: the section's name in :class:`AlignConfig`)."""
+
+    key: ClassVar[str] = ""
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            value, name = getattr(self, f.name), f"{self.key}.{f.name}" if self.key else f.name
+            check_finite(value, name)
+            choices, check = f.metadata.get("choices"), f.metadata.get("check")
+            if choices is not None and value not in choices:
+                raise ConfigError(f"{name} must be one of {', '.join(map(str, choices))}, got {value!r}")
+            if check is not None and value is not None and not check[0](value):
+                raise ConfigError(f"{name} {check[1]}, got {value!r}")
 
 
 def section(cls: type, help: str) -> Any:  # noqa: A002
@@ -46,132 +94,162 @@ def section(cls: type, help: str) -> Any:  # noqa: A002
 
 
 @dataclass
-class RunConfig:
-    name: Optional[str] = opt(None, "run name; default: <algo>-<reward>-<timestamp>. Reusing a name resumes that run")
+class RunConfig(Section):
+    key: ClassVar[str] = "run"
+    name: Optional[str] = opt(None, "run name; default: <algo>-<reward>-<timestamp>. Reusing a name resumes that run",
+                              check=(lambda v: bool(v) and v not in (".", "..") and "/" not in v and "\\" not in v
+                                     and v == v.strip(), "must be a plain directory name (no '/', '..' or "
+                                     "surrounding spaces) so the run stays inside run.output_dir"))
     output_dir: str = opt("runs", "local parent directory of run directories (see scale.storage_path for s3://)")
     seed: int = opt(0, "seed for sampling noise, prompts, cameras and LoRA init")
-    device: str = opt("auto", "auto | cpu | cuda | cuda:N")
+    device: str = opt("auto", "auto | cpu | mps | cuda | cuda:N",
+                      check=(lambda v: DEVICE_PATTERN.fullmatch(v) is not None, "must be auto, cpu, mps, cuda or cuda:N"))
     resume: bool = opt(True, "continue from the latest checkpoint in the run directory if there is one")
     restart: bool = opt(False, "with run.resume=false on a directory that holds a run: move the old run aside "
                                "(<name>.old-<time>) and start over (without it such a run is refused)")
-    checkpoint_every: int = opt(5, "save a checkpoint every N epochs (and always at the end)")
-    keep_checkpoints: int = opt(2, "how many recent checkpoints to keep")
-    wandb_mode: str = opt("offline", "wandb mode: offline | online | disabled")
+    checkpoint_every: int = opt(5, "save a checkpoint every N epochs (and always at the end)", check=at_least(1))
+    keep_checkpoints: int = opt(2, "how many recent checkpoints to keep", check=at_least(1))
+    wandb_mode: str = opt("offline", "wandb mode: offline | online | disabled", choices=WANDB_MODES)
     wandb_project: str = opt("r2d3", "wandb project")
-    log_images_every: int = opt(5, "log multi-view renders every N epochs (0: never)")
+    log_images_every: int = opt(5, "log multi-view renders every N epochs (0: never)", check=at_least(0))
     progress: bool = opt(True, "show progress bars")
 
 
 @dataclass
-class ModelConfig:
+class ModelConfig(Section):
+    key: ClassVar[str] = "model"
     backend: str = opt("tiny", "registered backend name (see r2d3.backends.available_backends())")
     weights: Optional[str] = opt(None, "weights directory for the backend; default: the backend's own")
-    lora_rank: int = opt(8, "LoRA rank")
-    lora_alpha: Optional[float] = opt(None, "LoRA alpha; default: equal to the rank (scale 1)")
-    lora_targets: Optional[list[str]] = opt(None, "module-name suffixes LoRA adapts; default: the backend's list")
+    lora_rank: int = opt(8, "LoRA rank", check=at_least(1))
+    lora_alpha: Optional[float] = opt(None, "LoRA alpha; default: equal to the rank (scale 1)", check=positive())
+    lora_targets: Optional[list[str]] = opt(None, "module-name suffixes LoRA adapts; default: the backend's list",
+                                            check=(lambda v: len(v) > 0 and all(str(x).strip() for x in v),
+                                                   "must be null (the backend's list) or non-empty names"))
 
 
 @dataclass
-class SamplerConfig:
-    kind: str = opt("ddim", "ddim (eta-controlled DDIM) | sde-dpmsolver++ (1st-order SDE-DPM-Solver++)")
-    num_steps: int = opt(20, "sampling steps K")
-    eta: float = opt(1.0, "DDIM eta in [0, 1]; 1 is DDPM-like (needed: the losses need stochastic steps)")
+class SamplerConfig(Section):
+    key: ClassVar[str] = "sampler"
+    kind: str = opt("ddim", "ddim (eta-controlled DDIM) | sde-dpmsolver++ (1st-order SDE-DPM-Solver++)",
+                    choices=SAMPLER_KINDS)
+    num_steps: int = opt(20, "sampling steps K", check=at_least(1))
+    eta: float = opt(1.0, "DDIM eta in [0, 1]; 1 is DDPM-like (needed: the losses need stochastic steps)",
+                     check=within(0, 1))
     guidance_scale: float = opt(1.5, "classifier-free guidance scale (1: none; the tiny model follows shapes best "
-                                     "at 1.5, see docs/benchmarks.md)")
+                                     "at 1.5, see docs/benchmarks.md)", check=at_least(1))
 
 
 @dataclass
-class RenderConfig:
-    num_views: int = opt(4, "views rendered per asset for the reward")
-    resolution: int = opt(64, "square render resolution in pixels")
-    fov_deg: float = opt(40.0, "vertical field of view")
-    distance: float = opt(2.5, "orbit radius of the cameras")
+class RenderConfig(Section):
+    key: ClassVar[str] = "render"
+    num_views: int = opt(4, "views rendered per asset for the reward", check=at_least(1))
+    resolution: int = opt(64, "square render resolution in pixels", check=at_least(8))
+    fov_deg: float = opt(40.0, "vertical field of view", check=((lambda v: 0 < v < 180), "must be in (0, 180)"))
+    distance: float = opt(2.5, "orbit radius of the cameras", check=positive())
     elevation_deg: float = opt(20.0, "camera elevation")
-    elevation_jitter_deg: float = opt(5.0, "uniform elevation jitter (+-) shared by an asset's views")
-    azimuth_jitter_deg: float = opt(10.0, "uniform azimuth jitter (+-) shared by an asset's views")
-    background: list[float] = opt([1.0, 1.0, 1.0], "background colour")
+    elevation_jitter_deg: float = opt(5.0, "uniform elevation jitter (+-) shared by an asset's views",
+                                      check=at_least(0))
+    azimuth_jitter_deg: float = opt(10.0, "uniform azimuth jitter (+-) shared by an asset's views", check=at_least(0))
+    background: list[float] = opt([1.0, 1.0, 1.0], "background colour (RGB in [0, 1])",
+                                  check=(lambda v: len(v) == 3 and all(0 <= c <= 1 for c in v),
+                                         "must be three values in [0, 1]"))
     backend: str = opt("auto", "rasteriser: auto (gsplat for float32 CUDA tensors when installed, else torch) | "
-                               "torch | gsplat")
+                               "torch | gsplat", choices=RENDER_BACKENDS)
 
 
 @dataclass
-class AlgoConfig:
+class AlgoConfig(Section):
+    key: ClassVar[str] = "algo"
     name: str = opt("nabla_gfn", "nabla_gfn | ddpo | refl | draft")
     # Nabla-GFlowNet
-    beta: float = opt(1e5, "nabla_gfn: reward scale beta (target = score_ref + beta * w(t) * grad r)")
-    reward_weighting: str = opt("squared", "nabla_gfn: w(t) = alpha_bar ('squared') or sqrt(alpha_bar) ('sqrt')")
-    reg_scale: float = opt(1e2, "nabla_gfn: lambda, weight of the proximal term |eps_theta - eps_old|^2")
-    timestep_fraction: float = opt(0.4, "nabla_gfn/ddpo: fraction of each trajectory's transitions trained")
-    reward_grad_clip: Optional[float] = opt(None, "nabla_gfn: clip |beta * w * grad r| per sample (None: off)")
+    beta: float = opt(1e5, "nabla_gfn: reward scale beta (target = score_ref + beta * w(t) * grad r)",
+                      check=at_least(0))
+    reward_weighting: str = opt("squared", "nabla_gfn: w(t) = alpha_bar ('squared') or sqrt(alpha_bar) ('sqrt')",
+                                choices=("squared", "sqrt"))
+    reg_scale: float = opt(1e2, "nabla_gfn: lambda, weight of the proximal term |eps_theta - eps_old|^2",
+                           check=at_least(0))
+    timestep_fraction: float = opt(0.4, "nabla_gfn/ddpo: fraction of each trajectory's transitions trained",
+                                   check=within(0, 1, open_low=True))
+    reward_grad_clip: Optional[float] = opt(None, "nabla_gfn: clip |beta * w * grad r| per sample (None: off)",
+                                            check=positive())
     off_policy_lag: bool = opt(True, "nabla_gfn/ddpo: train on the previous epoch's samples (as the reference code)")
     jacobian_free: bool = opt(False, "nabla_gfn: treat eps as constant in the reward gradient (cheaper)")
     x0_timestep_shift: bool = opt(False, "nabla_gfn: the reference code's extra one-step shift of x0_hat's alpha_bar")
     flow_correction: bool = opt(False, "nabla_gfn: learn the residual log-flow correction g_phi (full Nabla-GFlowNet)")
-    flow_hidden: int = opt(128, "nabla_gfn: hidden width of the g_phi network")
-    flow_lr: float = opt(1e-3, "nabla_gfn: AdamW learning rate of g_phi (its own parameter group)")
-    flow_weight_decay: float = opt(1e-2, "nabla_gfn: AdamW weight decay of g_phi")
+    flow_hidden: int = opt(128, "nabla_gfn: hidden width of the g_phi network", check=at_least(1))
+    flow_lr: float = opt(1e-3, "nabla_gfn: AdamW learning rate of g_phi (its own parameter group)", check=positive())
+    flow_weight_decay: float = opt(1e-2, "nabla_gfn: AdamW weight decay of g_phi", check=at_least(0))
     reverse_loss_scale: float = opt(0.0, "nabla_gfn: weight of the reverse (x_t) residual loss; trains g_phi only, "
-                                         "so it needs flow_correction")
+                                         "so it needs flow_correction", check=at_least(0))
     # DDPO
-    clip_range: float = opt(1e-4, "ddpo: importance-ratio clip range")
-    adv_clip: float = opt(5.0, "ddpo: advantage clip")
+    clip_range: float = opt(1e-4, "ddpo: importance-ratio clip range", check=positive())
+    adv_clip: float = opt(5.0, "ddpo: advantage clip", check=positive())
     # ReFL
     refl_min_step: int = opt(-5, "refl: earliest step (negative: counted from the end) for the reward")
     # DRaFT-K
-    draft_k: int = opt(1, "draft: backpropagate the reward through the last K sampling steps")
+    draft_k: int = opt(1, "draft: backpropagate the reward through the last K sampling steps", check=at_least(1))
     reward_scale: float = opt(1.0, "refl/draft: multiplier of the reward in the loss")
 
 
 @dataclass
-class TrainConfig:
-    epochs: int = opt(6, "epochs (one sampling phase + one training phase each)")
-    sample_batch_size: int = opt(16, "trajectories sampled per batch")
-    sample_batches_per_epoch: int = opt(1, "sampling batches per epoch")
-    train_batch_size: int = opt(4, "trajectories per backward pass")
-    grad_accum: int = opt(1, "train batches accumulated per optimizer step")
-    lr: float = opt(1e-3, "AdamW learning rate (LoRA parameters only)")
-    weight_decay: float = opt(1e-4, "AdamW weight decay")
-    adam_betas: list[float] = opt([0.9, 0.999], "AdamW betas")
-    adam_eps: float = opt(1e-8, "AdamW epsilon")
-    max_grad_norm: float = opt(1.0, "clip the LoRA gradient norm")
-    max_bad_batches: int = opt(5, "abort after this many batches with a NaN/inf loss or reward (skipped and counted)")
+class TrainConfig(Section):
+    key: ClassVar[str] = "train"
+    epochs: int = opt(6, "epochs (one sampling phase + one training phase each)", check=at_least(1))
+    sample_batch_size: int = opt(16, "trajectories sampled per batch", check=at_least(1))
+    sample_batches_per_epoch: int = opt(1, "sampling batches per epoch", check=at_least(1))
+    train_batch_size: int = opt(4, "trajectories per backward pass", check=at_least(1))
+    grad_accum: int = opt(1, "train batches accumulated per optimizer step", check=at_least(1))
+    lr: float = opt(1e-3, "AdamW learning rate (LoRA parameters only)", check=positive())
+    weight_decay: float = opt(1e-4, "AdamW weight decay", check=at_least(0))
+    adam_betas: list[float] = opt([0.9, 0.999], "AdamW betas", check=(lambda v: len(v) == 2 and all(0 <= b < 1 for b in v),
+                                                                      "must be two values in [0, 1)"))
+    adam_eps: float = opt(1e-8, "AdamW epsilon", check=positive())
+    max_grad_norm: float = opt(1.0, "clip the LoRA gradient norm", check=positive())
+    max_bad_batches: int = opt(5, "abort after this many batches with a NaN/inf loss or reward (skipped and counted)",
+                               check=at_least(0))
 
 
 @dataclass
-class DataConfig:
+class DataConfig(Section):
+    key: ClassVar[str] = "data"
     prompts: str = opt("procedural:train", "training prompts: procedural:<split>, a .txt file, or Parquet shards (dir/glob/s3://)")
     heldout_prompts: str = opt("procedural:heldout", "held-out prompts for evaluation (same forms)")
     prompt_column: str = opt("prompt", "column holding prompts in Parquet shards")
-    shuffle_buffer: int = opt(256, "rows in each worker's local shuffle buffer when streaming Parquet shards")
+    shuffle_buffer: int = opt(256, "rows in each worker's local shuffle buffer when streaming Parquet shards",
+                              check=at_least(0))
     embeddings: Optional[str] = opt(None, "precomputed prompt embeddings (dir/glob/s3://, written by "
                                           "pipelines/embed_prompts.py with the same backend and weights) used "
                                           "instead of the text encoder; unknown prompts are encoded as usual")
 
 
 @dataclass
-class EvalConfig:
-    num_prompts: int = opt(48, "held-out prompts evaluated before and after alignment")
-    seeds_per_prompt: int = opt(4, "samples per held-out prompt (same noise for every checkpoint)")
-    every: int = opt(0, "also evaluate every N epochs (0: only before and after)")
+class EvalConfig(Section):
+    key: ClassVar[str] = "eval"
+    num_prompts: int = opt(48, "held-out prompts evaluated before and after alignment", check=at_least(0))
+    seeds_per_prompt: int = opt(4, "samples per held-out prompt (same noise for every checkpoint)", check=at_least(1))
+    every: int = opt(0, "also evaluate every N epochs (0: only before and after)", check=at_least(0))
     extractor: str = opt("clip_tiny", "features for FID/diversity and the image–text model for similarity (the "
                                       "evaluation job's --extractor: clip_tiny, clip:<dir>, vision:<dir>)")
 
 
 @dataclass
-class ScaleConfig:
-    num_workers: int = opt(1, "Ray Train workers (data-parallel)")
-    use_gpu: str = opt("auto", "auto | true | false")
-    cpus_per_worker: float = opt(1.0, "CPUs reserved per training worker")
+class ScaleConfig(Section):
+    key: ClassVar[str] = "scale"
+    num_workers: int = opt(1, "Ray Train workers (data-parallel)", check=at_least(1))
+    use_gpu: Optional[bool] = opt(None, "true | false | null (auto: a GPU per worker when the driver sees CUDA)")
+    cpus_per_worker: float = opt(1.0, "CPUs reserved per training worker", check=positive())
     in_process: bool = opt(False, "run the worker loop in this process without Ray (debugging)")
     storage_path: Optional[str] = opt(None, "Ray Train storage for checkpoints and run outputs: a shared path "
                                             "or s3://bucket/prefix (default: run.output_dir)")
-    max_failures: int = opt(2, "restarts of the whole worker group from the last checkpoint after a crash")
+    max_failures: int = opt(2, "restarts of the whole worker group from the last checkpoint after a crash "
+                               "(-1: unlimited)", check=at_least(-1))
     reward_actors: int = opt(0, "render + reward in a pool of N Ray actors shared by the trainers (0: in each "
-                                "trainer process)")
-    reward_actor_gpus: float = opt(0.0, "GPUs per render/reward actor (fractions share a GPU)")
-    reward_actor_cpus: float = opt(1.0, "CPUs per render/reward actor")
+                                "trainer process)", check=at_least(0))
+    reward_actor_gpus: float = opt(0.0, "GPUs per render/reward actor (fractions share a GPU)", check=at_least(0))
+    reward_actor_cpus: float = opt(1.0, "CPUs per render/reward actor", check=at_least(0))
     resource_wait_s: float = opt(120.0, "how long to wait for the cluster to offer the requested CPUs/GPUs "
-                                        "(an autoscaler may add nodes) before failing with what is missing")
+                                        "(an autoscaler may add nodes) before failing with what is missing",
+                                 check=positive())
 
 
 @dataclass
@@ -258,6 +336,12 @@ def check_finite(value: Any, key: str = "") -> None:
         raise ConfigError(f"{key}={value} is not a finite number")
 
 
+def _omegaconf_message(err: OmegaConfBaseException) -> str:
+    """``key: what is wrong`` (OmegaConf's own text also lists its internal reference types)."""
+    key, msg = getattr(err, "full_key", None), getattr(err, "msg", None) or str(err)
+    return f"{key}: {msg}" if key else msg
+
+
 def build_config(cls: type[T], files: Sequence[str | Path] = (), overrides: Sequence[str] = ()) -> T:
     """Defaults <- YAML files (in order) <- ``key=value`` overrides, validated against ``cls``."""
     merged = OmegaConf.structured(cls)
@@ -268,7 +352,7 @@ def build_config(cls: type[T], files: Sequence[str | Path] = (), overrides: Sequ
         try:
             merged = _merge(merged, OmegaConf.load(path), cls)
         except OmegaConfBaseException as err:
-            raise ConfigError(f"invalid config file {path}: {err}") from None
+            raise ConfigError(f"invalid config file {path}: {_omegaconf_message(err)}") from None
         except Exception as err:  # YAML syntax errors
             raise ConfigError(f"cannot parse config file {path}: {err}") from None
     bad = [o for o in overrides if "=" not in o]
@@ -278,7 +362,7 @@ def build_config(cls: type[T], files: Sequence[str | Path] = (), overrides: Sequ
         merged = _merge(merged, OmegaConf.from_dotlist(list(overrides)), cls)
         config = OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:
-        raise ConfigError(f"invalid override: {err}") from None
+        raise ConfigError(f"invalid override: {_omegaconf_message(err)}") from None
     check_finite(config)
     return config  # type: ignore[return-value]
 

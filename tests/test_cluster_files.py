@@ -145,7 +145,7 @@ def test_rayjob_entrypoint_options_exist():
     job = load("rayjob.yaml")
     config = build_config(AlignConfig, overrides=align_overrides(job["spec"]["entrypoint"]))
     # OmegaConf turns the override `true` into the string "True"
-    assert config.scale.num_workers > 1 and str(config.scale.use_gpu).lower() == "true"
+    assert config.scale.num_workers > 1 and config.scale.use_gpu is True
     runtime_env = yaml.safe_load(job["spec"]["runtimeEnvYAML"])
     assert check_runtime_env(runtime_env, local=False)  # working_dir is a path inside the image
     assert runtime_env["working_dir"] == "/opt/r2d3"

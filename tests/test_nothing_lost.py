@@ -2,11 +2,14 @@
 checkpoints fall back to the newest complete one, run records stay readable and whole, run directories
 are claimed by one job, regeneration trusts its files over its manifest, and no input runs code."""
 
+import dataclasses
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
+import typing
 from pathlib import Path
 
 import pyarrow as pa
@@ -75,13 +78,57 @@ BAD_VALUES = [
     ("scale.reward_actors=2", "scale.in_process=true runs one worker without Ray: it conflicts"),
     ("scale.cpus_per_worker=0", "scale.cpus_per_worker must be > 0"),
     ("scale.resource_wait_s=0", "scale.resource_wait_s must be > 0"),
+    ("scale.use_gpu=maybe", "scale.use_gpu: Value 'maybe' is not a valid bool"),
+    ("algo.name=nabla", "unknown algorithm 'nabla'; valid algorithms: ddpo, draft, nabla_gfn, refl"),
+    ("model.backend=tinyy", "unknown backend 'tinyy'; valid backends"),
+    ("reward=dncc", "unknown reward 'dncc'"),
+    ("algo.timestep_fraction=0", r"algo.timestep_fraction must be in \(0, 1\]"),
+    ("render.background=[1,1]", "render.background must be three values in"),
 ]
+
+
+def _choice_fields():
+    """Every enum-like field of every config section (a ``choices`` list in its metadata)."""
+    for name, cls in typing.get_type_hints(AlignConfig).items():
+        if dataclasses.is_dataclass(cls):
+            for f in dataclasses.fields(cls):
+                if f.metadata.get("choices"):
+                    yield f"{name}.{f.name}", f.metadata["choices"]
+
+
+CHOICE_FIELDS = list(_choice_fields())
+
+
+def test_the_enum_like_fields_are_all_known():
+    assert {k for k, _ in CHOICE_FIELDS} == {"run.wandb_mode", "sampler.kind", "render.backend",
+                                             "algo.reward_weighting"}
+
+
+@pytest.mark.parametrize("key,choices", CHOICE_FIELDS, ids=[k for k, _ in CHOICE_FIELDS])
+def test_every_enum_like_field_rejects_a_near_miss_naming_the_key_and_the_choices(key, choices, tiny, tmp_path,
+                                                                                monkeypatch, capsys):
+    import align
+
+    near_miss = f"{choices[0]}x"
+    with pytest.raises(ConfigError, match=rf"{re.escape(key)} must be one of {re.escape(', '.join(choices))}"):
+        build_config(AlignConfig, overrides=[f"{key}={near_miss}"])
+    monkeypatch.setattr("r2d3.train.loop.load_backend", lambda *a, **k: pytest.fail("a model was loaded"))
+    with pytest.raises(SystemExit):
+        align.main(tiny_args(tiny, tmp_path) + [f"{key}={near_miss}"])
+    assert key in capsys.readouterr().err
+    for value in choices:  # and takes every listed value
+        assert build_config(AlignConfig, overrides=[f"{key}={value}"]) is not None
+
+
+def test_dataclasses_replace_is_checked_too():
+    from r2d3.config import SamplerConfig
+
+    with pytest.raises(ConfigError, match="sampler.eta must be in"):
+        dataclasses.replace(SamplerConfig(), eta=1.5)
 
 
 @pytest.mark.parametrize("override,message", BAD_VALUES, ids=[b[0] for b in BAD_VALUES])
 def test_bad_values_are_named_before_any_model_loads(override, message, tiny, tmp_path, monkeypatch, capsys):
-    import re
-
     import align
 
     monkeypatch.setattr("r2d3.train.loop.load_backend", lambda *a, **k: pytest.fail("a model was loaded"))

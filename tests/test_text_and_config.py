@@ -92,3 +92,12 @@ def test_prompt_sources(tmp_path):
         load_prompts(str(tmp_path / "empty.txt"))
     with pytest.raises(PromptSourceError, match="not found"):
         load_prompts(str(tmp_path / "nope.txt"))
+
+
+def test_the_configs_choices_are_what_the_implementations_offer():
+    from r2d3.config import RENDER_BACKENDS, SAMPLER_KINDS
+    from r2d3.diffusion import SCHEDULER_KINDS
+    from r2d3.render import SPLAT_BACKENDS
+
+    assert set(RENDER_BACKENDS) == {"auto", *SPLAT_BACKENDS}
+    assert SAMPLER_KINDS == SCHEDULER_KINDS

@@ -240,7 +240,7 @@ def test_sample_takes_a_run_directory_and_names_a_file_that_is_not_a_checkpoint(
     (tmp_path / "fake" / "lora.safetensors").write_text("not safetensors")
     with pytest.raises(SystemExit, match=r"sample: checkpoint file .*fake/lora.safetensors is unreadable"):
         sample.main(["a red cube", "--out", str(tmp_path / "o2"), "--lora", str(tmp_path / "fake")])
-    with pytest.raises(SystemExit, match="sample: num_steps must be >= 1"):
+    with pytest.raises(SystemExit, match="sample: sampler.num_steps must be >= 1"):
         sample.main(["a red cube", "--out", str(tmp_path / "o3"), "--steps", "0"])
 
 

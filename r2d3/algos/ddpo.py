@@ -35,10 +35,6 @@ class DDPO(AlgorithmBase):
     name = "ddpo"
 
     def __init__(self, config: AlgoConfig, num_steps: int):
-        if config.clip_range <= 0:
-            raise ValueError(f"algo.clip_range must be > 0, got {config.clip_range}")
-        if not 0 < config.timestep_fraction <= 1:
-            raise ValueError(f"algo.timestep_fraction must be in (0, 1], got {config.timestep_fraction}")
         self.config = config
 
     def prepare(self, batch: SampleBatch) -> SampleBatch:

@@ -45,24 +45,10 @@ class NablaGFN(AlgorithmBase):
     name = "nabla_gfn"
 
     def __init__(self, config: AlgoConfig, num_steps: int):
-        if config.beta < 0:
-            raise ValueError(f"algo.beta must be >= 0, got {config.beta}")
-        if config.reg_scale < 0:
-            raise ValueError(f"algo.reg_scale must be >= 0, got {config.reg_scale}")
-        if config.reward_weighting not in ("squared", "sqrt"):
-            raise ValueError(f"algo.reward_weighting must be 'squared' or 'sqrt', got {config.reward_weighting!r}")
-        if config.reward_grad_clip is not None and config.reward_grad_clip <= 0:
-            raise ValueError(f"algo.reward_grad_clip must be > 0 or null, got {config.reward_grad_clip}")
-        if not 0 < config.timestep_fraction <= 1:
-            raise ValueError(f"algo.timestep_fraction must be in (0, 1], got {config.timestep_fraction}")
-        if config.reverse_loss_scale < 0:
-            raise ValueError(f"algo.reverse_loss_scale must be >= 0, got {config.reverse_loss_scale}")
+        # single values were checked by AlgoConfig; what combines options is checked here
         if config.reverse_loss_scale > 0 and not config.flow_correction:
             raise ValueError("algo.reverse_loss_scale > 0 needs algo.flow_correction=true (the reverse loss trains "
                              "only the flow correction g_phi)")
-        if config.flow_correction and (config.flow_lr <= 0 or config.flow_weight_decay < 0 or config.flow_hidden < 1):
-            raise ValueError(f"algo.flow_lr must be > 0, algo.flow_weight_decay >= 0 and algo.flow_hidden >= 1, got "
-                             f"{config.flow_lr}, {config.flow_weight_decay}, {config.flow_hidden}")
         self.config = config
         self.uses_lag = config.off_policy_lag
         self.num_steps = num_steps

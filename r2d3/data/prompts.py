@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from r2d3.data.procedural import split_prompts
 from r2d3.storage import filesystem
 
 log = logging.getLogger(__name__)
@@ -139,8 +140,6 @@ def load_prompts(source: str, column: str = "prompt") -> PromptList:
     """``procedural:<split>``, a ``.txt`` file (one prompt per line) or Parquet shards (file, directory,
     glob or ``s3://`` prefix) read into memory; for streaming large shard sets see :class:`PromptStream`."""
     if source.startswith("procedural:"):
-        from r2d3.data.procedural import split_prompts
-
         split = source.split(":", 1)[1]
         return _clean(list(split_prompts(split)), source)
     if source.endswith(".txt"):

@@ -38,7 +38,9 @@ from typing import Any
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
-SCHEDULER_KINDS: tuple[str, ...] = ("ddim", "sde-dpmsolver++")
+from r2d3.config import SAMPLER_KINDS
+
+SCHEDULER_KINDS: tuple[str, ...] = SAMPLER_KINDS  # the config names the kinds; this module implements them
 PREDICTION_TYPES: tuple[str, ...] = ("epsilon", "v_prediction", "sample")
 BETA_SCHEDULES: tuple[str, ...] = ("linear", "scaled_linear", "squaredcos_cap_v2")
 TIMESTEP_SPACINGS: tuple[str, ...] = ("leading", "trailing", "linspace")

@@ -31,6 +31,8 @@ from typing import Mapping, Sequence
 import torch
 from torch import Tensor
 
+from r2d3.data.procedural import COLORS, SHADING
+
 # sRGB (D65) -> XYZ matrix and the D65 white point
 _RGB_TO_XYZ = torch.tensor(
     [[0.4124564, 0.3575761, 0.1804375], [0.2126729, 0.7151522, 0.0721750], [0.0193339, 0.1191920, 0.9503041]]
@@ -50,8 +52,7 @@ def srgb_to_lab(rgb: Tensor) -> Tensor:
 
 
 def _palette_table(palette: Mapping[str, Sequence[float]] | None) -> tuple[list[str], Tensor]:
-    if palette is None:
-        from r2d3.data.procedural import COLORS as palette
+    palette = COLORS if palette is None else palette
     names = list(palette)
     if not names:
         raise ValueError("colour palette is empty")
@@ -108,8 +109,6 @@ def colour_votes(
         raise ValueError(f"expected rgb [B, V, 3, H, W] and alpha [B, V, 1, H, W], got {tuple(rgb.shape)} "
                          f"and {tuple(alpha.shape)}")
     if shade_range is None:
-        from r2d3.data.procedural import SHADING
-
         shade_range = (1.0 - SHADING, 1.0)
     names, table = _palette_table(palette)
     votes = torch.zeros(rgb.shape[0], len(names))

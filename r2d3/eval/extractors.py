@@ -37,8 +37,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from r2d3.pretrained import (CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, WeightsError, load_transformers_dir,
-                             model_input, normalisation, require_dir)
+from r2d3.pretrained import (
+    CLIP_MEAN,
+    CLIP_STD,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    WeightsError,
+    load_transformers_dir,
+    model_input,
+    normalisation,
+    require_dir,
+)
+from r2d3.rewards.clip_tiny import load_clip_tiny
+
 
 class ExtractorWeightsError(WeightsError):
     """An evaluation model's weights are missing or unreadable; the message names the path."""
@@ -79,7 +90,6 @@ class ClipTinyExtractor(FeatureExtractor):
     def __init__(self, weights: str | os.PathLike | None = None, device: str | torch.device = "cpu",
                  batch_size: int = 64):
         super().__init__(device, batch_size)
-        from r2d3.rewards.clip_tiny import load_clip_tiny
 
         self.model = load_clip_tiny(weights, self.device)
         self.name = "clip_tiny" if weights is None else f"clip_tiny:{weights}"

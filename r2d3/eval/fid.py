@@ -22,6 +22,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from r2d3.eval.bootstrap import bootstrap_replicates, percentile_interval
+from r2d3.eval.extractors import pool_views, view_features
+
 
 def feature_stats(features: Tensor) -> tuple[Tensor, Tensor]:
     """Mean ``[D]`` and unbiased covariance ``[D, D]`` (float64) of ``[N, D]`` features (``N >= 2``)."""
@@ -83,8 +86,6 @@ def fid(features_a: Tensor, features_b: Tensor) -> float:
 def multiview_fid(extractor, rgb_a: Tensor, rgb_b: Tensor) -> float:
     """FID between two sets of multi-view renders ``[N, V, 3, H, W]``: features pooled per asset over
     views (see the module docstring)."""
-    from r2d3.eval.extractors import pool_views, view_features
-
     return fid(pool_views(view_features(extractor, rgb_a)), pool_views(view_features(extractor, rgb_b)))
 
 
@@ -99,8 +100,6 @@ def fid_bootstrap(features_a: Tensor, features_b: Tensor, groups: int, draws: in
     taken from the replicates shifted by the bootstrap estimate of that bias (their mean minus the point
     estimate): ``[F + q_lo − mean, F + q_hi − mean]``, clamped at 0 — the spread of the bootstrap
     around an estimate that the resampling does not move."""
-    from r2d3.eval.bootstrap import bootstrap_replicates, percentile_interval
-
     a = features_a.detach().to(torch.float64).reshape(groups, -1, features_a.shape[-1])
     b = features_b.detach().to(torch.float64).reshape(groups, -1, features_b.shape[-1])
 

@@ -21,6 +21,8 @@ from typing import Any, Sequence
 
 import torch
 
+from r2d3.export import save_preview_grid
+
 DEFINITIONS = [
     ("reward", "the alignment reward of each sample (mean over its rendered views); mean, population std and "
                "per-prompt means over the held-out samples"),
@@ -145,8 +147,6 @@ def best_worst(res: dict[str, Any], k: int) -> tuple[list[int], list[int]]:
 def save_grids(summary: dict[str, Any], previews: dict[tuple[str, int], torch.Tensor], out_dir: Path,
                k: int = 3) -> dict[str, dict[str, Path]]:
     """Per non-base checkpoint: grids of the best and worst prompts, base views | checkpoint views."""
-    from r2d3.export import save_preview_grid
-
     base = next(iter(summary["checkpoints"]))
     prompts = summary["prompts"]
     written: dict[str, dict[str, Path]] = {}

@@ -26,6 +26,7 @@ from r2d3.eval.diversity import diversity, drift, rms_distance
 from r2d3.eval.extractors import FeatureExtractor, pool_views, prompt_similarity, view_features
 from r2d3.eval.image_stats import image_stats
 from r2d3.eval.prompt_following import prompt_following
+from r2d3.export.preview import encode_png, to_uint8
 from r2d3.pipeline import Generation, Pipeline, noise_seed
 from r2d3.render.output import RenderOutput
 
@@ -47,8 +48,6 @@ def gradeable(prompt: str) -> bool:
 def view_strip_png(views: Tensor) -> bytes:
     """PNG of an asset's views ``[V, 3, H, W]`` side by side (one strip ``[H, V * W]``)."""
     from PIL import Image
-
-    from r2d3.export.preview import encode_png, to_uint8
 
     return encode_png(Image.fromarray(to_uint8(torch.cat(list(views.detach().cpu()), dim=-1))))
 

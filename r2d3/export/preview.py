@@ -22,9 +22,11 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
-from r2d3.storage import atomic_path, atomic_write_bytes
+from r2d3.render import render_gaussians
+from r2d3.render.cameras import Cameras, orbit_cameras
 from r2d3.render.gaussians import Gaussians
 from r2d3.render.output import RenderOutput
+from r2d3.storage import atomic_path, atomic_write_bytes
 
 Channel = Literal["rgb", "alpha", "depth", "normal"]
 FrameLike = Union[Tensor, np.ndarray, Image.Image]
@@ -306,16 +308,6 @@ def save_turntable(
     raise ValueError(f"unsupported turntable format {path.suffix!r} for {str(path)!r}; use .gif or .mp4")
 
 
-def _default_render_fn() -> RenderFn:
-    try:
-        from r2d3.render import render_gaussians
-    except ImportError as e:
-        raise ImportError(
-            "r2d3.render.render_gaussians is not available; pass render_fn=... explicitly"
-        ) from e
-    return render_gaussians
-
-
 #: fraction of the frame's half-height the asset's bounding sphere fills in framed views
 DEFAULT_FILL = 0.9
 
@@ -361,15 +353,13 @@ def render_turntable(
     turntables at high resolution stay within memory on a laptop. A preview grid is a turntable with
     as many frames as views.
     """
-    from r2d3.render.cameras import Cameras, orbit_cameras
-
     if gaussians.batch_size != 1:
         raise ValueError(f"render_turntable renders one asset, got a batch of {gaussians.batch_size}")
     if num_frames < 1 or views_per_call < 1:
         raise ValueError(f"num_frames and views_per_call must be >= 1, got {num_frames}, {views_per_call}")
     if distance is None:
         gaussians, distance = framed(gaussians, fov_deg)
-    render_fn = render_fn or _default_render_fn()
+    render_fn = render_fn or render_gaussians
     azimuths = torch.arange(num_frames, dtype=torch.float64) * (360.0 / num_frames)
     cams = orbit_cameras(
         elevation_deg, azimuths.tolist(), distance=distance, fov_deg=fov_deg, width=size, height=size,

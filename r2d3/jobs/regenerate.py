@@ -38,6 +38,7 @@ from typing import Any, Sequence
 
 import torch
 
+import r2d3
 from r2d3.config import AlignConfig, RenderConfig, SamplerConfig, reward_label
 from r2d3.devices import resolve_device
 from r2d3.eval.image_stats import image_stats
@@ -332,8 +333,6 @@ def rows_to_table(rows: list[dict[str, Any]], schema, metadata: dict[str, Any] |
 def manifest_metadata(settings: RegenSettings, generation: dict[str, Any] | None = None) -> dict[str, Any]:
     """What made the assets, for the manifest's schema metadata: backend and weights, sampler and render
     settings, reward specs, and per checkpoint its id, source and LoRA file hash."""
-    import r2d3
-
     checkpoints = {}
     for spec in settings.checkpoints:
         lora = None if spec.is_base else Path(spec.path) / "lora.safetensors"

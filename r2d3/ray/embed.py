@@ -20,13 +20,19 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-
 import ray
 import ray.data
 
-from r2d3.data.embeddings import (encode_table, encoder_fingerprint, parquet_row_count, summarize_embeddings,
-                                  write_manifest)
+from r2d3.backends import load_backend
+from r2d3.data.embeddings import (
+    encode_table,
+    encoder_fingerprint,
+    parquet_row_count,
+    summarize_embeddings,
+    write_manifest,
+)
 from r2d3.data.prompts import PromptSourceError, check_shards
+from r2d3.ray.actors import actor_device
 from r2d3.storage import files_under, filesystem
 
 log = logging.getLogger(__name__)
@@ -36,9 +42,6 @@ class EncoderActor:
     """One backend per actor process; ``__call__`` turns a batch of prompt cells into embedding rows."""
 
     def __init__(self, backend_name: str, weights: str | None, column: str, device: str):
-        from r2d3.backends import load_backend
-        from r2d3.ray.actors import actor_device
-
         self.backend = load_backend(backend_name, weights=weights, device=actor_device(device))
         self.fingerprint = encoder_fingerprint(self.backend)
         self.column = column

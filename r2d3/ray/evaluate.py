@@ -27,10 +27,11 @@ from typing import Any
 import pyarrow as pa
 
 from r2d3.config import reward_label
+from r2d3.eval.report import write_report
 from r2d3.eval.samples import previews_from_rows, row_schema, rows_to_table, sort_rows
 from r2d3.eval.summary import summarize
 from r2d3.jobs.evaluate import EvalSettings, PromptEvaluator
-from r2d3.ray.actors import map_with_actors
+from r2d3.ray.actors import actor_device, map_with_actors
 
 log = logging.getLogger(__name__)
 SUMMARY_VERSION = 1
@@ -41,8 +42,6 @@ class EvalActor:
 
     def __init__(self, settings: EvalSettings):
         import dataclasses
-
-        from r2d3.ray.actors import actor_device
 
         settings = dataclasses.replace(settings, device=actor_device(settings.device))
         self.evaluator = PromptEvaluator(settings)
@@ -106,8 +105,6 @@ def run_evaluation(settings: EvalSettings, prompts: list[str], out_dir: str | os
     summary["timing"] = {"seconds_sampling": round(sampled, 2), "samples": len(rows),
                          "samples_per_s": round(len(rows) / max(sampled, 1e-9), 3)}
     if report:
-        from r2d3.eval.report import write_report
-
         summary["timing"]["seconds_total"] = round(time.time() - start, 2)
         written = write_report(summary, previews_from_rows(rows), out)
         summary["files"] = {k: str(Path(v).relative_to(out)) for k, v in written.items()}

@@ -19,9 +19,25 @@ import sys
 import time
 from typing import Any, Sequence
 
-from r2d3.jobs.regenerate import (ERRORS, GALLERY, MANIFEST, AssetWorker, RegenSettings, Store, reward_name,
-                             error_schema, finished_rows, manifest_metadata, manifest_schema, row_key,
-                             rows_to_table, sort_rows)
+from r2d3.config import reward_label
+from r2d3.export.gallery import VIEWER_PATH, gallery_html, viewer_module
+from r2d3.jobs.regenerate import (
+    ERRORS,
+    GALLERY,
+    MANIFEST,
+    AssetWorker,
+    RegenSettings,
+    Store,
+    error_schema,
+    finished_rows,
+    manifest_metadata,
+    manifest_schema,
+    reward_name,
+    row_key,
+    rows_to_table,
+    sort_rows,
+)
+from r2d3.ray.actors import actor_device, map_with_actors
 
 log = logging.getLogger(__name__)
 
@@ -31,8 +47,6 @@ class RegenActor:
 
     def __init__(self, settings: RegenSettings):
         import dataclasses
-
-        from r2d3.ray.actors import actor_device
 
         settings = dataclasses.replace(settings, device=actor_device(settings.device))
         self.worker = AssetWorker(settings)
@@ -72,7 +86,6 @@ def run_items(settings: RegenSettings, items: list[dict[str, Any]], actors: int 
             bar.update(row)
             yield row
         return
-    from r2d3.ray.actors import map_with_actors
 
     ds = map_with_actors(items, RegenActor, {"settings": settings}, actors, batch_size, cpus_per_actor,
                          gpus_per_actor)
@@ -125,9 +138,6 @@ def run_regeneration(settings: RegenSettings, prompts: Sequence[str], seeds: Seq
     schema = manifest_schema(extra)
     store.write_table(ERRORS, rows_to_table(errors, error_schema()))
     if gallery:
-        from r2d3.config import reward_label
-        from r2d3.export.gallery import VIEWER_PATH, gallery_html, viewer_module
-
         keys = ["reward", *[f"reward_{e}" for e in extra]]
         score_help = {k: f"the reward {json.dumps(spec, default=str)} on the views the rewards score"
                       for k, spec in zip(keys, settings.rewards)}

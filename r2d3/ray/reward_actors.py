@@ -75,9 +75,6 @@ class RewardActorPool:
         if scale.reward_actors < 1:
             raise ValueError(f"scale.reward_actors must be >= 1 for a reward actor pool, "
                              f"got {scale.reward_actors}")
-        if scale.reward_actor_gpus < 0 or scale.reward_actor_cpus < 0:
-            raise ValueError("scale.reward_actor_gpus and scale.reward_actor_cpus must be >= 0, got "
-                             f"{scale.reward_actor_gpus} and {scale.reward_actor_cpus}")
         self.label = reward_label(config.reward)
         key = pool_key(config)
         self.names = [f"r2d3-reward-{key}-{i}" for i in range(scale.reward_actors)]

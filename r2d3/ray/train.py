@@ -18,18 +18,20 @@ from typing import Any, Iterator
 
 import psutil
 import pyarrow.fs as pafs
-import torch
-import torch.distributed as dist
-
 import ray
 import ray.data
 import ray.train
+import torch
+import torch.distributed as dist
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 
+from r2d3 import devices
 from r2d3.config import AlignConfig, from_dict, to_dict
 from r2d3.data.prompts import PromptStream, check_shards, is_parquet_source
+from r2d3.jobs import align as align_job
+from r2d3.ray.reward_actors import make_remote_scorer, start_reward_actors
 from r2d3.storage import filesystem
 
 log = logging.getLogger(__name__)
@@ -123,8 +125,6 @@ class RaySession:
                 self.board = None
         self.scorer = None
         if config.scale.reward_actors > 0:
-            from r2d3.ray.reward_actors import make_remote_scorer
-
             self.scorer = make_remote_scorer(config)
 
     def checkpoint_candidates(self) -> Iterator[Path]:
@@ -214,8 +214,6 @@ def wait_for_resources(need: dict[str, float], timeout_s: float, poll_s: float =
 
 
 def _worker_loop(payload: dict[str, Any]) -> None:
-    from r2d3.jobs import align as align_job
-
     config = from_dict(AlignConfig, payload["config"])
     run_dir = Path(payload["run_dir"])
     session = RaySession(run_dir, config, streamed=payload["streamed"], progress_board=payload.get("progress_board"))
@@ -255,13 +253,12 @@ def fit_on_ray(config: AlignConfig, run_dir: Path, storage_path: str, callbacks:
     if not ray.is_initialized():
         # the dashboard serves the state API that Train's controller polls (and `ray job submit`)
         ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=verbose, configure_logging=False)
-    gpu = str(config.scale.use_gpu).lower()  # a command-line `true` arrives as "True"
-    use_gpu = gpu == "true" or (gpu == "auto" and torch.cuda.is_available())
+    gpus = devices.use_gpu(config.scale.use_gpu)
     s = config.scale
     need = {"CPU": s.num_workers * s.cpus_per_worker + s.reward_actors * s.reward_actor_cpus,
-            "GPU": (s.num_workers if use_gpu else 0) + s.reward_actors * s.reward_actor_gpus}
+            "GPU": (s.num_workers if gpus else 0) + s.reward_actors * s.reward_actor_gpus}
     wait_for_resources(need, 0.0 if started_here else s.resource_wait_s)
-    scaling = ScalingConfig(num_workers=config.scale.num_workers, use_gpu=use_gpu,
+    scaling = ScalingConfig(num_workers=config.scale.num_workers, use_gpu=gpus,
                             resources_per_worker={"CPU": config.scale.cpus_per_worker})
     run_config = RunConfig(
         name=run_dir.name, storage_path=storage_path,
@@ -284,8 +281,6 @@ def fit_on_ray(config: AlignConfig, run_dir: Path, storage_path: str, callbacks:
                "progress_board": None if progress is None else board}
     reward_pool = None
     if config.scale.reward_actors > 0:
-        from r2d3.ray.reward_actors import start_reward_actors
-
         # the driver owns the actors, so they outlive any one trainer (and worker-group restarts)
         reward_pool = start_reward_actors(config)
     # one worker has nothing to all-reduce: no torch.distributed process group (whose rendezvous store

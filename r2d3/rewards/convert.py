@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 
 from r2d3.pretrained import CLIP_MEAN, CLIP_STD
+from r2d3.rewards.clip_models import AestheticHead
 
 
 def load_torch_checkpoint(path: str | Path) -> dict[str, Tensor]:
@@ -58,8 +59,6 @@ def plain_tensors(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
 
 def convert_aesthetic_head(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """Check and return the head's tensors (contiguous fp32), keyed as :class:`AestheticHead` expects."""
-    from r2d3.rewards.clip_models import AestheticHead
-
     first = state.get("layers.0.weight")
     ref = AestheticHead(int(first.shape[1]) if first is not None and first.ndim == 2 else 768).state_dict()
     if set(state) != set(ref):
@@ -240,8 +239,6 @@ def imagereward_to_blip(state: Mapping[str, Tensor], med_config: Mapping[str, An
     the ViT width, as BLIP does). Strict: a missing source key or one left unconsumed (beyond
     :data:`IMAGE_REWARD_IGNORED`) raises ``ValueError`` listing them."""
     from transformers import BlipTextConfig, BlipVisionConfig
-
-    from r2d3.rewards.clip_models import AestheticHead
 
     v, t = "blip.visual_encoder.", "blip.text_encoder."
     required = (v + "cls_token", v + "pos_embed", v + "patch_embed.proj.weight",

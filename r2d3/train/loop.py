@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,16 +18,22 @@ from tqdm.auto import tqdm
 
 from r2d3.algos import SampleBatch, build_algorithm
 from r2d3.backends import available_backends, load_backend
-from r2d3.config import WANDB_MODES, AlignConfig, ConfigError, RenderConfig, SamplerConfig, check_finite
-from r2d3.diffusion.schedules import SCHEDULER_KINDS
-from r2d3.data.prompts import load_prompts
-from r2d3.rewards import build_reward, load_reward
-from r2d3.render import SPLAT_BACKENDS
-from r2d3.train.checkpoint import (CorruptCheckpointError, TrainState, check_compatible, load_checkpoint,
-                                   save_checkpoint)
 from r2d3.backends.lora import add_lora, load_lora_state_dict, lora_state_dict
+from r2d3.config import AlignConfig, ConfigError, check_finite
+from r2d3.data.embeddings import load_embedding_cache
+from r2d3.data.prompts import load_prompts
 from r2d3.devices import resolve_device
+from r2d3.diffusion import Trajectory
 from r2d3.pipeline import Pipeline, Scorer
+from r2d3.rewards import build_reward, load_reward
+from r2d3.text import PromptEmbeds
+from r2d3.train.checkpoint import (
+    CorruptCheckpointError,
+    TrainState,
+    check_compatible,
+    load_checkpoint,
+    save_checkpoint,
+)
 from r2d3.train.session import Session
 
 log = logging.getLogger(__name__)
@@ -38,20 +43,9 @@ class TrainingAborted(RuntimeError):
     """Too many batches with non-finite losses or rewards."""
 
 
-#: device names ``run.device`` accepts
-DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 #: a lower bound on the memory one rendered pixel costs in the reward pass (RGB, alpha, depth, normals
 #: and their gradients, float32): used to refuse sizes that cannot fit before any model loads
 BYTES_PER_RENDERED_PIXEL = 64
-
-
-def check_run_name(name: str | None) -> None:
-    """A run name is one directory below ``run.output_dir``: no separators, no ``..``, not absolute."""
-    if name is None:
-        return
-    if not name or name in (".", "..") or "/" in name or "\\" in name or name != name.strip():
-        raise ValueError(f"run.name must be a plain directory name (no '/', '..' or surrounding spaces) so the "
-                         f"run stays inside run.output_dir, got {name!r}")
 
 
 def _memory_bytes(device: str) -> tuple[int, str]:
@@ -79,82 +73,24 @@ def check_fits_in_memory(config: AlignConfig) -> None:
             f"than the {total / 2**30:.1f} GiB of {where}; lower them (or use more workers with smaller batches)")
 
 
-def check_sampler_and_render(s: SamplerConfig, r: RenderConfig, prefix: tuple[str, str] = ("sampler.", "render.")
-                             ) -> None:
-    """The sampler and render values every job shares (training, evaluation, regeneration): a bad one
-    is a ``ValueError`` naming it (``prefix`` names the options as the caller's CLI spells them)."""
-    sp, rp = prefix
-    check_finite(s)
-    check_finite(r)
-    checks = [
-        (s.kind in SCHEDULER_KINDS, f"{sp}kind must be one of {', '.join(SCHEDULER_KINDS)}, got {s.kind!r}"),
-        (s.num_steps >= 1, f"{sp}num_steps must be >= 1, got {s.num_steps}"),
-        (0 <= s.eta <= 1, f"{sp}eta must be in [0, 1], got {s.eta}"),
-        (s.guidance_scale >= 1, f"{sp}guidance_scale must be >= 1, got {s.guidance_scale}"),
-        (r.num_views >= 1, f"{rp}num_views must be >= 1, got {r.num_views}"),
-        (r.resolution >= 8, f"{rp}resolution must be >= 8, got {r.resolution}"),
-        (r.backend == "auto" or r.backend in SPLAT_BACKENDS,
-         f"{rp}backend must be auto or one of {sorted(SPLAT_BACKENDS)}, got {r.backend!r}"),
-        (0 < r.fov_deg < 180 and r.distance > 0, f"{rp}fov_deg must be in (0, 180) and {rp}distance > 0"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise ValueError(message)
-
-
 def validate(config: AlignConfig) -> None:
-    """Reject bad hyperparameters before any model is loaded, naming the key."""
-    t, s = config.train, config.sampler
+    """What the config sections cannot check alone, before any model loads: options of several sections
+    together, the size of a batch against memory, and the registered algorithm (with its
+    hyperparameters), reward and backend names. Single fields were checked when the config was built."""
+    s = config.scale
     check_finite(config)
-    check_run_name(config.run.name)
-    checks = [
-        (DEVICE_PATTERN.fullmatch(config.run.device) is not None,
-         f"run.device must be auto, cpu, mps, cuda or cuda:N, got {config.run.device!r}"),
-        (config.run.wandb_mode in WANDB_MODES,
-         f"run.wandb_mode must be one of {', '.join(WANDB_MODES)}, got {config.run.wandb_mode!r}"),
-        (config.run.checkpoint_every >= 1, f"run.checkpoint_every must be >= 1, got {config.run.checkpoint_every}"),
-        (config.run.keep_checkpoints >= 1, f"run.keep_checkpoints must be >= 1, got {config.run.keep_checkpoints}"),
-        (config.run.log_images_every >= 0, f"run.log_images_every must be >= 0, got {config.run.log_images_every}"),
-        (config.model.lora_rank >= 1, f"model.lora_rank must be >= 1, got {config.model.lora_rank}"),
-        (config.model.lora_alpha is None or config.model.lora_alpha > 0,
-         f"model.lora_alpha must be > 0, got {config.model.lora_alpha}"),
-        (config.model.lora_targets is None or (len(config.model.lora_targets) > 0
-                                               and all(str(x).strip() for x in config.model.lora_targets)),
-         f"model.lora_targets must be null (the backend's list) or non-empty names, got {config.model.lora_targets}"),
-        (not (config.scale.in_process and (config.scale.num_workers > 1 or config.scale.reward_actors > 0)),
-         f"scale.in_process=true runs one worker without Ray: it conflicts with scale.num_workers="
-         f"{config.scale.num_workers} and scale.reward_actors={config.scale.reward_actors} (drop one)"),
-        (config.scale.cpus_per_worker > 0, f"scale.cpus_per_worker must be > 0, got {config.scale.cpus_per_worker}"),
-        (config.scale.max_failures >= -1, f"scale.max_failures must be >= -1 (-1: unlimited), got "
-                                          f"{config.scale.max_failures}"),
-        (config.scale.resource_wait_s > 0, f"scale.resource_wait_s must be > 0, got {config.scale.resource_wait_s}"),
-        (0 < s.eta, f"sampler.eta must be in (0, 1] (the losses need stochastic steps), got {s.eta}"),
-        (t.epochs >= 1, f"train.epochs must be >= 1, got {t.epochs}"),
-        (t.lr > 0, f"train.lr must be > 0, got {t.lr}"),
-        (t.sample_batch_size >= 1 and t.sample_batches_per_epoch >= 1, "train.sample_batch_size and "
-         "train.sample_batches_per_epoch must be >= 1"),
-        (t.train_batch_size >= 1, f"train.train_batch_size must be >= 1, got {t.train_batch_size}"),
-        (t.grad_accum >= 1, f"train.grad_accum must be >= 1, got {t.grad_accum}"),
-        (t.max_grad_norm > 0, f"train.max_grad_norm must be > 0, got {t.max_grad_norm}"),
-        (config.eval.num_prompts >= 0 and config.eval.seeds_per_prompt >= 1, "eval.num_prompts must be >= 0 "
-         "and eval.seeds_per_prompt >= 1"),
-        (str(config.scale.use_gpu).lower() in ("auto", "true", "false"),
-         f"scale.use_gpu must be auto, true or false, got {config.scale.use_gpu!r}"),
-        (config.scale.num_workers >= 1, f"scale.num_workers must be >= 1, got {config.scale.num_workers}"),
-        (config.scale.reward_actors >= 0 and config.scale.reward_actor_gpus >= 0 and config.scale.reward_actor_cpus >= 0,
-         "scale.reward_actors, scale.reward_actor_gpus and scale.reward_actor_cpus must be >= 0"),
-        (config.data.shuffle_buffer >= 0, f"data.shuffle_buffer must be >= 0, got {config.data.shuffle_buffer}"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise ValueError(message)
-    check_sampler_and_render(s, config.render)
+    if s.in_process and (s.num_workers > 1 or s.reward_actors > 0):
+        raise ConfigError(f"scale.in_process=true runs one worker without Ray: it conflicts with scale.num_workers="
+                          f"{s.num_workers} and scale.reward_actors={s.reward_actors} (drop one)")
+    if config.sampler.eta <= 0:
+        raise ConfigError(f"sampler.eta must be in (0, 1] for training (the losses need stochastic steps), got "
+                          f"{config.sampler.eta}")
     check_fits_in_memory(config)
-    build_algorithm(config.algo, s.num_steps)  # algorithm hyperparameters, named on error
+    build_algorithm(config.algo, config.sampler.num_steps)  # algorithm hyperparameters, named on error
     build_reward(config.reward)  # unknown names and bad weights, listed/named on error
     if config.model.backend not in available_backends():
-        raise ValueError(f"unknown backend {config.model.backend!r}; valid backends: "
-                         f"{', '.join(available_backends())}")
+        raise ConfigError(f"unknown backend {config.model.backend!r}; valid backends: "
+                          f"{', '.join(available_backends())}")
 
 
 @dataclass
@@ -189,7 +125,6 @@ def build_worker(config: AlignConfig, scorer: Scorer | None = None, load_prompt_
     torch.manual_seed(config.run.seed)  # LoRA init: identical on every worker
     backend = load_backend(config.model.backend, weights=config.model.weights, device=str(device))
     if config.data.embeddings:  # precomputed by pipelines/embed_prompts.py; misses use the encoder
-        from r2d3.data.embeddings import load_embedding_cache
 
         backend.encode_prompts = load_embedding_cache(config.data.embeddings, backend).encode
     targets = config.model.lora_targets or backend.lora_target_modules
@@ -311,9 +246,6 @@ def _buffer_tensors(batch: SampleBatch) -> dict[str, torch.Tensor]:
 
 
 def _buffer_from_tensors(ctx: Pipeline, data: dict[str, torch.Tensor], prompts: list[str]) -> SampleBatch:
-    from r2d3.text import PromptEmbeds
-    from r2d3.diffusion import Trajectory
-
     dev = ctx.backend.device
     s = ctx.sampler
     traj = Trajectory(latents=data["latents"].to(dev), timesteps=s.timesteps.clone(),

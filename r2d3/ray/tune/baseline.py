@@ -26,7 +26,7 @@ def baseline_key(config: AlignConfig) -> str:
 
 
 def _compute_baseline(payload: dict[str, Any]) -> dict[str, float]:
-    from r2d3.jobs.align import Evaluator
+    from r2d3.jobs.align import Evaluator  # torch and the models: not at import time (sweep.py --help)
     from r2d3.train import loop
 
     config = from_dict(AlignConfig, payload["config"])
@@ -60,20 +60,12 @@ def baseline_from_evaluation(summary: dict[str, Any], config: AlignConfig) -> di
     return out
 
 
-def _gpu_setting(value: Any) -> bool | None:
-    """``scale.use_gpu`` as :func:`r2d3.devices.use_gpu` takes it (None: auto), also from the older string
-    field ("auto" | "true" | "false", any case: a command-line ``true`` arrived as "True")."""
-    if isinstance(value, str):
-        return {"true": True, "false": False}.get(value.strip().lower())
-    return value
-
-
 def baseline_resources(config: AlignConfig) -> dict[str, float]:
     """Ray resources of the baseline task: one training worker's (``scale.cpus_per_worker``, and a GPU when
     ``scale.use_gpu`` asks for one, as the trials' Train workers do)."""
     from r2d3.devices import use_gpu  # imports torch: not at import time (pipelines/sweep.py --help)
 
-    return {"num_cpus": config.scale.cpus_per_worker, "num_gpus": int(use_gpu(_gpu_setting(config.scale.use_gpu)))}
+    return {"num_cpus": config.scale.cpus_per_worker, "num_gpus": int(use_gpu(config.scale.use_gpu))}
 
 
 def start_baseline(config: AlignConfig, local_dir: Path, evaluation: str | None = None) -> Any:

@@ -19,6 +19,7 @@ from ray import tune
 
 from r2d3.config import AlignConfig, ConfigError, from_dict, to_dict
 from r2d3.ray.tune.settings import RESERVED, SpaceError, SweepSettings, parse_settings
+from r2d3.train.loop import validate
 
 DISTRIBUTIONS = {
     "uniform": "[low, high]: floats, uniform, low < high",
@@ -214,8 +215,6 @@ def space_document(params: Sequence[Param], settings: SweepSettings) -> dict[str
 def check_space(params: Sequence[Param], base: AlignConfig) -> None:
     """Every bound and listed value, applied to ``base``, passes :func:`r2d3.train.loop.validate`, and
     ``base`` evaluates on held-out prompts."""
-    from r2d3.train.loop import validate
-
     if base.eval.num_prompts < 1:
         raise SpaceError("a sweep scores trials on held-out prompts: eval.num_prompts must be >= 1")
     for p in params:

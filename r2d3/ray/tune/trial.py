@@ -12,6 +12,7 @@ import ray
 from ray import tune
 
 from r2d3.config import AlignConfig, from_dict
+from r2d3.ray.train import fit_on_ray
 from r2d3.ray.tune.baseline import baseline_key, save_baseline, start_baseline
 from r2d3.ray.tune.guard import GuardedReportCallback, heldout_result
 from r2d3.ray.tune.settings import FINAL_METRIC, METRIC, GuardSettings
@@ -43,8 +44,6 @@ def final_result(summary: dict[str, Any], epochs: int, baseline: dict[str, Any],
 
 def _trial(params: dict[str, Any], context: dict[str, Any]) -> None:
     """A Tune trial: one alignment run on Ray Train, streaming guarded held-out results to Tune."""
-    from r2d3.ray.train import fit_on_ray
-
     trial_id = tune.get_context().get_trial_id()
     local_dir = Path(context["local_dir"])
     guard = GuardSettings(**context["guard"])
