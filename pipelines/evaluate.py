@@ -95,8 +95,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from r2d3.data.prompts import select_prompts
     from r2d3.jobs.evaluate import EvalSettings, resolve_checkpoints
     from r2d3.eval.report import headline_rows
-    from r2d3.jobs.regenerate import Store
-    from r2d3.rewards import build_reward
+    from r2d3.storage import Store
+    from r2d3.rewards import reward_terms
 
     if args.num_prompts < 1:
         sys.exit(f"evaluate: --num-prompts must be >= 1, got {args.num_prompts}")
@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     try:
         checkpoints = resolve_checkpoints(args.checkpoints)
         reward = parse_reward(args.reward)
-        build_reward(reward)  # fail on a bad spec before starting any actor
+        reward_terms(reward)  # fail on a bad spec before starting any actor
         prompts = select_prompts(load_prompts(args.prompts, args.prompt_column).prompts, args.num_prompts)
     except (FileNotFoundError, ValueError, PromptSourceError) as err:
         sys.exit(f"evaluate: {err}")

@@ -91,8 +91,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from r2d3.data.prompts import PromptSourceError, load_prompts
     from r2d3.jobs.evaluate import BASE
     from r2d3.ray.regenerate import run_regeneration
-    from r2d3.jobs.regenerate import OutputError, RegenSettings, checkpoint_id, generation_key, resolve
-    from r2d3.rewards import build_reward
+    from r2d3.jobs.regenerate import RegenSettings, checkpoint_id, generation_key, resolve
+    from r2d3.storage import OutputError
+    from r2d3.rewards import reward_terms
 
     if len(set(args.seeds)) != len(args.seeds):
         sys.exit(f"regenerate: --seeds must not repeat, got {args.seeds}")
@@ -125,7 +126,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             raise ValueError(f"checkpoints listed twice: {names}")
         rewards = [yaml.safe_load(r) for r in args.reward] if args.reward else [AlignConfig().reward]
         for r in rewards:
-            build_reward(r)  # fail on a bad spec before starting any actor
+            reward_terms(r)  # fail on a bad spec before starting any actor
         loaded = load_prompts(args.prompts, args.prompt_column)
     except (FileNotFoundError, ValueError, PromptSourceError) as err:
         sys.exit(f"regenerate: {err}")

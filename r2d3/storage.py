@@ -14,6 +14,7 @@ end (:func:`atomic_path`, :func:`atomic_dir`); an S3 object is one PUT, which ap
 from __future__ import annotations
 
 import io
+import json
 import os
 import re
 import shutil
@@ -23,6 +24,7 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
@@ -190,3 +192,14 @@ class Store:
 
     def read_table(self, rel: str) -> Any:
         return pq.read_table(io.BytesIO(self.read_bytes(rel)))
+
+
+def rows_to_table(rows: list[dict[str, Any]], schema: pa.Schema, metadata: dict[str, Any] | None = None) -> pa.Table:
+    """Rows as a table of ``schema`` (rows made by older versions are coerced: 0.0/1.0 checks become
+    booleans); ``metadata`` is stored as JSON under the schema's ``r2d3`` key."""
+    bools = {f.name for f in schema if pa.types.is_boolean(f.type)}
+    table = pa.Table.from_pylist([{k: (bool(r[k]) if k in bools and r.get(k) is not None else r.get(k))
+                                   for k in schema.names} for r in rows], schema=schema)
+    if metadata is not None:
+        table = table.replace_schema_metadata({"r2d3": json.dumps(metadata, sort_keys=True, default=str)})
+    return table

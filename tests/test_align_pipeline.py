@@ -76,3 +76,33 @@ def test_align_in_process_writes_every_output_and_resumes(tmp_path):
         assert (run_dir / name).is_file(), name
     assert len((run_dir / "metrics.csv").read_text().splitlines()) == 3  # header + 2 epochs
     assert list((run_dir / "wandb").glob("offline-run-*"))
+
+
+def test_a_runs_before_and_after_numbers_are_the_evaluation_jobs(tmp_path):
+    """One sampling path: ``pipelines/evaluate.py`` on the run's final checkpoint, with the run's settings,
+    reproduces the before/after numbers the run printed (same prompts, noise, cameras and measures)."""
+    import align
+    import evaluate
+
+    from r2d3.jobs.align import HEADLINE
+
+    backend = TinySplatBackend.random_init(num_gaussians=24, dim=16, vocab=VOCABULARY)
+    torch.nn.init.normal_(backend.denoiser.proj_out.weight, std=0.05)
+    backend.save_pretrained(tmp_path / "w")
+    summary = align.main([
+        f"model.weights={tmp_path / 'w'}", "reward=colorfulness", "train.epochs=2", "train.sample_batch_size=4",
+        "train.train_batch_size=2", "train.lr=3e-2", "sampler.num_steps=4", "render.num_views=2",
+        "render.resolution=16", "eval.num_prompts=3", "eval.seeds_per_prompt=2", f"run.output_dir={tmp_path / 'runs'}",
+        "run.name=r", "run.progress=false", "run.wandb_mode=disabled", "run.log_images_every=0",
+        "scale.in_process=true"])
+    job = evaluate.main([
+        "--checkpoints", "base", f"run={tmp_path / 'runs' / 'r'}", "--weights", str(tmp_path / "w"),
+        "--reward", "colorfulness", "--num-prompts", "3", "--seeds", "0", "1", "--steps", "4", "--views", "2",
+        "--resolution", "16", "--actors", "0", "--no-report", "--out", str(tmp_path / "eval")])
+    base, tuned = job["checkpoints"]["base"], job["checkpoints"]["run"]
+    assert summary["after"]["reward_mean"] != pytest.approx(summary["before"]["reward_mean"], abs=1e-6)  # it trained
+    for key in HEADLINE:
+        if key in summary["before"]:
+            assert summary["before"][key] == pytest.approx(base[key], rel=1e-5, abs=1e-7), key
+        assert summary["after"][key] == pytest.approx(tuned[key], rel=1e-5, abs=1e-7), key
+    assert summary["after"]["reward_delta_vs_base"] == pytest.approx(tuned["reward_delta_vs_base"], rel=1e-5)

@@ -138,7 +138,7 @@ def tiny_loop_config(tmp_path) -> AlignConfig:
         "algo.beta=1e3", "algo.off_policy_lag=false", "run.device=cpu"])
 
 
-def test_loop_with_the_scorer_makes_the_same_first_update(tmp_path):
+def test_loop_with_the_scorer_makes_the_same_first_update_without_a_reward_on_the_trainer(tmp_path, monkeypatch):
     from r2d3.train.loop import run
     from r2d3.train.session import LocalSession
 
@@ -149,6 +149,9 @@ def test_loop_with_the_scorer_makes_the_same_first_update(tmp_path):
     session.scorer = scorer
     evaluate, calls = scorer.evaluate, []
     scorer.evaluate = lambda *args: calls.append(args[-1]) or evaluate(*args)
+    # the scorer owns the reward: the trainer neither loads nor builds one (regression: it loaded it anyway)
+    monkeypatch.setattr("r2d3.train.loop.load_reward", lambda *a, **k: pytest.fail("the trainer loaded the reward"))
+    monkeypatch.setattr("r2d3.rewards.base._make", lambda *a, **k: pytest.fail("the trainer built a reward"))
     remote = run(config, session)
     assert False in calls and True in calls  # sampling without gradients, training with them
     assert plain["history"][0]["optimizer_steps"] == remote["history"][0]["optimizer_steps"] == 1

@@ -15,10 +15,11 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
-from r2d3.text import PromptEmbeds
 from r2d3.config import AlgoConfig
 from r2d3.diffusion import Trajectory
 from r2d3.pipeline import Generation, Pipeline
+from r2d3.plugins import load_plugins
+from r2d3.text import PromptEmbeds
 
 
 @dataclass
@@ -119,12 +120,13 @@ def register_algorithm(name: str):
 
 
 def available_algorithms() -> list[str]:
+    load_plugins()
     return sorted(_REGISTRY)
 
 
 def build_algorithm(config: AlgoConfig, num_steps: int) -> Algorithm:
     """Validate the hyperparameters and build the named algorithm; unknown names list the valid ones."""
-    if config.name not in _REGISTRY:
+    if config.name not in available_algorithms():
         raise ValueError(f"unknown algorithm {config.name!r}; valid algorithms: {', '.join(available_algorithms())}")
     return _REGISTRY[config.name](config, num_steps)
 

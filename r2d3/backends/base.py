@@ -12,8 +12,9 @@ from typing import Any, Callable, Protocol, Sequence, runtime_checkable
 import torch
 from torch import Tensor, nn
 
-from r2d3.text import PromptEmbeds
+from r2d3.plugins import load_plugins
 from r2d3.render.gaussians import Gaussians
+from r2d3.text import PromptEmbeds
 
 
 @runtime_checkable
@@ -105,11 +106,12 @@ def register_backend(name: str) -> Callable[[Callable[..., Backend]], Callable[.
 
 
 def available_backends() -> list[str]:
+    load_plugins()
     return sorted(_REGISTRY)
 
 
 def load_backend(name: str, **kwargs: Any) -> Backend:
     """Build a backend by registry name (``tiny``, ...); unknown names list the valid ones."""
-    if name not in _REGISTRY:
+    if name not in available_backends():
         raise ValueError(f"unknown backend {name!r}; valid backends: {', '.join(available_backends())}")
     return _REGISTRY[name](**kwargs)

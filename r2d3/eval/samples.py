@@ -132,17 +132,15 @@ def row_schema(previews: bool = False):
     return pa.schema(fields + ([("preview_png", pa.binary())] if previews else []))
 
 
-def rows_to_table(rows: list[dict[str, Any]], previews: bool = False):
-    """A pyarrow table of per-sample rows (previews dropped unless asked for)."""
-    import pyarrow as pa
-
-    schema = row_schema(previews)
-    return pa.Table.from_pylist([{k: r.get(k) for k in schema.names} for r in rows], schema=schema)
-
-
-def sort_rows(rows: list[dict[str, Any]], checkpoints: Sequence[str]) -> list[dict[str, Any]]:
-    order = {n: i for i, n in enumerate(checkpoints)}
-    return sorted(rows, key=lambda r: (order[r["checkpoint"]], r["prompt_index"], r["seed_index"]))
+def sort_rows(rows: list[dict[str, Any]], checkpoints: Sequence[str], prompts: Sequence[str],
+              seeds: Sequence[int]) -> list[dict[str, Any]]:
+    """Rows in (checkpoint, prompt, seed) order of the given lists; rows of others last, by prompt and seed."""
+    corder = {n: i for i, n in enumerate(checkpoints)}
+    porder = {p: i for i, p in enumerate(prompts)}
+    sorder = {s: i for i, s in enumerate(seeds)}
+    big = 1 << 30
+    return sorted(rows, key=lambda r: (corder.get(r["checkpoint"], big), porder.get(r["prompt"], big),
+                                       sorder.get(int(r["seed"]), big), r["prompt"], int(r["seed"])))
 
 
 def previews_from_rows(rows: list[dict[str, Any]]) -> dict[tuple[str, int], Tensor]:
@@ -160,5 +158,5 @@ def previews_from_rows(rows: list[dict[str, Any]]) -> dict[tuple[str, int], Tens
 
 
 
-__all__ = ["EVAL_CHUNK", "METRICS", "Measurer", "gradeable", "previews_from_rows", "row_schema", "rows_to_table",
+__all__ = ["EVAL_CHUNK", "METRICS", "Measurer", "gradeable", "previews_from_rows", "row_schema",
            "sort_rows", "view_strip_png"]

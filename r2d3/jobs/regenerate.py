@@ -308,28 +308,6 @@ def finished_rows(store: Store) -> tuple[dict[tuple[str, str, int], dict[str, An
     return complete, len(rows) - len(complete)
 
 
-def sort_rows(rows: list[dict[str, Any]], checkpoints: Sequence[str], prompts: Sequence[str], seeds: Sequence[int]):
-    corder = {n: i for i, n in enumerate(checkpoints)}
-    porder = {p: i for i, p in enumerate(prompts)}
-    sorder = {s: i for i, s in enumerate(seeds)}
-    big = 1 << 30
-    return sorted(rows, key=lambda r: (corder.get(r["checkpoint"], big), porder.get(r["prompt"], big),
-                                       sorder.get(int(r["seed"]), big), r["prompt"], int(r["seed"])))
-
-
-def rows_to_table(rows: list[dict[str, Any]], schema, metadata: dict[str, Any] | None = None):
-    """Rows as a table of ``schema`` (rows made by older versions are coerced: 0.0/1.0 checks become
-    booleans); ``metadata`` is stored as JSON under the schema's ``r2d3`` key."""
-    import pyarrow as pa
-
-    bools = {f.name for f in schema if pa.types.is_boolean(f.type)}
-    table = pa.Table.from_pylist([{k: (bool(r[k]) if k in bools and r.get(k) is not None else r.get(k))
-                                   for k in schema.names} for r in rows], schema=schema)
-    if metadata is not None:
-        table = table.replace_schema_metadata({"r2d3": json.dumps(metadata, sort_keys=True, default=str)})
-    return table
-
-
 def manifest_metadata(settings: RegenSettings, generation: dict[str, Any] | None = None) -> dict[str, Any]:
     """What made the assets, for the manifest's schema metadata: backend and weights, sampler and render
     settings, reward specs, and per checkpoint its id, source and LoRA file hash."""
@@ -349,7 +327,7 @@ def manifest_metadata(settings: RegenSettings, generation: dict[str, Any] | None
             "checkpoints": checkpoints}
 
 
-__all__ = ["AssetWorker", "DONE", "ERRORS", "GALLERY", "MANIFEST", "OutputError", "RegenSettings", "Store",
+__all__ = ["AssetWorker", "DONE", "ERRORS", "GALLERY", "MANIFEST", "RegenSettings",
            "asset_dir", "asset_files",
            "checkpoint_id", "error_schema", "finished_rows", "localize", "manifest_metadata", "manifest_schema", "prompt_hash", "resolve",
-           "row_key", "rows_to_table", "sort_rows"]
+           "row_key"]

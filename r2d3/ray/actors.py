@@ -6,12 +6,13 @@ one, so actors never crowd a GPU they did not reserve)."""
 from __future__ import annotations
 
 import os
-
 from typing import Any
 
 import ray
 import ray.data
 import torch
+
+from r2d3.ray.connect import init_ray
 
 
 def actor_device(requested: str = "auto") -> str:
@@ -28,8 +29,7 @@ def map_with_actors(items: list[dict[str, Any]], actor_cls: type, kwargs: dict[s
     """``items`` as a Ray Dataset mapped by a pool of ``actors`` instances of ``actor_cls(**kwargs)``,
     in about 4 blocks per actor so the pool stays busy; starts a local Ray (or joins ``RAY_ADDRESS``)
     when none is running."""
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"), configure_logging=False)
+    init_ray()
     ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 4 * actors)))
     return ds.map_batches(
         actor_cls, fn_constructor_kwargs=kwargs, batch_size=batch_size,

@@ -33,6 +33,7 @@ from r2d3.data.embeddings import (
 )
 from r2d3.data.prompts import PromptSourceError, check_shards
 from r2d3.ray.actors import actor_device
+from r2d3.ray.connect import init_ray
 from r2d3.storage import files_under, filesystem
 
 log = logging.getLogger(__name__)
@@ -77,12 +78,7 @@ def _start_ray(actor_cpus: int) -> None:
     """Join ``RAY_ADDRESS`` (``ray job submit``) or start a local instance. Ray Data's read and write
     tasks need a CPU beside the actors' or the pipeline stalls, so a local instance gets at least two
     logical CPUs more than the actors reserve (a 2-core machine with 2 actors: 4)."""
-    if ray.is_initialized():
-        pass
-    elif os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"], configure_logging=False)
-    else:
-        ray.init(num_cpus=max(os.cpu_count() or 1, actor_cpus + 2), configure_logging=False)
+    init_ray(num_cpus=max(os.cpu_count() or 1, actor_cpus + 2))
     cpus = ray.cluster_resources().get("CPU", 0)
     if cpus < actor_cpus + 1:
         log.warning("the encoder actors reserve %d of the cluster's %g CPUs, leaving none for reading and "

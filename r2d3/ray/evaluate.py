@@ -28,10 +28,11 @@ import pyarrow as pa
 
 from r2d3.config import reward_label
 from r2d3.eval.report import write_report
-from r2d3.eval.samples import previews_from_rows, row_schema, rows_to_table, sort_rows
+from r2d3.eval.samples import previews_from_rows, row_schema, sort_rows
 from r2d3.eval.summary import summarize
 from r2d3.jobs.evaluate import EvalSettings, PromptEvaluator
 from r2d3.ray.actors import actor_device, map_with_actors
+from r2d3.storage import rows_to_table
 
 log = logging.getLogger(__name__)
 SUMMARY_VERSION = 1
@@ -89,7 +90,8 @@ def run_evaluation(settings: EvalSettings, prompts: list[str], out_dir: str | os
     out.mkdir(parents=True, exist_ok=True)
     names = [c.name for c in settings.checkpoints]
     start = time.time()
-    rows = sort_rows(run_units(settings, prompts, actors, batch_size, cpus_per_actor, gpus_per_actor), names)
+    rows = sort_rows(run_units(settings, prompts, actors, batch_size, cpus_per_actor, gpus_per_actor), names, prompts,
+                     settings.seeds)
     sampled = time.time() - start
     metrics = summarize(rows, prompts, settings.seeds, names, draws=draws, fid_draws=fid_draws)
     job = settings.describe()
@@ -101,7 +103,7 @@ def run_evaluation(settings: EvalSettings, prompts: list[str], out_dir: str | os
                          "samples.parquet"})
     summary: dict[str, Any] = {"version": SUMMARY_VERSION, "job": job, "prompts": list(prompts),
                                "checkpoints": metrics}
-    pq.write_table(rows_to_table(rows), out / "samples.parquet")
+    pq.write_table(rows_to_table(rows, row_schema()), out / "samples.parquet")
     summary["timing"] = {"seconds_sampling": round(sampled, 2), "samples": len(rows),
                          "samples_per_s": round(len(rows) / max(sampled, 1e-9), 3)}
     if report:

@@ -20,6 +20,7 @@ import time
 from typing import Any, Sequence
 
 from r2d3.config import reward_label
+from r2d3.eval.samples import sort_rows
 from r2d3.export.gallery import VIEWER_PATH, gallery_html, viewer_module
 from r2d3.jobs.regenerate import (
     ERRORS,
@@ -27,17 +28,15 @@ from r2d3.jobs.regenerate import (
     MANIFEST,
     AssetWorker,
     RegenSettings,
-    Store,
     error_schema,
     finished_rows,
     manifest_metadata,
     manifest_schema,
     reward_name,
     row_key,
-    rows_to_table,
-    sort_rows,
 )
 from r2d3.ray.actors import actor_device, map_with_actors
+from r2d3.storage import Store, rows_to_table
 
 log = logging.getLogger(__name__)
 

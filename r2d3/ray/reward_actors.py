@@ -30,9 +30,9 @@ from ray.exceptions import GetTimeoutError, RayActorError
 from torch import Tensor
 
 from r2d3.config import AlignConfig, RenderConfig, reward_label
+from r2d3.ray.actors import actor_device
 from r2d3.render.cameras import Cameras
 from r2d3.render.gaussians import Gaussians
-from r2d3.ray.actors import actor_device
 from r2d3.rewards import load_reward
 from r2d3.rewards.remote import RemoteScorer, score_with_grad
 

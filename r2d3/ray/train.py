@@ -31,6 +31,7 @@ from r2d3 import devices
 from r2d3.config import AlignConfig, from_dict, to_dict
 from r2d3.data.prompts import PromptStream, check_shards, is_parquet_source
 from r2d3.jobs import align as align_job
+from r2d3.ray.connect import init_ray
 from r2d3.ray.reward_actors import make_remote_scorer, start_reward_actors
 from r2d3.storage import filesystem
 
@@ -249,10 +250,7 @@ def fit_on_ray(config: AlignConfig, run_dir: Path, storage_path: str, callbacks:
     The console shows one progress bar drawn by the driver (``run.progress``); the workers' and Ray's
     own log lines reach it only with ``verbose`` (they are always in Ray's log directory).
     """
-    started_here = not ray.is_initialized() and not os.environ.get("RAY_ADDRESS")
-    if not ray.is_initialized():
-        # the dashboard serves the state API that Train's controller polls (and `ray job submit`)
-        ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=verbose, configure_logging=False)
+    started_here = init_ray(log_to_driver=verbose)
     gpus = devices.use_gpu(config.scale.use_gpu)
     s = config.scale
     need = {"CPU": s.num_workers * s.cpus_per_worker + s.reward_actors * s.reward_actor_cpus,

@@ -8,7 +8,8 @@ repo) and the real pretrained models of :mod:`r2d3.rewards.clip_models` (``clip_
 BLIP-based, :mod:`r2d3.rewards.image_reward`; converted local weights). Build one, or a weighted sum, from a config spec with :func:`build_reward`.
 """
 
-from r2d3.rewards.base import Reward, WeightedSum, available_rewards, build_reward, load_reward, register_reward
+from r2d3.rewards.base import (Reward, WeightedSum, available_rewards, build_reward, load_reward, register_reward,
+                               reward_terms)
 from r2d3.rewards.clip_models import (
     ClipScoreReward,
     HPSv2Reward,
@@ -38,6 +39,7 @@ __all__ = [
     "load_reward",
     "available_rewards",
     "build_reward",
+    "reward_terms",
     "colorfulness",
     "depth_normal_consistency",
     "depth_to_normal",

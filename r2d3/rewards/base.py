@@ -21,13 +21,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from pathlib import Path
 from collections.abc import Sequence as SequenceABC
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor, nn
 
+from r2d3.plugins import load_plugins
 from r2d3.pretrained import WeightsError
 from r2d3.render.output import RenderOutput
 
@@ -107,6 +108,7 @@ def register_reward(name: str) -> Callable[[Callable[..., Reward]], Callable[...
 
 
 def available_rewards() -> list[str]:
+    load_plugins()
     return sorted(_REGISTRY)
 
 
@@ -124,10 +126,14 @@ def _check_weight(name: str, weight: Any) -> float:
     return weight
 
 
-def _make(name: Any, kwargs: Mapping[str, Any] | None = None) -> Reward:
-    if not isinstance(name, str) or name not in _REGISTRY:
+def _known(name: Any) -> str:
+    if not isinstance(name, str) or name not in available_rewards():
         raise ValueError(f"unknown reward {name!r}; valid rewards: {', '.join(available_rewards())}")
-    reward = _REGISTRY[name](**dict(kwargs or {}))
+    return name
+
+
+def _make(name: str, kwargs: Mapping[str, Any]) -> Reward:
+    reward = _REGISTRY[name](**dict(kwargs))
     if not isinstance(reward, Reward):
         if not callable(reward):
             raise TypeError(f"the factory of reward {name!r} returned {type(reward).__name__}, not a Reward")
@@ -136,7 +142,7 @@ def _make(name: Any, kwargs: Mapping[str, Any] | None = None) -> Reward:
     return reward
 
 
-def _entry(item: Any) -> tuple[str, float, Reward]:
+def _entry(item: Any) -> tuple[str, float, dict[str, Any]]:
     if not isinstance(item, Mapping) or "name" not in item:
         raise ValueError("reward list entries must be mappings with 'name' (and optional 'weight', "
                          f"'kwargs'), got {item!r}")
@@ -144,28 +150,34 @@ def _entry(item: Any) -> tuple[str, float, Reward]:
     if unknown:
         raise ValueError(f"reward entry {item!r} has unknown keys {sorted(unknown)}; "
                          "allowed: 'name', 'weight', 'kwargs'")
-    name = item["name"]
-    weight = _check_weight(str(name), item.get("weight", 1.0))
-    return str(name), weight, _make(name, item.get("kwargs"))
+    weight = _check_weight(str(item["name"]), item.get("weight", 1.0))
+    return _known(item["name"]), weight, dict(item.get("kwargs") or {})
+
+
+def reward_terms(spec: str | Mapping[str, Any] | Sequence[Mapping[str, Any]]) -> list[tuple[str, float, dict[str, Any]]]:
+    """``(name, weight, kwargs)`` of every term of a spec, checked (unknown names raise ``ValueError``
+    listing the valid ones; negative / NaN / non-numeric weights raise naming the reward) without building
+    anything: how jobs check a spec before any model, or reward weights, load."""
+    if isinstance(spec, str):
+        return [(_known(spec), 1.0, {})]
+    if isinstance(spec, Mapping):
+        if "name" in spec:  # one reward with options: {"name": ..., "kwargs": ..., "weight": ...}
+            return [_entry(spec)]
+        return [(_known(n), _check_weight(str(n), w), {}) for n, w in spec.items()]
+    if isinstance(spec, SequenceABC):
+        return [_entry(item) for item in spec]
+    raise ValueError(f"cannot build a reward from {spec!r}: expected a name, a {{name: weight}} mapping or a "
+                     f"list of {{name, weight, kwargs}}; valid rewards: {', '.join(available_rewards())}")
 
 
 def build_reward(spec: str | Mapping[str, Any] | Sequence[Mapping[str, Any]] | Reward) -> Reward:
-    """Build a reward from a spec (see the module docstring); unknown names raise ``ValueError`` listing
-    the valid ones, negative / NaN / non-numeric weights raise ``ValueError`` naming the reward."""
+    """Build a reward from a spec (see the module docstring and :func:`reward_terms`): one term with
+    weight 1 is the reward itself, anything else a :class:`WeightedSum`."""
     if isinstance(spec, Reward):
         return spec
-    if isinstance(spec, str):
-        return _make(spec)
-    if isinstance(spec, Mapping):
-        if "name" in spec:  # one reward with options: {"name": ..., "kwargs": ..., "weight": ...}
-            name, weight, reward = _entry(spec)
-            return reward if weight == 1.0 else WeightedSum([(name, weight, reward)])
-        terms = [(str(n), _check_weight(str(n), w), _make(n)) for n, w in spec.items()]
-        return WeightedSum(terms)
-    if isinstance(spec, SequenceABC):
-        return WeightedSum([_entry(item) for item in spec])
-    raise ValueError(f"cannot build a reward from {spec!r}: expected a name, a {{name: weight}} mapping or a "
-                     f"list of {{name, weight, kwargs}}; valid rewards: {', '.join(available_rewards())}")
+    terms = [(name, weight, _make(name, kwargs)) for name, weight, kwargs in reward_terms(spec)]
+    single = isinstance(spec, str) or (isinstance(spec, Mapping) and "name" in spec)
+    return terms[0][2] if single and terms[0][1] == 1.0 else WeightedSum(terms)
 
 
 def load_reward(spec: Any, device: torch.device | str = "cpu") -> Reward:
@@ -217,6 +229,7 @@ __all__ = [
     "WeightedSum",
     "available_rewards",
     "build_reward",
+    "reward_terms",
     "check_prompts",
     "register_reward",
     "views_as_batch",

@@ -25,7 +25,7 @@ from r2d3.data.prompts import load_prompts
 from r2d3.devices import resolve_device
 from r2d3.diffusion import Trajectory
 from r2d3.pipeline import Pipeline, Scorer
-from r2d3.rewards import build_reward, load_reward
+from r2d3.rewards import load_reward, reward_terms
 from r2d3.text import PromptEmbeds
 from r2d3.train.checkpoint import (
     CorruptCheckpointError,
@@ -87,7 +87,7 @@ def validate(config: AlignConfig) -> None:
                           f"{config.sampler.eta}")
     check_fits_in_memory(config)
     build_algorithm(config.algo, config.sampler.num_steps)  # algorithm hyperparameters, named on error
-    build_reward(config.reward)  # unknown names and bad weights, listed/named on error
+    reward_terms(config.reward)  # unknown names and bad weights, listed/named; nothing is built
     if config.model.backend not in available_backends():
         raise ConfigError(f"unknown backend {config.model.backend!r}; valid backends: "
                           f"{', '.join(available_backends())}")

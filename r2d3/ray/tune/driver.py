@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -16,6 +15,7 @@ import yaml
 from ray import tune
 
 from r2d3.config import AlignConfig, from_dict, to_dict, to_yaml
+from r2d3.ray.connect import init_ray
 from r2d3.ray.tune.baseline import baseline_key, save_baseline, start_baseline
 from r2d3.ray.tune.results import best_result, result_rows, trial_id, write_best_config, write_tables
 from r2d3.ray.tune.settings import METRIC, TIME_ATTR, SweepSettings
@@ -73,11 +73,6 @@ def _scheduler(settings: SweepSettings, epochs: int, eval_every: int) -> Any:
                          reduction_factor=s.reduction_factor, stop_last_trials=False)
 
 
-def _init_ray() -> None:
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True, configure_logging=False)
-
-
 def run_sweep(base: AlignConfig, params: Sequence[Param], settings: SweepSettings, name: str,
               storage: str | None = None, baseline_evaluation: str | None = None) -> SweepOutcome:
     """Run (or restore, when ``<storage>/<name>`` holds one) a sweep; write its tables and best config.
@@ -96,7 +91,7 @@ def run_sweep(base: AlignConfig, params: Sequence[Param], settings: SweepSetting
         local_dir = local_root / name
     sweep_path = f"{storage.rstrip('/')}/{name}"
     local_dir.mkdir(parents=True, exist_ok=True)
-    _init_ray()
+    init_ray()
 
     restored = tune.Tuner.can_restore(sweep_path)
     doc_path, base_path = local_dir / "sweep.yaml", local_dir / "base_config.yaml"
