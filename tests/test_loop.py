@@ -118,7 +118,7 @@ def test_unwritable_run_directory_is_a_clear_error(tmp_path):
 @pytest.mark.parametrize("override, message", [
     ("sampler.eta=0.0", "sampler.eta"), ("train.lr=0", "train.lr"), ("sampler.num_steps=0", "num_steps"),
     ("reward=nosuch", "nosuch"), ("model.backend=nosuch", "valid backends"),
-    ("render.backend=opengl", "render.backend must be auto or one of"),
+    ("render.backend=opengl", "render.backend must be one of auto, torch, gsplat"),
 ])
 def test_bad_config_values_are_named(weights, tmp_path, override, message):
     with pytest.raises(ValueError, match=message):

@@ -49,7 +49,7 @@ from r2d3.export.mesh import encode_glb, gaussians_to_mesh
 from r2d3.jobs.evaluate import BASE, CheckpointSpec, ModelBank, resolve_checkpoint
 from r2d3.pipeline import Pipeline, noise_seed
 from r2d3.rewards import load_reward
-from r2d3.storage import OutputError, Store, atomic_write_bytes, is_uri, slug
+from r2d3.storage import Store, atomic_write_bytes, is_uri, slug
 
 log = logging.getLogger(__name__)
 
