@@ -135,7 +135,7 @@ class RaySession:
         checkpoint when its controller next polls the worker, so a worker killed right after reporting
         leaves a newer checkpoint in storage than the one Ray restores (or none at all, and the run would
         start over). Partial uploads fail to load and fall back to the next older one."""
-        storage = ray.train.get_context().getfilesystem()
+        storage = ray.train.get_context().get_storage()
         fs, root = storage.storage_filesystem, storage.experiment_fs_path
         infos = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
         names = sorted((i.path for i in infos if i.type == pafs.FileType.Directory
