@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.what == "diffsplat":
         if not args.pixart:
             parser.error("diffsplat needs --pixart <pixart_sigma_sdxlvae_T5_diffusers dir>")
-        from r2d3.backends.diffsplat import assemble_release
+        from r2d3.backends.diffsplat_weights import assemble_release
 
         print(f"wrote {assemble_release(args.input, args.pixart, args.output, iteration=args.iteration)}")
         return

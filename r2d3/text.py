@@ -14,10 +14,16 @@ import zlib
 from dataclasses import dataclass
 from typing import Sequence
 
+import tokenizers
 import torch
 from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
+from tokenizers.models import WordLevel
+from tokenizers.normalizers import Lowercase
+from tokenizers.pre_tokenizers import Whitespace
+from tokenizers.processors import TemplateProcessing
 from torch import Tensor, nn
+from transformers import PreTrainedTokenizerFast
 
 PAD, BOS = 0, 1
 _NUM_SPECIAL = 2
@@ -99,6 +105,28 @@ class WordTokenizer:
         for i, r in enumerate(rows):
             ids[i, : len(r)] = torch.tensor(r)
         return ids, ids != PAD
+
+
+def hf_word_tokenizer(vocab: Sequence[str], *, bos: str | None = None, eos: str | None = None,
+                      lowercase: bool = True, model_max_length: int | None = None) -> PreTrainedTokenizerFast:
+    """A word-level Hugging Face fast tokenizer built offline: the stand-in for CLIP's, T5's and BERT's
+    tokenizers in the tiny models the tests and smoke runs build (no hub access here).
+
+    Ids: ``[PAD]`` 0, ``[UNK]`` 1, then ``bos`` and ``eos`` (added around every prompt, as the real
+    tokenizers do), then ``vocab``; with ``lowercase`` both the vocabulary and the input are lowercased."""
+    specials = [t for t in (bos, eos) if t is not None]
+    words = ["[PAD]", "[UNK]", *specials, *((w.lower() if lowercase else w) for w in vocab)]
+    ids = {w: i for i, w in enumerate(dict.fromkeys(words))}
+    tok = tokenizers.Tokenizer(WordLevel(ids, unk_token="[UNK]"))
+    if lowercase:
+        tok.normalizer = Lowercase()
+    tok.pre_tokenizer = Whitespace()
+    if specials:
+        single = " ".join([*([bos] if bos else []), "$A", *([eos] if eos else [])])
+        tok.post_processor = TemplateProcessing(single=single, special_tokens=[(t, ids[t]) for t in specials])
+    optional = {"bos_token": bos, "eos_token": eos, "model_max_length": model_max_length}
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]",
+                                   **{k: v for k, v in optional.items() if v is not None})
 
 
 class TextEncoder(ModelMixin, ConfigMixin):

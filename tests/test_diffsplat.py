@@ -19,13 +19,9 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 
 from r2d3.pipeline import Pipeline  # noqa: E402
 from r2d3.backends import WeightsError, load_backend  # noqa: E402
-from r2d3.backends.diffsplat import (  # noqa: E402
-    GSVAE,
-    MultiViewAttnProcessor,
-    plucker_rays,
-    tiny_diffsplat,
-    unproject_depth,
-)
+from r2d3.backends.diffsplat import DiffSplatBackend, tiny_diffsplat  # noqa: E402
+from r2d3.backends.diffsplat_modules import GSVAE, MultiViewAttnProcessor, plucker_rays, unproject_depth  # noqa: E402
+from r2d3.backends.diffsplat_weights import assemble_release, load_strict, load_transformer  # noqa: E402
 from r2d3.config import RenderConfig, SamplerConfig  # noqa: E402
 from r2d3.rewards import build_reward  # noqa: E402
 
@@ -72,8 +68,6 @@ def test_transformer_keys_are_pixart_keys(backend, tmp_path):
     assert set(plain.state_dict()) == set(backend.denoiser.state_dict())
     plain.save_pretrained(tmp_path / "t", safe_serialization=True, max_shard_size="20KB")  # sharded, as released
     assert list((tmp_path / "t").glob("*.index.json"))
-    from r2d3.backends.diffsplat import load_transformer
-
     loaded = load_transformer(tmp_path / "t")
     assert all(torch.equal(loaded.state_dict()[k], v) for k, v in plain.state_dict().items())
 
@@ -92,8 +86,6 @@ def test_gsvae_keys_match_diffsplats_construction(backend):
     original = torch.nn.Module()
     original.vae, original.tiny_decoder = vae, tae
     ours = GSVAE(vae_cfg, tiny_cfg)
-    from r2d3.backends.diffsplat import load_strict
-
     load_strict(ours, original.state_dict(), "test")
     z = torch.randn(2, 4, 4, 4)
     ref = vae.decode(z / ours.scaling_factor).sample.clamp(-1, 1)  # DiffSplat: vae.decode(z / s + shift)
@@ -276,12 +268,8 @@ def test_assemble_release_layout(backend, tmp_path):
     tiny_cfg.write_text(json.dumps(backend.gsvae.tiny_config))
     with pytest.raises(SystemExit):
         convert_weights.main(["diffsplat", "--input", str(dl), "--output", str(tmp_path / "x")])  # no --pixart
-    from r2d3.backends.diffsplat import assemble_release
-
     out = assemble_release(dl, pixart, tmp_path / "w", tiny_decoder_config=tiny_cfg)
     loaded = load_backend("diffsplat", weights=str(out))
-    from r2d3.backends.diffsplat import DiffSplatBackend
-
     expected = DiffSplatBackend(backend.denoiser, backend.gsvae, encoder, tokenizer)  # the released geometry
     x, t = torch.randn(1, *backend.latent_shape), torch.tensor([400])
     cond = backend.encode_prompts(["a red chair"])

@@ -11,6 +11,7 @@ from r2d3.eval.diversity import diversity
 from r2d3.eval.extractors import (ExtractorWeightsError, load_extractor, pool_views, prompt_similarity,
                                   view_features)
 from r2d3.config import RenderConfig, SamplerConfig
+from r2d3.text import hf_word_tokenizer
 from r2d3.eval.fid import feature_stats, fid, fid_bootstrap, frechet_distance, multiview_fid
 from r2d3.eval.image_stats import image_stats
 from r2d3.data.prompts import select_prompts
@@ -178,10 +179,6 @@ def test_missing_weights_raise_clear_errors(tmp_path):
 
 def _tiny_clip(path):
     transformers = pytest.importorskip("transformers")
-    tokenizers = pytest.importorskip("tokenizers")
-    from tokenizers.models import WordLevel
-    from tokenizers.pre_tokenizers import Whitespace
-
     config = transformers.CLIPConfig(
         text_config={"vocab_size": 16, "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
                      "num_attention_heads": 2, "max_position_embeddings": 12},
@@ -190,11 +187,7 @@ def _tiny_clip(path):
         projection_dim=8)
     torch.manual_seed(0)
     transformers.CLIPModel(config).save_pretrained(path)
-    words = ["[PAD]", "[UNK]", "a", "red", "blue", "cube", "sphere"]
-    tok = tokenizers.Tokenizer(WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
-    tok.pre_tokenizer = Whitespace()
-    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]")
-    return fast
+    return hf_word_tokenizer(["a", "red", "blue", "cube", "sphere"], lowercase=False)
 
 
 def test_local_clip_extractor_loads_a_saved_model(tmp_path):

@@ -11,7 +11,6 @@ import torch
 import torch.nn.functional as F
 
 transformers = pytest.importorskip("transformers")
-tokenizers = pytest.importorskip("tokenizers")
 
 from helpers import random_render  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
@@ -20,6 +19,7 @@ from r2d3.pretrained import WeightsError  # noqa: E402
 from r2d3.rewards import available_rewards, build_reward  # noqa: E402
 from r2d3.rewards.clip_models import AESTHETIC_HEAD_FILE, AestheticHead  # noqa: E402
 from r2d3.rewards.convert import openclip_to_transformers, save_transformers_clip  # noqa: E402
+from r2d3.text import hf_word_tokenizer  # noqa: E402
 
 WORDS = ["[PAD]", "[UNK]", "a", "red", "blue", "cube", "sphere", "green"]
 REAL = ["clip_score", "laion_aesthetic", "hpsv2", "pickscore"]
@@ -28,12 +28,7 @@ STD = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
 
 
 def _tokenizer():
-    from tokenizers.models import WordLevel
-    from tokenizers.pre_tokenizers import Whitespace
-
-    tok = tokenizers.Tokenizer(WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="[UNK]"))
-    tok.pre_tokenizer = Whitespace()
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]")
+    return hf_word_tokenizer(WORDS[2:], lowercase=False)
 
 
 def _config():

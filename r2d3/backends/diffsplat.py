@@ -36,34 +36,23 @@ from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKL, AutoencoderTiny, PixArtTransformer2DModel
-from diffusers.loaders import PeftAdapterMixin
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from r2d3.pretrained import WeightsError
 from r2d3.backends.base import register_backend
-from r2d3.text import PromptEmbeds
-from r2d3.render.cameras import orbit_cameras
+from r2d3.backends.diffsplat_modules import (DEFAULT_SCHEDULER_CONFIG, GS_CHANNELS, GSVAE, LATENT_CHANNELS,
+                                             PLUCKER_CHANNELS, MultiViewPixArtTransformer, input_c2w,
+                                             plucker_rays, unproject_depth)
+from r2d3.backends.diffsplat_weights import (BACKEND_FILE, GSVAE_DIR, GSVAE_WEIGHTS, LAYOUT_HELP, TEXT_ENCODER_DIR,
+                                             TINY_CONFIG, TOKENIZER_DIR, TRANSFORMER_DIR, VAE_CONFIG, read_json,
+                                             load_gsvae, load_text_encoder, load_transformer)
+from r2d3.pretrained import WeightsError
 from r2d3.render.gaussians import Gaussians
+from r2d3.text import PromptEmbeds, hf_word_tokenizer
 
-GS_CHANNELS = 12  # rgb 3, scale 3, rotation 4, opacity 1, depth 1
-LATENT_CHANNELS = 4
-PLUCKER_CHANNELS = 6
 #: PEFT targets of the paper's LoRA (attention, feed-forward, caption/timestep projections, patch embedding)
 LORA_TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0", "proj_out", "ff.net.0.proj", "ff.net.2", "proj",
                        "linear", "linear_1", "linear_2"]
-#: PixArt-Σ's training schedule with the step settings of the paper's sampler
-DEFAULT_SCHEDULER_CONFIG: dict[str, Any] = {
-    "_class_name": "DPMSolverMultistepScheduler",
-    "num_train_timesteps": 1000,
-    "beta_schedule": "linear",
-    "beta_start": 0.0001,
-    "beta_end": 0.02,
-    "prediction_type": "epsilon",
-    "timestep_spacing": "linspace",
-    "steps_offset": 1,
-}
 #: the fixed input cameras and Gaussian activations of the released model
 DEFAULT_GEOMETRY: dict[str, Any] = {
     "num_views": 4,
@@ -76,114 +65,6 @@ DEFAULT_GEOMETRY: dict[str, Any] = {
     "scale_max": 0.02,
 }
 MAX_PROMPT_TOKENS = 300  # PixArt-Σ's T5 sequence length
-
-TRANSFORMER_DIR, GSVAE_DIR, TEXT_ENCODER_DIR, TOKENIZER_DIR = "transformer", "gsvae", "text_encoder", "tokenizer"
-GSVAE_WEIGHTS, VAE_CONFIG, TINY_CONFIG = "model.safetensors", "vae_config.json", "tiny_decoder_config.json"
-BACKEND_FILE = "backend.json"
-LAYOUT_HELP = (
-    "Expected layout (README, 'Using real models'): transformer/ = DiffSplat's "
-    "gsdiff_gobj83k_pas_fp16__render/checkpoints/<iter>/transformer_ema (config.json + safetensors); "
-    "gsvae/model.safetensors = gsvae_gobj265k_sdxl_fp16/checkpoints/<iter>/model.safetensors, with "
-    "gsvae/vae_config.json = PixArt-Σ's vae/config.json; text_encoder/ and tokenizer/ = "
-    "PixArt-alpha/pixart_sigma_sdxlvae_T5_diffusers's folders of those names."
-)
-
-
-class MultiViewAttnProcessor:
-    """Self-attention over the tokens of all ``num_views`` views of an object (batch ``(b v) n d``).
-
-    Why: DiffSplat's views are one object; joint attention lets each view's Gaussians agree with the
-    others. PixArt's self-attention has no mask, norms or residual inside the processor, which this
-    checks rather than silently ignoring."""
-
-    def __init__(self, num_views: int):
-        if num_views < 1:
-            raise ValueError(f"num_views must be >= 1, got {num_views}")
-        self.num_views = num_views
-
-    def __call__(self, attn: nn.Module, hidden_states: Tensor, encoder_hidden_states: Tensor | None = None,
-                 attention_mask: Tensor | None = None, **_: Any) -> Tensor:
-        if encoder_hidden_states is not None or attention_mask is not None:
-            raise ValueError("multi-view self-attention takes no context or mask")
-        if attn.norm_q is not None or attn.residual_connection or attn.spatial_norm is not None:
-            raise ValueError("multi-view attention processor supports PixArt's plain self-attention only")
-        bv, n, dim = hidden_states.shape
-        if bv % self.num_views:
-            raise ValueError(f"batch {bv} is not a multiple of num_views={self.num_views}")
-        b, heads = bv // self.num_views, attn.heads
-        x = hidden_states.reshape(b, self.num_views * n, dim)
-        split = lambda y: y.view(b, -1, heads, y.shape[-1] // heads).transpose(1, 2)  # noqa: E731
-        out = F.scaled_dot_product_attention(split(attn.to_q(x)), split(attn.to_k(x)), split(attn.to_v(x)))
-        out = out.transpose(1, 2).reshape(b, self.num_views * n, -1).to(x.dtype)
-        out = attn.to_out[1](attn.to_out[0](out))
-        return out.reshape(bv, n, -1) / attn.rescale_output_factor
-
-
-class MultiViewPixArtTransformer(PixArtTransformer2DModel, PeftAdapterMixin):
-    """PixArt-Σ transformer with cross-view self-attention (parameters identical to the 2D model's)."""
-
-    def set_num_views(self, num_views: int) -> None:
-        for block in self.transformer_blocks:
-            block.attn1.set_processor(MultiViewAttnProcessor(num_views))
-
-
-class GSVAE(nn.Module):
-    """DiffSplat's GSAutoencoderKL, decoding side: ``vae`` (12-channel SDXL VAE) and ``tiny_decoder``.
-
-    Attribute names match the released checkpoint's keys (``vae.*``, ``tiny_decoder.*``)."""
-
-    def __init__(self, vae_config: dict[str, Any], tiny_config: dict[str, Any] | None = None):
-        super().__init__()
-        vae_config = {k: v for k, v in vae_config.items() if not k.startswith("_")}
-        self.vae = AutoencoderKL(**{**vae_config, "in_channels": GS_CHANNELS, "out_channels": GS_CHANNELS})
-        tiny_config = {k: v for k, v in (tiny_config or {}).items() if not k.startswith("_")}
-        self.tiny_decoder = AutoencoderTiny(**{**tiny_config, "in_channels": 3, "out_channels": GS_CHANNELS}).decoder
-        self.scaling_factor = float(self.vae.config.scaling_factor or 1.0)
-        self.shift_factor = float(self.vae.config.shift_factor or 0.0)
-        self.vae_config, self.tiny_config = dict(self.vae.config), tiny_config
-
-    def decode(self, latents: Tensor, tiny: bool = False) -> Tensor:
-        """Diffusion latents (scaled, ``[N, 4, h, w]``) -> splatter images ``[N, 12, H, W]`` in [-1, 1]."""
-        if tiny:  # the tiny decoder reads the scaled latents directly
-            x = self.tiny_decoder(self.vae.post_quant_conv(latents))
-        else:
-            z = latents / self.scaling_factor + self.shift_factor
-            x = self.vae.decoder(self.vae.post_quant_conv(z))
-        return x.clamp(-1.0, 1.0)
-
-
-def _c2w(geometry: dict[str, Any], dtype: torch.dtype = torch.float32) -> Tensor:
-    """Camera-to-world (OpenCV) matrices of the fixed input cameras, ``[V, 4, 4]``.
-
-    DiffSplat's orbit (y up, azimuth from +z towards +x, its elevation sign flipped) is the same placement
-    as :func:`r2d3.render.orbit_cameras`, so its C2W is the inverse of our view matrices."""
-    cams = orbit_cameras(geometry["elevation_deg"], geometry["azimuths_deg"], distance=geometry["distance"],
-                         dtype=torch.float64)
-    return torch.linalg.inv(cams.viewmats).to(dtype)
-
-
-def plucker_rays(c2w: Tensor, fxfy: float, res: int) -> Tensor:
-    """Plücker embeddings ``[V, 6, res, res]`` (o x d, d) in DiffSplat's pixel convention (see module doc)."""
-    coords = torch.arange(res, dtype=torch.float64) / (res - 1)
-    y, x = torch.meshgrid(coords, coords, indexing="ij")
-    dirs = torch.stack([x / fxfy, y / fxfy, torch.ones_like(x)], dim=-1).reshape(-1, 3)  # (x + .5 - .5) / f
-    rot = c2w[:, :3, :3].double()
-    d = F.normalize(dirs[None] @ rot.transpose(1, 2), dim=-1)  # [V, res*res, 3]
-    o = c2w[:, None, :3, 3].double().expand_as(d)
-    plucker = torch.cat([torch.linalg.cross(o, d, dim=-1), d], dim=-1)
-    return plucker.reshape(len(c2w), res, res, 6).permute(0, 3, 1, 2).float()
-
-
-def unproject_depth(depth: Tensor, c2w: Tensor, fxfy: float) -> Tensor:
-    """World positions ``[B, V, H, W, 3]`` of depth maps ``[B, V, H, W]`` seen by cameras ``c2w`` ``[V, 4, 4]``
-    (normalised pinhole, principal point 0.5, pixel coordinate ``j / (W - 1)`` as DiffSplat)."""
-    h, w = depth.shape[-2:]
-    ys = torch.arange(h, device=depth.device, dtype=depth.dtype) / (h - 1)
-    xs = torch.arange(w, device=depth.device, dtype=depth.dtype) / (w - 1)
-    y, x = torch.meshgrid(ys, xs, indexing="ij")
-    cam = torch.stack([(x - 0.5) / fxfy, (y - 0.5) / fxfy, torch.ones_like(x)], dim=-1) * depth[..., None]
-    c2w = c2w.to(depth)
-    return torch.einsum("vij,bvhwj->bvhwi", c2w[:, :3, :3], cam) + c2w[None, :, None, None, :3, 3]
 
 
 class DiffSplatBackend:
@@ -221,7 +102,7 @@ class DiffSplatBackend:
         if len(self.geometry["azimuths_deg"]) != self.num_views:
             raise ValueError(f"geometry: {len(self.geometry['azimuths_deg'])} azimuths for {self.num_views} views")
         transformer.set_num_views(self.num_views)
-        self.c2w = _c2w(self.geometry)
+        self.c2w = input_c2w(self.geometry)
         res = int(cfg.sample_size)
         # Plücker rays at the input resolution, bilinearly resized to the latent grid (as DiffSplat)
         full = plucker_rays(self.c2w, self.geometry["fxfy"], int(self.geometry["input_res"]))
@@ -340,7 +221,7 @@ class DiffSplatBackend:
         float32 regardless), ``text_encoder_device`` (e.g. ``"cpu"``), ``tiny_decoder`` (decode with the
         distilled decoder), ``scheduler`` and ``geometry`` (defaults: the released model's)."""
         path = Path(path)
-        meta = _read_json(path / BACKEND_FILE, "DiffSplat backend settings") if (path / BACKEND_FILE).is_file() else {}
+        meta = read_json(path / BACKEND_FILE, "DiffSplat backend settings") if (path / BACKEND_FILE).is_file() else {}
         torch_dtype = getattr(torch, dtype or meta.get("dtype", "float32"))
         transformer = load_transformer(path / TRANSFORMER_DIR)
         gsvae = load_gsvae(path / GSVAE_DIR)
@@ -356,139 +237,12 @@ class DiffSplatBackend:
         return backend.to(device)
 
 
-def _read_json(file: Path, label: str) -> dict[str, Any]:
-    try:
-        return json.loads(file.read_text())
-    except (OSError, ValueError) as err:
-        raise WeightsError(f"could not read {label} {file}: {err}") from err
-
-
-def _require(files: Sequence[Path], what: str) -> None:
-    missing = [str(f) for f in files if not f.is_file()]
-    if missing:
-        raise WeightsError(f"DiffSplat {what} is missing: {', '.join(missing)}. {LAYOUT_HELP}")
-
-
-def load_state_dict_files(directory: Path, stem: str) -> dict[str, Tensor]:
-    """A safetensors state dict, single-file (``<stem>.safetensors``) or sharded (``<stem>.safetensors.index.json``)."""
-    single, index = directory / f"{stem}.safetensors", directory / f"{stem}.safetensors.index.json"
-    if single.is_file():
-        return load_file(single)
-    if index.is_file():
-        shards = sorted(set(_read_json(index, "safetensors index")["weight_map"].values()))
-        _require([directory / s for s in shards], "weight shard")
-        state: dict[str, Tensor] = {}
-        for shard in shards:
-            state.update(load_file(directory / shard))
-        return state
-    raise WeightsError(f"DiffSplat weights are missing: neither {single} nor {index} exists. {LAYOUT_HELP}")
-
-
-def load_strict(module: nn.Module, state: dict[str, Tensor], label: str) -> None:
-    """``load_state_dict`` that names every missing, unexpected and mis-shaped key (no silent partial load)."""
-    own = module.state_dict()
-    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-    shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-              for k in sorted(set(own) & set(state)) if own[k].shape != state[k].shape]
-    if missing or unexpected or shapes:
-        raise WeightsError(f"{label} does not match the architecture: {len(missing)} missing keys {missing[:5]}, "
-                           f"{len(unexpected)} unexpected keys {unexpected[:5]}, {len(shapes)} shape mismatches "
-                           f"{shapes[:5]}")
-    module.load_state_dict(state, strict=True)
-
-
-def load_transformer(directory: Path) -> MultiViewPixArtTransformer:
-    _require([directory / "config.json"], "transformer config")
-    config = _read_json(directory / "config.json", "transformer config")
-    known = set(MultiViewPixArtTransformer.extract_init_dict(config)[0])
-    model = MultiViewPixArtTransformer.from_config({k: v for k, v in config.items() if k in known or k.startswith("_")})
-    load_strict(model, load_state_dict_files(directory, "diffusion_pytorch_model"), f"DiffSplat transformer {directory}")
-    return model.eval().requires_grad_(False)
-
-
-def load_gsvae(directory: Path) -> GSVAE:
-    _require([directory / GSVAE_WEIGHTS, directory / VAE_CONFIG], "GSVAE")
-    tiny = _read_json(directory / TINY_CONFIG, "tiny decoder config") if (directory / TINY_CONFIG).is_file() else None
-    model = GSVAE(_read_json(directory / VAE_CONFIG, "VAE config"), tiny)
-    load_strict(model, load_file(directory / GSVAE_WEIGHTS), f"DiffSplat GSVAE {directory / GSVAE_WEIGHTS}")
-    return model.eval().requires_grad_(False)
-
-
-def load_text_encoder(path: Path, dtype: torch.dtype) -> tuple[Any, Any]:
-    """PixArt-Σ's T5 encoder and tokenizer from ``path/text_encoder`` and ``path/tokenizer``."""
-    from transformers import AutoTokenizer, T5EncoderModel
-
-    _require([path / TEXT_ENCODER_DIR / "config.json"], "T5 text encoder")
-    if not (path / TOKENIZER_DIR).is_dir():
-        raise WeightsError(f"DiffSplat tokenizer is missing: {path / TOKENIZER_DIR}. {LAYOUT_HELP}")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path / TOKENIZER_DIR)
-        encoder = T5EncoderModel.from_pretrained(path / TEXT_ENCODER_DIR, use_safetensors=True, dtype=dtype)
-    except (OSError, ValueError, ImportError) as err:
-        raise WeightsError(f"could not load the T5 text encoder/tokenizer under {path} ({err}). A SentencePiece "
-                           f"tokenizer needs `pip install sentencepiece`. {LAYOUT_HELP}") from err
-    return encoder.eval().requires_grad_(False), tokenizer
-
-
-def _latest_checkpoint(run_dir: Path, needed: str, iteration: int | None) -> Path:
-    """``run_dir/checkpoints/<iteration>`` holding ``needed`` (the newest one unless ``iteration`` is given)."""
-    root = run_dir / "checkpoints"
-    if iteration is not None:
-        found = [root / f"{iteration:06d}"]
-    else:
-        found = sorted((d for d in root.glob("*") if d.name.isdigit()), key=lambda d: int(d.name), reverse=True)
-    for ckpt in found:
-        if (ckpt / needed).exists():
-            return ckpt
-    raise WeightsError(f"no DiffSplat checkpoint with {needed} under {root}"
-                       + (f" for iteration {iteration:06d}" if iteration is not None else "") + f". {LAYOUT_HELP}")
-
-
-def assemble_release(diffsplat: str | os.PathLike, pixart: str | os.PathLike, output: str | os.PathLike,
-                     transformer_run: str = "gsdiff_gobj83k_pas_fp16__render",
-                     gsvae_run: str = "gsvae_gobj265k_sdxl_fp16", iteration: int | None = None,
-                     tiny_decoder_config: str | os.PathLike | None = None, verify: bool = True) -> Path:
-    """Lay out DiffSplat's release (``chenguolin/DiffSplat``) and PixArt-Σ's
-    (``pixart_sigma_sdxlvae_T5_diffusers``) as this backend reads them, with symlinks (no copy of the
-    tens of GB), then, with ``verify``, load the transformer and GSVAE once to check every key.
-
-    ``iteration``: the transformer checkpoint (default: the newest; the paper used 013020)."""
-    diffsplat, pixart, output = Path(diffsplat), Path(pixart), Path(output)
-    transformer = _latest_checkpoint(diffsplat / transformer_run, "transformer_ema", iteration) / "transformer_ema"
-    gsvae = _latest_checkpoint(diffsplat / gsvae_run, GSVAE_WEIGHTS, None) / GSVAE_WEIGHTS
-    _require([pixart / "vae" / "config.json", pixart / TEXT_ENCODER_DIR / "config.json"], "PixArt-Σ file")
-    if not (pixart / TOKENIZER_DIR).is_dir():
-        raise WeightsError(f"PixArt-Σ tokenizer is missing: {pixart / TOKENIZER_DIR}. {LAYOUT_HELP}")
-    (output / GSVAE_DIR).mkdir(parents=True, exist_ok=True)
-    links = {output / TRANSFORMER_DIR: transformer, output / GSVAE_DIR / GSVAE_WEIGHTS: gsvae,
-             output / TEXT_ENCODER_DIR: pixart / TEXT_ENCODER_DIR, output / TOKENIZER_DIR: pixart / TOKENIZER_DIR}
-    for link, target in links.items():
-        if link.is_symlink() or link.exists():
-            link.unlink()
-        link.symlink_to(target.resolve(), target_is_directory=target.is_dir())
-    (output / GSVAE_DIR / VAE_CONFIG).write_text((pixart / "vae" / "config.json").read_text())
-    if tiny_decoder_config is not None:
-        (output / GSVAE_DIR / TINY_CONFIG).write_text(Path(tiny_decoder_config).read_text())
-    meta: dict[str, Any] = {"name": "diffsplat", "source": {"transformer": str(transformer), "gsvae": str(gsvae)}}
-    scheduler = pixart / "scheduler" / "scheduler_config.json"
-    meta["scheduler"] = _read_json(scheduler, "scheduler config") if scheduler.is_file() else DEFAULT_SCHEDULER_CONFIG
-    (output / BACKEND_FILE).write_text(json.dumps(meta, indent=2))
-    if verify:
-        load_transformer(output / TRANSFORMER_DIR)
-        load_gsvae(output / GSVAE_DIR)
-    return output
-
-
 def tiny_diffsplat(text_dim: int = 16, vocab: Sequence[str] = (), seed: int = 0, sample_size: int = 4,
                    num_views: int = 4, **geometry: Any) -> DiffSplatBackend:
     """A small randomly initialised DiffSplat from the same classes (tests, smoke runs): a 1-layer
     transformer on ``sample_size``² latents, a 2-level GSVAE (splatter images of 2 * sample_size) and a
     1-layer T5 with a word-level tokenizer over ``vocab``."""
-    import tokenizers
-    from tokenizers.models import WordLevel
-    from tokenizers.pre_tokenizers import Whitespace
-    from tokenizers.processors import TemplateProcessing
-    from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel
+    from transformers import T5Config, T5EncoderModel
 
     torch.manual_seed(seed)
     transformer = MultiViewPixArtTransformer(
@@ -501,12 +255,8 @@ def tiny_diffsplat(text_dim: int = 16, vocab: Sequence[str] = (), seed: int = 0,
     tiny = {"encoder_block_out_channels": [8], "decoder_block_out_channels": [8, 8], "num_encoder_blocks": [1],
             "num_decoder_blocks": [1, 1], "upsampling_scaling_factor": 2}
     gsvae = GSVAE(vae, tiny)
-    words = ["[PAD]", "[UNK]", "</s>", *dict.fromkeys(w.lower() for w in vocab)]
-    tok = tokenizers.Tokenizer(WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
-    tok.pre_tokenizer = Whitespace()
-    tok.post_processor = TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 2)])  # T5 appends EOS
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", eos_token="</s>")
-    encoder = T5EncoderModel(T5Config(vocab_size=len(words), d_model=text_dim, d_kv=8, d_ff=32, num_layers=1,
+    tokenizer = hf_word_tokenizer(vocab, eos="</s>")  # T5 appends EOS
+    encoder = T5EncoderModel(T5Config(vocab_size=len(tokenizer), d_model=text_dim, d_kv=8, d_ff=32, num_layers=1,
                                       num_heads=2, pad_token_id=0, eos_token_id=2)).eval().requires_grad_(False)
     geometry = {"num_views": num_views, "azimuths_deg": [360.0 * i / num_views for i in range(num_views)],
                 "input_res": 8 * sample_size, **geometry}
@@ -520,5 +270,4 @@ def _load_diffsplat(weights: str | None = None, device: str = "cpu") -> DiffSpla
     return DiffSplatBackend.from_pretrained(weights, device=device)
 
 
-__all__ = ["DiffSplatBackend", "GSVAE", "assemble_release", "MultiViewAttnProcessor", "MultiViewPixArtTransformer", "plucker_rays",
-           "tiny_diffsplat", "unproject_depth"]
+__all__ = ["DiffSplatBackend", "tiny_diffsplat"]

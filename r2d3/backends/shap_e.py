@@ -77,7 +77,7 @@ from torch.utils.checkpoint import checkpoint
 
 from r2d3.pretrained import WEIGHTS_FILE, WeightsError, load_pretrained_dir
 from r2d3.backends.base import register_backend
-from r2d3.text import PromptEmbeds
+from r2d3.text import PromptEmbeds, hf_word_tokenizer
 from r2d3.render.gaussians import Gaussians
 from r2d3.render.quaternions import quat_from_z_to
 
@@ -398,7 +398,7 @@ class ShapEBackend:
         from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
         torch.manual_seed(seed)
-        tokenizer = _word_tokenizer(vocab)
+        tokenizer = hf_word_tokenizer(vocab, bos="<|startoftext|>", eos="<|endoftext|>", model_max_length=16)
         text_encoder = CLIPTextModelWithProjection(CLIPTextConfig(
             vocab_size=len(tokenizer), hidden_size=text_dim, intermediate_size=2 * text_dim,
             num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=16,
@@ -433,27 +433,6 @@ def _required_files(path: Path) -> list[Path]:
         path / "tokenizer" / "tokenizer_config.json",
         path / "scheduler" / "scheduler_config.json",
     ]
-
-
-def _word_tokenizer(vocab: Sequence[str]) -> Any:
-    """A word-level fast tokenizer built offline with ``tokenizers`` (BOS ... EOS, like CLIP's)."""
-    import tokenizers
-    from tokenizers.models import WordLevel
-    from tokenizers.pre_tokenizers import Whitespace
-    from tokenizers.processors import TemplateProcessing
-    from transformers import PreTrainedTokenizerFast
-
-    words = ["[PAD]", "[UNK]", "<|startoftext|>", "<|endoftext|>"] + [w for w in dict.fromkeys(vocab)]
-    ids = {w: i for i, w in enumerate(words)}
-    tok = tokenizers.Tokenizer(WordLevel(ids, unk_token="[UNK]"))
-    tok.normalizer = tokenizers.normalizers.Lowercase()
-    tok.pre_tokenizer = Whitespace()
-    tok.post_processor = TemplateProcessing(
-        single="<|startoftext|> $A <|endoftext|>",
-        special_tokens=[("<|startoftext|>", ids["<|startoftext|>"]), ("<|endoftext|>", ids["<|endoftext|>"])])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]",
-                                   bos_token="<|startoftext|>", eos_token="<|endoftext|>",
-                                   model_max_length=16)
 
 
 @register_backend("shap_e")
