@@ -5,7 +5,7 @@ A grid of cards, one per (prompt, seed); with several checkpoints a card holds o
 checkpoint, each after the first with its reward delta against the first (base vs aligned: same prompt,
 seed and noise). Images load lazily. Every score column is named and explained in a legend and can sort
 the page; prompt-following checks show as pass / fail. Each asset opens in an interactive 3D splat viewer
-(gsplat.js, shipped in ``r2d3/export/viewer`` and written next to the page as ``viewer/gsplat.js``,
+(gsplat.js, shipped in ``r2d3/export/vendor/gsplat`` and written next to the page as ``viewer/gsplat.js``,
 imported only when a viewer opens). Browsers load modules and files only over HTTP, so the 3D view needs
 the gallery served (``python -m http.server`` in its folder will do); opened as a file it says so.
 ``gallery.html#view=N`` opens the N-th asset's viewer directly.
@@ -119,7 +119,7 @@ if(wanted){const b=document.querySelectorAll('button.view3d')[+wanted[1]]; if(b)
 
 def viewer_module() -> bytes:
     """The vendored gsplat.js module the page imports from :data:`VIEWER_PATH`."""
-    return (resources.files("r2d3.export") / "viewer" / "gsplat.js").read_bytes()
+    return (resources.files("r2d3.export") / "vendor" / "gsplat" / "gsplat.js").read_bytes()
 
 
 def _fmt(v: Any) -> str:
