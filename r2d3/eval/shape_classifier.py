@@ -151,21 +151,15 @@ def train_shape_classifier(
     label = {s: i for i, s in enumerate(model.shapes)}
     targets = torch.tensor([label[a.shape] for a in train.attributes])
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    num_items = len(train) * train.num_views
-    steps_per_epoch = max(1, num_items // config.batch_size)
+    steps_per_epoch = train.steps_per_epoch(config.batch_size)
     total = steps_per_epoch * config.epochs
     start = time.perf_counter()
     history, step = [], 0
     for epoch in range(config.epochs):
-        order = torch.randperm(num_items)
         running = 0.0
-        for s in range(steps_per_epoch):
-            items = order[s * config.batch_size : (s + 1) * config.batch_size]
-            obj, view = items // train.num_views, items % train.num_views
-            alpha, depth = train.alpha[obj, view].float(), train.depth[obj, view].float()
-            flip = (torch.rand(len(items)) < 0.5)[:, None, None, None]
-            alpha = torch.where(flip, alpha.flip(-1), alpha)
-            depth = torch.where(flip, depth.flip(-1), depth)
+        for obj, view, flip in train.single_view_batches(config.batch_size):
+            alpha = train.mirror(train.alpha[obj, view].float(), flip)
+            depth = train.mirror(train.depth[obj, view].float(), flip)
             warm = min(1.0, (step + 1) / config.warmup_steps)
             for group in optimizer.param_groups:
                 group["lr"] = config.lr * warm * 0.5 * (1 + math.cos(math.pi * step / total))

@@ -160,8 +160,7 @@ def train_clip_tiny(
         [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=config.lr,
     )
-    num_items = len(train) * train.num_views
-    steps_per_epoch = max(1, num_items // config.batch_size)
+    steps_per_epoch = train.steps_per_epoch(config.batch_size)
     total_steps = steps_per_epoch * config.epochs
 
     def lr_at(step: int) -> float:
@@ -174,14 +173,9 @@ def train_clip_tiny(
     history = []
     step = 0
     for epoch in range(config.epochs):
-        order = torch.randperm(num_items)
         running = 0.0
-        for s in range(steps_per_epoch):
-            items = order[s * config.batch_size : (s + 1) * config.batch_size]
-            obj, view = items // train.num_views, items % train.num_views
-            images = train.rgb[obj, view].float() / 255.0
-            flip = torch.rand(len(items)) < 0.5
-            images = torch.where(flip[:, None, None, None], images.flip(-1), images)
+        for obj, view, flip in train.single_view_batches(config.batch_size):
+            images = train.mirror(train.rgb[obj, view].float() / 255.0, flip)
 
             attrs = [train.attributes[i] for i in obj.tolist()]
             templates = [rng.randrange(NUM_TEMPLATES) for _ in attrs]

@@ -19,7 +19,7 @@ import json
 import os
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from safetensors.torch import save
@@ -53,6 +53,24 @@ class RenderedViews:
     def rgb_float(self, index: Tensor | slice | None = None) -> Tensor:
         rgb = self.rgb if index is None else self.rgb[index]
         return rgb.float() / 255.0
+
+    def steps_per_epoch(self, batch_size: int) -> int:
+        return max(1, len(self) * self.num_views // batch_size)
+
+    def single_view_batches(self, batch_size: int) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+        """One epoch of shuffled single views, ``(object, view, flip)`` index tensors per minibatch, where
+        ``flip`` marks the items to mirror horizontally: both judges train on single views this way, and
+        drawing the permutation and the flips here (lazily, one step at a time) keeps their seeded runs
+        reproducible."""
+        order = torch.randperm(len(self) * self.num_views)
+        for s in range(self.steps_per_epoch(batch_size)):
+            items = order[s * batch_size : (s + 1) * batch_size]
+            yield items // self.num_views, items % self.num_views, torch.rand(len(items)) < 0.5
+
+    @staticmethod
+    def mirror(images: Tensor, flip: Tensor) -> Tensor:
+        """``images`` ``[B, C, H, W]`` with the rows marked in ``flip`` ``[B]`` mirrored horizontally."""
+        return torch.where(flip[:, None, None, None], images.flip(-1), images)
 
     def save(self, path: str | os.PathLike) -> None:
         """One safetensors file (tensors, labels in its JSON metadata), written atomically: a cache that
