@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 
 from r2d3.backends import load_backend
-from r2d3.config import AlignConfig, SamplerConfig, build_config
+from r2d3.config import SamplerConfig, build_config
+from r2d3.train.config import AlignConfig
 from r2d3.data.procedural import split_prompts
 from r2d3.render import orbit_cameras, render_gaussians
 from r2d3.sample import generate

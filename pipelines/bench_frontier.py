@@ -30,7 +30,8 @@ import yaml
 from safetensors.torch import load_file, save
 from tqdm.auto import tqdm
 
-from r2d3.config import AlignConfig, build_config, reward_label
+from r2d3.config import build_config, reward_label
+from r2d3.train.config import AlignConfig
 from r2d3.storage import atomic_write_bytes
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

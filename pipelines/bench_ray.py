@@ -20,7 +20,8 @@ from pathlib import Path
 
 import torch
 
-from r2d3.config import AlignConfig, build_config
+from r2d3.config import build_config
+from r2d3.train.config import AlignConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

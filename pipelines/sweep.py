@@ -21,7 +21,8 @@ import sys
 import time
 from pathlib import Path
 
-from r2d3.config import AlignConfig, ConfigError, build_config
+from r2d3.config import ConfigError, build_config
+from r2d3.train.config import AlignConfig
 
 SPACE_HELP = """\
 search space file (YAML): dotted AlignConfig keys -> one distribution each

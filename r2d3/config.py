@@ -6,8 +6,11 @@ the same source the code reads. So do its allowed values: ``choices`` and a ``ch
 what it requires) in the same metadata, enforced by every section's ``__post_init__``. OmegaConf builds
 sections through their constructors, so a bad value from a YAML file, a ``key=value`` override, a
 sweep trial or ``dataclasses.replace`` is a :class:`ConfigError` naming the key before any model loads.
-Checks that need a registry (algorithm, backend and reward names) or several sections at once live
-in :func:`r2d3.train.loop.validate`, which also runs before anything loads.
+A section may take its class from its ``name`` (:class:`Variants`): each algorithm's options are
+its own subclass of :class:`AlgoConfig`, declared next to its code. The jobs compose the sections
+(:class:`r2d3.train.config.AlignConfig` for alignment). Checks that need a registry (backend and
+reward names) or several sections at once live in :func:`r2d3.train.loop.validate`, which also runs
+before anything loads.
 """
 
 from __future__ import annotations
@@ -23,8 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Optional, Sequence, TypeVar
 
-from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 T = TypeVar("T")
 
@@ -39,6 +42,7 @@ DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 
 #: a predicate on a field's value and what it requires ("must be >= 1")
 Check = tuple[Callable[[Any], bool], str]
+DEVICE_CHECK: Check = (lambda v: DEVICE_PATTERN.fullmatch(v) is not None, "must be auto, cpu, mps, cuda or cuda:N")
 
 
 class ConfigError(ValueError):
@@ -70,7 +74,7 @@ def opt(default: Any, help: str, *, choices: Sequence[Any] | None = None,  # noq
 
 class Section:
     """A config section: ``__post_init__`` checks every field against its metadata, naming it as
-    ``<key>.<field>`` (``key``: the section's name in :class:`AlignConfig`)."""
+    ``<key>.<field>`` (``key``: the section's name in the job's config)."""
 
     key: ClassVar[str] = ""
 
@@ -89,6 +93,30 @@ def section(cls: type, help: str) -> Any:  # noqa: A002
     return field(default_factory=cls, metadata={"help": help})
 
 
+@dataclass(frozen=True)
+class Variants:
+    """A section whose class is chosen by its ``name`` key: ``resolve(name)`` gives the class (a
+    ``ValueError`` for an unknown name), ``names()`` the registered names. Keeps :mod:`r2d3.config` free
+    of the registries above it."""
+
+    resolve: Callable[[str], type]
+    names: Callable[[], Sequence[str]]
+
+
+def variant_section(default: type, variants: Variants, help: str) -> Any:  # noqa: A002
+    """A section field typed by its base class whose subclass follows its ``name`` (see :func:`_merge`)."""
+    return field(default_factory=default, metadata={"help": help, "variants": variants})
+
+
+#: the alignment default's reward, also what evaluation and regeneration score unless told otherwise
+DEFAULT_REWARD = {"name": "dnc", "kwargs": {"detach_depth": False}}
+
+
+def reward_option(help: str = "") -> Any:  # noqa: A002
+    return opt(DEFAULT_REWARD, "reward: a name, {name: weight, ...} for a weighted sum, or {name, kwargs}. Default: "
+                               "depth-normal consistency with the exact gradient (see docs/results.md)" + help)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # The alignment job
 
@@ -103,7 +131,7 @@ class RunConfig(Section):
     output_dir: str = opt("runs", "local parent directory of run directories (see scale.storage_path for s3://)")
     seed: int = opt(0, "seed for sampling noise, prompts, cameras and LoRA init")
     device: str = opt("auto", "auto | cpu | mps | cuda | cuda:N",
-                      check=(lambda v: DEVICE_PATTERN.fullmatch(v) is not None, "must be auto, cpu, mps, cuda or cuda:N"))
+                      check=DEVICE_CHECK)
     resume: bool = opt(True, "continue from the latest checkpoint in the run directory if there is one")
     restart: bool = opt(False, "with run.resume=false on a directory that holds a run: move the old run aside "
                                "(<name>.old-<time>) and start over (without it such a run is refused)")
@@ -159,36 +187,12 @@ class RenderConfig(Section):
 
 @dataclass
 class AlgoConfig(Section):
+    """The ``algo`` section's common part: which algorithm. Each algorithm declares its own options in a
+    subclass next to its code (:func:`r2d3.algos.base.register_algorithm`), so ``algo.beta`` exists
+    when ``algo.name=nabla_gfn`` and is an error naming the key for DDPO."""
+
     key: ClassVar[str] = "algo"
-    name: str = opt("nabla_gfn", "nabla_gfn | ddpo | refl | draft")
-    # Nabla-GFlowNet
-    beta: float = opt(1e5, "nabla_gfn: reward scale beta (target = score_ref + beta * w(t) * grad r)",
-                      check=at_least(0))
-    reward_weighting: str = opt("squared", "nabla_gfn: w(t) = alpha_bar ('squared') or sqrt(alpha_bar) ('sqrt')",
-                                choices=("squared", "sqrt"))
-    reg_scale: float = opt(1e2, "nabla_gfn: lambda, weight of the proximal term |eps_theta - eps_old|^2",
-                           check=at_least(0))
-    timestep_fraction: float = opt(0.4, "nabla_gfn/ddpo: fraction of each trajectory's transitions trained",
-                                   check=within(0, 1, open_low=True))
-    reward_grad_clip: Optional[float] = opt(None, "nabla_gfn: clip |beta * w * grad r| per sample (None: off)",
-                                            check=positive())
-    off_policy_lag: bool = opt(True, "nabla_gfn/ddpo: train on the previous epoch's samples (as the reference code)")
-    jacobian_free: bool = opt(False, "nabla_gfn: treat eps as constant in the reward gradient (cheaper)")
-    x0_timestep_shift: bool = opt(False, "nabla_gfn: the reference code's extra one-step shift of x0_hat's alpha_bar")
-    flow_correction: bool = opt(False, "nabla_gfn: learn the residual log-flow correction g_phi (full Nabla-GFlowNet)")
-    flow_hidden: int = opt(128, "nabla_gfn: hidden width of the g_phi network", check=at_least(1))
-    flow_lr: float = opt(1e-3, "nabla_gfn: AdamW learning rate of g_phi (its own parameter group)", check=positive())
-    flow_weight_decay: float = opt(1e-2, "nabla_gfn: AdamW weight decay of g_phi", check=at_least(0))
-    reverse_loss_scale: float = opt(0.0, "nabla_gfn: weight of the reverse (x_t) residual loss; trains g_phi only, "
-                                         "so it needs flow_correction", check=at_least(0))
-    # DDPO
-    clip_range: float = opt(1e-4, "ddpo: importance-ratio clip range", check=positive())
-    adv_clip: float = opt(5.0, "ddpo: advantage clip", check=positive())
-    # ReFL
-    refl_min_step: int = opt(-5, "refl: earliest step (negative: counted from the end) for the reward")
-    # DRaFT-K
-    draft_k: int = opt(1, "draft: backpropagate the reward through the last K sampling steps", check=at_least(1))
-    reward_scale: float = opt(1.0, "refl/draft: multiplier of the reward in the loss")
+    name: str = opt("nabla_gfn", "registered algorithm (see r2d3.algos.available_algorithms())")
 
 
 @dataclass
@@ -253,19 +257,15 @@ class ScaleConfig(Section):
 
 
 @dataclass
-class AlignConfig:
-    run: RunConfig = section(RunConfig, "run directory, seeds, checkpoints, logging")
-    model: ModelConfig = section(ModelConfig, "backend and LoRA")
-    sampler: SamplerConfig = section(SamplerConfig, "stochastic sampler")
-    render: RenderConfig = section(RenderConfig, "reward cameras and renders")
-    reward: Any = opt({"name": "dnc", "kwargs": {"detach_depth": False}},
-                      "reward: a name, {name: weight, ...} for a weighted sum, or {name, kwargs}. Default: "
-                      "depth-normal consistency with the exact gradient (see docs/results.md)")
-    algo: AlgoConfig = section(AlgoConfig, "alignment algorithm and its hyperparameters")
-    train: TrainConfig = section(TrainConfig, "optimisation")
-    data: DataConfig = section(DataConfig, "prompts")
-    eval: EvalConfig = section(EvalConfig, "held-out evaluation")
-    scale: ScaleConfig = section(ScaleConfig, "Ray scale-out")
+class ActorsConfig(Section):
+    """The Ray Data actor pool of the evaluation and regeneration jobs."""
+
+    key: ClassVar[str] = "actors"
+    num: int = opt(2, "Ray Data actors (0: in this process, no Ray)", check=at_least(0))
+    batch_size: int = opt(1, "work items per actor call", check=at_least(1))
+    cpus: float = opt(1.0, "CPUs reserved per actor", check=at_least(0))
+    gpus: float = opt(0.0, "GPUs per actor (0: CPU; fractions share a GPU)", check=at_least(0))
+    device: str = opt("auto", "auto | cpu | mps | cuda | cuda:N, inside each actor", check=DEVICE_CHECK)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -293,27 +293,56 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp)).replace("typing.", "")
 
 
-def describe(cls: type, prefix: str = "") -> list[str]:
-    """One line per option: ``key  (type, default) help``."""
+def describe(cls: type, prefix: str = "", skip: Sequence[str] = ()) -> list[str]:
+    """One line per option: ``key  (type, default) help``; a variant section lists each variant's own."""
     hints = typing.get_type_hints(cls)
     lines: list[str] = []
     for f in dataclasses.fields(cls):
         key = f"{prefix}{f.name}"
         tp = hints[f.name]
+        if f.name in skip:
+            continue
         if dataclasses.is_dataclass(tp):
             lines.append(f"\n[{key}] {f.metadata.get('help', '')}")
             lines.extend(describe(tp, prefix=f"{key}."))
+            variants: Variants | None = f.metadata.get("variants")
+            for name in variants.names() if variants else ():
+                lines.append(f"  with {key}.name={name}:")
+                lines.extend(describe(variants.resolve(name), prefix=f"{key}.", skip=("name",)))
             continue
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
         lines.append(f"  {key:<34} ({_type_name(tp)}, default {default!r})  {f.metadata.get('help', '')}")
     return lines
 
 
+def carry_over(old: Any, cls: type[T], name: str, **changes: Any) -> T:
+    """Section ``cls`` named ``name``, keeping ``old``'s values of the options both classes declare and
+    dropping the rest (``algo.timestep_fraction`` survives a switch from nabla_gfn to ddpo, ``algo.beta``
+    does not), so a file tuned for one algorithm reruns with another by one override."""
+    common = {f.name for f in dataclasses.fields(old)}
+    kept = {f.name: getattr(old, f.name) for f in dataclasses.fields(cls) if f.name != "name" and f.name in common}
+    return cls(**(kept | {"name": name} | changes))
+
+
+def _switch_variant(base: Any, name: str, field_name: str, variants: Variants) -> None:
+    """Give ``base[field_name]`` the class registered for ``name`` (see :func:`carry_over`)."""
+    try:
+        new_cls = variants.resolve(name)
+    except ValueError as err:
+        raise ConfigError(f"{field_name}.name: {err}") from None
+    base[field_name] = OmegaConf.structured(carry_over(OmegaConf.to_object(base[field_name]), new_cls, name))
+
+
 def _merge(base: Any, layer: Any, cls: type) -> Any:
     """Merge ``layer`` into ``base``; free-form (``Any``) fields such as ``reward`` are replaced, not
-    merged, so ``reward={dnc: 1.0}`` does not inherit keys of the default spec."""
+    merged, so ``reward={dnc: 1.0}`` does not inherit keys of the default spec; a variant section takes
+    the class of the ``name`` the layer sets before the layer's options are checked against it."""
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
+        variants: Variants | None = f.metadata.get("variants")
+        given = layer.get(f.name) if isinstance(layer, DictConfig) else None
+        if variants and isinstance(given, DictConfig) and "name" in given and given.name != base[f.name].name:
+            _switch_variant(base, str(given.name), f.name, variants)
         if hints[f.name] is Any and f.name in layer:
             OmegaConf.update(base, f.name, layer[f.name], merge=False)
             layer = OmegaConf.masked_copy(layer, [k for k in layer if k != f.name])
@@ -338,33 +367,71 @@ def check_finite(value: Any, key: str = "") -> None:
 
 def _omegaconf_message(err: OmegaConfBaseException) -> str:
     """``key: what is wrong`` (OmegaConf's own text also lists its internal reference types)."""
-    key, msg = getattr(err, "full_key", None), getattr(err, "msg", None) or str(err)
+    key, msg = getattr(err, "full_key", None), (getattr(err, "msg", None) or str(err)).split("\n")[0]
+    section = getattr(err, "object_type", None)
+    if key and isinstance(err, ConfigKeyError) and isinstance(section, type):
+        variant = f" (the options of {section.key}.name={section().name})" if issubclass(section, AlgoConfig) else ""
+        return f"{key}: no such option in {section.__name__}{variant}; --help lists them"
     return f"{key}: {msg}" if key else msg
 
 
-def build_config(cls: type[T], files: Sequence[str | Path] = (), overrides: Sequence[str] = ()) -> T:
-    """Defaults <- YAML files (in order) <- ``key=value`` overrides, validated against ``cls``."""
+def _layer(values: dict[str, Any]) -> DictConfig:
+    layer = OmegaConf.create()
+    for key, value in values.items():
+        OmegaConf.update(layer, key, value, force_add=True)
+    return layer
+
+
+def _file_layer(path: Path, cls: type) -> Any:
+    """A YAML file as a layer. Sections listed in ``cls.foreign_sections`` are left out, so a job that
+    shares sections with alignment reads them from an alignment config or a run's ``config.yaml``."""
+    layer = OmegaConf.load(path)
+    foreign = getattr(cls, "foreign_sections", ())
+    if foreign and isinstance(layer, DictConfig):
+        layer = OmegaConf.masked_copy(layer, [k for k in layer if k not in foreign])
+    return layer
+
+
+def build_config(cls: type[T], files: Sequence[str | Path] = (), overrides: Sequence[str] = (),
+                 values: dict[str, Any] | None = None) -> T:
+    """Defaults <- YAML files (in order) <- dotted ``values`` (a command line's flags) <- ``key=value``
+    overrides, validated against ``cls``."""
     merged = OmegaConf.structured(cls)
     for file in files:
         path = Path(file)
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
         try:
-            merged = _merge(merged, OmegaConf.load(path), cls)
+            merged = _merge(merged, _file_layer(path, cls), cls)
         except OmegaConfBaseException as err:
             raise ConfigError(f"invalid config file {path}: {_omegaconf_message(err)}") from None
+        except ConfigError as err:
+            raise ConfigError(f"invalid config file {path}: {err}") from None
         except Exception as err:  # YAML syntax errors
             raise ConfigError(f"cannot parse config file {path}: {err}") from None
     bad = [o for o in overrides if "=" not in o]
     if bad:
         raise ConfigError(f"overrides must look like section.key=value, got: {' '.join(bad)}")
     try:
+        if values:
+            merged = _merge(merged, _layer(values), cls)
         merged = _merge(merged, OmegaConf.from_dotlist(list(overrides)), cls)
         config = OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:
         raise ConfigError(f"invalid override: {_omegaconf_message(err)}") from None
     check_finite(config)
     return config  # type: ignore[return-value]
+
+
+def updated(config: T, values: dict[str, Any]) -> T:
+    """``config`` with the dotted ``values`` set, merged as one more layer of :func:`build_config` (so a new
+    ``algo.name`` brings its own option group); errors are :class:`ConfigError` naming the key."""
+    try:
+        result = OmegaConf.to_object(_merge(OmegaConf.structured(config), _layer(values), type(config)))
+    except OmegaConfBaseException as err:
+        raise ConfigError(_omegaconf_message(err)) from None
+    check_finite(result)
+    return result  # type: ignore[return-value]
 
 
 def to_dict(config: Any) -> dict[str, Any]:
@@ -382,19 +449,67 @@ def from_dict(cls: type[T], data: dict[str, Any]) -> T:
     return config  # type: ignore[return-value]
 
 
+def _option(cls: type, key: str) -> tuple[dataclasses.Field, Any]:
+    """The field and type hint of dotted option ``key`` of config class ``cls``."""
+    *sections, name = key.split(".")
+    for part in sections:
+        cls = typing.get_type_hints(cls)[part]
+    return next(f for f in dataclasses.fields(cls) if f.name == name), typing.get_type_hints(cls)[name]
+
+
+def _add_flag(parser: argparse.ArgumentParser, flag: str, key: str, cls: type) -> None:
+    """``flag`` as a view of option ``key``: its help, default and type come from the field; a bool
+    option's ``--no-...`` flag sets it false, others true; a list option takes several values."""
+    f, tp = _option(cls, key)
+    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+    kwargs: dict[str, Any] = {"dest": f"option:{key}", "default": argparse.SUPPRESS,
+                              "help": f"{f.metadata.get('help', '')} ({key}, default {default!r})"}
+    if tp is bool:
+        kwargs.update(action="store_const", const=not flag.startswith("--no-"))
+    elif typing.get_origin(_unwrap_optional(tp)) is list:  # --seeds 0 1 and --seeds 0 --seeds 1 alike
+        kwargs.update(action="extend", nargs="+", metavar=f.name.upper())
+    else:
+        kwargs.update(metavar=f.name.upper())
+    parser.add_argument(flag, **kwargs)
+
+
+def _unwrap_optional(tp: Any) -> Any:
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    return args[0] if typing.get_origin(tp) is typing.Union and len(args) == 1 else tp
+
+
+def _flag_value(cls: type, key: str, value: Any) -> Any:
+    """A free-form option's flag text is YAML (``--reward '{name: dnc}'``); typed options are converted
+    and checked by the config itself."""
+    _, tp = _option(cls, key)
+    if tp is Any or typing.get_args(tp) == (Any,):
+        import yaml
+
+        return [yaml.safe_load(v) for v in value] if isinstance(value, list) else yaml.safe_load(value)
+    return value
+
+
 def parse_cli(cls: type[T], description: str, argv: Sequence[str] | None = None,
-              extra: Sequence[tuple[tuple[str, ...], dict[str, Any]]] = ()) -> tuple[T, argparse.Namespace]:
-    """``prog [--config FILE ...] [section.key=value ...]``; ``--help`` lists every option."""
-    epilog = "options (override with section.key=value):" + "\n".join(describe(cls))
-    parser = argparse.ArgumentParser(description=description, epilog=epilog,
+              extra: Sequence[tuple[tuple[str, ...], dict[str, Any]]] = (), flags: dict[str, str] | None = None,
+              epilog: str = "") -> tuple[T, argparse.Namespace]:
+    """``prog [--config FILE ...] [--flag VALUE ...] [section.key=value ...]``; ``--help`` lists every option.
+
+    ``flags`` maps command-line flags to config keys (``{"--steps": "sampler.num_steps"}``): each is a
+    view of its option, so a bad value is named by its key, exactly as in a file or an override."""
+    options = "options (override with section.key=value):" + "\n".join(describe(cls))
+    parser = argparse.ArgumentParser(description=description, epilog=f"{epilog}\n\n{options}".strip(),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", action="append", default=[], help="YAML config file (repeatable, later wins)")
+    for flag, key in (flags or {}).items():
+        _add_flag(parser, flag, key, cls)
     for names, kwargs in extra:
         parser.add_argument(*names, **kwargs)
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
     args = parser.parse_args(sys.argv[1:] if argv is None else list(argv))
+    values = {k[len("option:"):]: _flag_value(cls, k[len("option:"):], v) for k, v in vars(args).items()
+              if k.startswith("option:")}
     try:
-        return build_config(cls, args.config, args.overrides), args
+        return build_config(cls, args.config, args.overrides, values), args
     except ConfigError as err:
         parser.error(str(err))
         raise  # unreachable: parser.error exits

@@ -14,7 +14,9 @@ from r2d3.algos import SampleBatch, build_algorithm, stratified_transitions
 from r2d3.algos.ddpo import per_prompt_advantages
 from r2d3.backends import TinySplatBackend
 from r2d3.text import PromptEmbeds
-from r2d3.config import AlgoConfig, RenderConfig
+from r2d3.algos.base import algorithm_options
+from r2d3.algos.nabla_gfn import NablaGFNConfig
+from r2d3.config import RenderConfig
 from r2d3.diffusion import StochasticSampler, make_scheduler
 from r2d3.rewards import build_reward
 from r2d3.backends.lora import add_lora
@@ -83,7 +85,11 @@ def toy_setup(algo_overrides=None, num_steps=4):
     ctx = ToyContext(backend, sampler, RenderConfig(), 1.0, backend.encode_prompts([""]))
     torch.manual_seed(0)
     add_lora(backend.denoiser, 1, None, ["to_q"])
-    config = AlgoConfig(**({"beta": 2.0, "reg_scale": 0.0, "off_policy_lag": False} | (algo_overrides or {})))
+    options = dict(algo_overrides or {})
+    name = options.pop("name", "nabla_gfn")
+    if name == "nabla_gfn":
+        options = {"beta": 2.0, "reg_scale": 0.0, "off_policy_lag": False} | options
+    config = algorithm_options(name)(**options)
     gen = torch.Generator().manual_seed(0)
     noise = torch.randn(3, 1 + num_steps, 1, generator=gen, dtype=torch.float64)
     prompts = ["p", "p", "q"]
@@ -123,7 +129,7 @@ def test_sqrt_weighting_and_gradient_clip():
     terms = algo.transition(ctx, ctx.model_fn(batch.cond), batch.trajectory, 1, batch.prompts, None)
     assert terms["drive"].abs().max() <= 1e-3 + 1e-12
     with pytest.raises(ValueError, match="reward_weighting"):
-        build_algorithm(AlgoConfig(reward_weighting="cubed"), 4)
+        build_algorithm(NablaGFNConfig(reward_weighting="cubed"), 4)
 
 
 def test_zero_beta_and_lambda_give_zero_gradient_at_base():
@@ -152,7 +158,8 @@ def test_per_prompt_advantages_normalise_within_prompts():
 
 @pytest.mark.parametrize("name", ["nabla_gfn", "refl", "draft", "ddpo"])
 def test_one_small_step_along_the_gradient_lowers_the_loss(name):
-    ctx, batch, algo = toy_setup({"name": name, "draft_k": 2, "refl_min_step": -2, "reg_scale": 1.0})
+    own = {"nabla_gfn": {"reg_scale": 1.0}, "refl": {"refl_min_step": -2}, "draft": {"draft_k": 2}, "ddpo": {}}
+    ctx, batch, algo = toy_setup({"name": name, **own[name]})
     batch = algo.prepare(batch)
     params = [p for p in ctx.backend.denoiser.parameters() if p.requires_grad]
     if name == "ddpo":  # the clipped objective is flat at ratio 1 beyond the clip range: widen it
@@ -192,8 +199,9 @@ def test_stratified_transitions_always_include_the_last_step():
     ({"name": "ddpo", "clip_range": 0.0}, "clip_range"),
 ])
 def test_bad_hyperparameters_are_named(overrides, message):
+    options = dict(overrides)
     with pytest.raises(ValueError, match=message):
-        build_algorithm(AlgoConfig(**overrides), 20)
+        build_algorithm(algorithm_options(options.pop("name", "nabla_gfn"))(**options), 20)
 
 
 # ---------------------------------------------------------------- the real chain: decode -> render -> reward
@@ -208,7 +216,7 @@ def test_reward_gradient_matches_finite_differences_through_render():
     sampler = StochasticSampler(make_scheduler("ddim", beta_schedule="squaredcos_cap_v2"), 4)
     render = RenderConfig(num_views=2, resolution=16, elevation_jitter_deg=0.0, azimuth_jitter_deg=0.0)
     ctx = Pipeline(backend, sampler, render, 2.0, backend.encode_prompts([""]), build_reward("colorfulness"))
-    algo = build_algorithm(AlgoConfig(), 4)
+    algo = build_algorithm(NablaGFNConfig(), 4)
     cond = backend.encode_prompts(["a"])
     model_fn = ctx.model_fn(cond)
     cams = ctx.cameras(1, None, jitter=False)

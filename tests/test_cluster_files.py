@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from r2d3.config import AlignConfig, ScaleConfig, build_config
+from r2d3.config import ScaleConfig, build_config
+from r2d3.train.config import AlignConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = ROOT / "cluster"

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from r2d3.backends import TinySplatBackend, load_backend
-from r2d3.config import AlignConfig, build_config
+from r2d3.config import build_config
+from r2d3.train.config import AlignConfig
 from r2d3.data.embeddings import (EmbeddingCache, EmbeddingMismatchError, encode_batch, encode_table,
                                   encoder_fingerprint, load_embedding_cache)
 from r2d3.data.procedural import VOCABULARY, split_prompts

@@ -20,7 +20,7 @@ from diffusers import DDIMScheduler
 from r2d3.algos import build_algorithm
 from r2d3.algos.flow import FlowCorrection
 from r2d3.text import PromptEmbeds
-from r2d3.config import AlgoConfig
+from r2d3.algos.nabla_gfn import NablaGFNConfig
 from r2d3.diffusion import StochasticSampler
 
 DIM, STEPS, BETA = 2, 8, 0.5
@@ -102,7 +102,7 @@ def sample(ctx, n: int, gen: torch.Generator):
 
 
 def algo(**kw):
-    return build_algorithm(AlgoConfig(name="nabla_gfn", beta=BETA, reg_scale=0.0, flow_correction=True,
+    return build_algorithm(NablaGFNConfig(beta=BETA, reg_scale=0.0, flow_correction=True,
                                       flow_hidden=64, **kw), STEPS)
 
 
@@ -192,7 +192,7 @@ def test_zero_initialised_flow_leaves_the_lora_gradient_of_the_no_flow_objective
     conds = PromptEmbeds(cond.tokens.expand(4, -1, -1), cond.mask.expand(4, -1))
     grads = []
     for flow in (False, True):
-        nabla = build_algorithm(AlgoConfig(name="nabla_gfn", beta=BETA, reg_scale=1.0, flow_correction=flow), STEPS)
+        nabla = build_algorithm(NablaGFNConfig(beta=BETA, reg_scale=1.0, flow_correction=flow), STEPS)
         nabla.build_modules(ctx)
         if nabla.flow is not None:
             nabla.flow.double()
@@ -236,11 +236,11 @@ def test_flow_terms_gradients_match_their_closed_forms():
 
 def test_flow_options_are_validated():
     with pytest.raises(ValueError, match="reverse_loss_scale > 0 needs algo.flow_correction"):
-        build_algorithm(AlgoConfig(name="nabla_gfn", reverse_loss_scale=1.0), 10)
+        build_algorithm(NablaGFNConfig(reverse_loss_scale=1.0), 10)
     with pytest.raises(ValueError, match="reverse_loss_scale must be >= 0"):
-        build_algorithm(AlgoConfig(name="nabla_gfn", reverse_loss_scale=-1.0, flow_correction=True), 10)
+        build_algorithm(NablaGFNConfig(reverse_loss_scale=-1.0, flow_correction=True), 10)
     with pytest.raises(ValueError, match="flow_lr must be > 0"):
-        build_algorithm(AlgoConfig(name="nabla_gfn", flow_correction=True, flow_lr=0.0), 10)
+        build_algorithm(NablaGFNConfig(flow_correction=True, flow_lr=0.0), 10)
 
 
 def test_flow_network_output_starts_at_zero_and_keeps_the_latent_shape():

@@ -7,7 +7,8 @@ import torch
 from safetensors.torch import load_file
 
 from r2d3.backends import TinySplatBackend
-from r2d3.config import AlignConfig, build_config
+from r2d3.config import build_config
+from r2d3.train.config import AlignConfig
 from r2d3.rewards.base import register_reward
 from r2d3.train.checkpoint import CheckpointMismatchError, latest_checkpoint, load_checkpoint
 from r2d3.train.loop import TrainingAborted, run
@@ -29,8 +30,8 @@ def tiny_config(weights, *overrides) -> AlignConfig:
         f"model.weights={weights / 'w'}", f"data.prompts={weights / 'prompts.txt'}", "reward=colorfulness",
         "train.epochs=3", "train.sample_batch_size=4", "train.train_batch_size=2", "train.grad_accum=1",
         "sampler.num_steps=4", "render.num_views=2", "render.resolution=16", "model.lora_rank=2",
-        "run.progress=false", "run.checkpoint_every=1", "run.keep_checkpoints=5", "algo.beta=1e3",
-        *overrides])
+        "run.progress=false", "run.checkpoint_every=1", "run.keep_checkpoints=5",
+        *([] if any(o.startswith("algo.name=") for o in overrides) else ["algo.beta=1e3"]), *overrides])
 
 
 def final_lora(run_dir):
@@ -128,14 +129,14 @@ def test_bad_config_values_are_named(weights, tmp_path, override, message):
 def test_update_cost_counts_the_denoiser_passes_of_each_method(weights):
     from r2d3.jobs.compare import update_cost
 
-    cost = update_cost(tiny_config(weights, "algo.timestep_fraction=0.5", "algo.refl_min_step=-2"), repeats=1,
+    cost = update_cost(tiny_config(weights, "algo.timestep_fraction=0.5", "sampler.num_steps=6"), repeats=1,
                        methods=("nabla_gfn", "ddpo", "refl", "nabla_gfn+jacobian_free"))
     passes = {m: (c["denoiser_fwd_per_transition"], c["denoiser_bwd_per_transition"]) for m, c in cost.items()}
     # Nabla-R2D3: base (LoRA off), policy at x_t, policy at x_{t-1} for the reward gradient; backward
     # through the reward-gradient pass and the loss. Jacobian-free skips the first of those backwards.
     assert passes == {"nabla_gfn": (3.0, 2.0), "ddpo": (1.0, 1.0), "refl": (1.0, 1.0),
                       "nabla_gfn+jacobian_free": (3.0, 1.0)}
-    assert cost["nabla_gfn"]["transitions"] == 2  # half of 4 steps, each batched over the trajectories
+    assert cost["nabla_gfn"]["transitions"] == cost["ddpo"]["transitions"] == 3  # half of 6 steps (carried over)
     assert all(c["update_s"] > 0 for c in cost.values())
 
 

@@ -20,7 +20,8 @@ import torch
 from helpers import save_tiny_weights
 from r2d3.backends import load_backend
 from r2d3.pretrained import WeightsError
-from r2d3.config import AlignConfig, ConfigError, build_config
+from r2d3.config import ConfigError, build_config
+from r2d3.train.config import AlignConfig
 from r2d3.data.prompts import PromptSourceError, check_shards, load_prompts
 from r2d3.train.checkpoint import CorruptCheckpointError, checkpoints_newest_first, load_checkpoint
 from r2d3.train.loop import run
@@ -83,41 +84,47 @@ BAD_VALUES = [
     ("model.backend=tinyy", "unknown backend 'tinyy'; valid backends"),
     ("reward=dncc", "unknown reward 'dncc'"),
     ("algo.timestep_fraction=0", r"algo.timestep_fraction must be in \(0, 1\]"),
+    ("algo.clip_range=0.1", r"algo.clip_range: no such option in NablaGFNConfig \(the options of algo.name=nabla_gfn\)"),
     ("render.background=[1,1]", "render.background must be three values in"),
 ]
 
 
 def _choice_fields():
-    """Every enum-like field of every config section (a ``choices`` list in its metadata)."""
-    for name, cls in typing.get_type_hints(AlignConfig).items():
-        if dataclasses.is_dataclass(cls):
-            for f in dataclasses.fields(cls):
-                if f.metadata.get("choices"):
-                    yield f"{name}.{f.name}", f.metadata["choices"]
+    """Every enum-like field (a ``choices`` list in its metadata) of every config section, and of every
+    registered algorithm's option group, with the override that selects that algorithm."""
+    for field in dataclasses.fields(AlignConfig):
+        variants = field.metadata.get("variants")
+        classes = ([(variants.resolve(n), [f"{field.name}.name={n}"]) for n in variants.names()] if variants
+                   else [(typing.get_type_hints(AlignConfig)[field.name], [])])
+        for cls, select in classes:
+            if dataclasses.is_dataclass(cls):
+                for f in dataclasses.fields(cls):
+                    if f.metadata.get("choices"):
+                        yield f"{field.name}.{f.name}", f.metadata["choices"], select
 
 
 CHOICE_FIELDS = list(_choice_fields())
 
 
 def test_the_enum_like_fields_are_all_known():
-    assert {k for k, _ in CHOICE_FIELDS} == {"run.wandb_mode", "sampler.kind", "render.backend",
-                                             "algo.reward_weighting"}
+    assert {k for k, _, _ in CHOICE_FIELDS} == {"run.wandb_mode", "sampler.kind", "render.backend",
+                                                "algo.reward_weighting"}
 
 
-@pytest.mark.parametrize("key,choices", CHOICE_FIELDS, ids=[k for k, _ in CHOICE_FIELDS])
-def test_every_enum_like_field_rejects_a_near_miss_naming_the_key_and_the_choices(key, choices, tiny, tmp_path,
-                                                                                monkeypatch, capsys):
+@pytest.mark.parametrize("key,choices,select", CHOICE_FIELDS, ids=[k for k, _, _ in CHOICE_FIELDS])
+def test_every_enum_like_field_rejects_a_near_miss_naming_the_key_and_the_choices(key, choices, select, tiny,
+                                                                                tmp_path, monkeypatch, capsys):
     import align
 
     near_miss = f"{choices[0]}x"
     with pytest.raises(ConfigError, match=rf"{re.escape(key)} must be one of {re.escape(', '.join(choices))}"):
-        build_config(AlignConfig, overrides=[f"{key}={near_miss}"])
+        build_config(AlignConfig, overrides=[*select, f"{key}={near_miss}"])
     monkeypatch.setattr("r2d3.train.loop.load_backend", lambda *a, **k: pytest.fail("a model was loaded"))
     with pytest.raises(SystemExit):
-        align.main(tiny_args(tiny, tmp_path) + [f"{key}={near_miss}"])
+        align.main(tiny_args(tiny, tmp_path) + [*select, f"{key}={near_miss}"])
     assert key in capsys.readouterr().err
     for value in choices:  # and takes every listed value
-        assert build_config(AlignConfig, overrides=[f"{key}={value}"]) is not None
+        assert build_config(AlignConfig, overrides=[*select, f"{key}={value}"]) is not None
 
 
 def test_dataclasses_replace_is_checked_too():
@@ -291,7 +298,7 @@ def test_resume_false_on_an_existing_run_refuses_then_restart_moves_it_aside(tin
 def test_a_run_directory_is_locked_while_a_job_writes_it(tiny, tmp_path):
     config = build_config(AlignConfig, overrides=tiny_args(tiny, tmp_path))
     holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; from pathlib import Path; from r2d3.config import AlignConfig; "
+        "import sys, time; from pathlib import Path; from r2d3.train.config import AlignConfig; "
         "from r2d3.train.run_dir import claim_run_dir; "
         f"lock = claim_run_dir(AlignConfig(), Path({str(tmp_path / 'r')!r})); print('locked', flush=True); "
         "time.sleep(60)")], stdout=subprocess.PIPE, text=True)
@@ -371,26 +378,70 @@ FAST = ["--steps", "3", "--views", "2", "--resolution", "16", "--turntable-frame
         "--mesh-resolution", "16", "--no-progress", "--no-mesh", "--actors", "0"]
 
 REGEN_BAD = [
-    (["--steps", "0"], "num_steps must be >= 1"),
-    (["--views", "0"], "num_views must be >= 1"),
-    (["--resolution", "1"], "resolution must be >= 8"),
-    (["--sampler", "bogus"], "kind must be one of ddim, sde-dpmsolver"),
+    (["--steps", "0"], "sampler.num_steps must be >= 1"),
+    (["--views", "0"], "render.num_views must be >= 1"),
+    (["--resolution", "1"], "render.resolution must be >= 8"),
+    (["--sampler", "bogus"], "sampler.kind must be one of ddim, sde-dpmsolver"),
     (["--guidance-scale", "nan"], "guidance_scale=nan is not a finite number"),
-    (["--max-prompts", "0"], "--max-prompts must be >= 1"),
-    (["--max-prompts", "-1"], "--max-prompts must be >= 1"),
-    (["--max-assets", "0"], "--max-assets must be >= 1"),
-    (["--turntable-size", "1"], "--turntable-size must be >= 8"),
+    (["--max-prompts", "0"], "regenerate.max_prompts must be >= 1"),
+    (["--max-prompts", "-1"], "regenerate.max_prompts must be >= 1"),
+    (["--max-assets", "0"], "regenerate.max_assets must be >= 1"),
+    (["--turntable-size", "1"], "regenerate.turntable_size must be >= 8"),
+    (["--min-opacity", "1"], r"regenerate.min_opacity must be in \[0, 1\)"),
+    (["--seeds", "1", "1"], "regenerate.seeds must be at least one value, none repeated"),
+    (["--frame", "z-up"], "regenerate.frame must be one of y-up, y-down"),
+    (["regenerate.sh_degree=2"], "regenerate.sh_degree must be one of 0, 3"),
+    (["--actors", "-1"], "actors.num must be >= 0"),
+    (["--device", "gpu"], "actors.device must be auto, cpu, mps, cuda or cuda:N"),
+    (["regenerate.preview_sise=64"], "regenerate.preview_sise: no such option in RegenerateOptions"),
 ]
 
 
 @pytest.mark.parametrize("extra,message", REGEN_BAD, ids=[" ".join(e) for e, _ in REGEN_BAD])
-def test_regeneration_refuses_values_that_would_fail_every_asset(extra, message, tiny, tmp_path, monkeypatch):
+def test_regeneration_refuses_values_that_would_fail_every_asset(extra, message, tiny, tmp_path, monkeypatch,
+                                                                 capsys):
     import regenerate
 
     monkeypatch.setattr("r2d3.ray.regenerate.run_regeneration", lambda *a, **k: pytest.fail("work started"))
-    with pytest.raises(SystemExit, match=message):
+    monkeypatch.setattr("r2d3.jobs.evaluate.load_backend", lambda *a, **k: pytest.fail("a model was loaded"))
+    with pytest.raises(SystemExit):
         regenerate.main(["--prompts", str(tiny / "prompts.txt"), "--weights", str(tiny / "w"), "--out",
                          str(tmp_path / "out"), *FAST, *extra])
+    assert re.search(message, capsys.readouterr().err)
+
+
+def test_evaluation_flags_are_views_of_its_config(tiny, tmp_path, monkeypatch, capsys):
+    """A flag, a key=value override and a YAML file set the same option; an alignment config's shared
+    sections apply (its others are read past); bad values are named by key before anything loads."""
+    import evaluate
+
+    class Started(Exception):
+        pass
+
+    seen = {}
+
+    def started(settings, prompts, out, **kw):
+        seen.update(settings=settings, prompts=prompts, kw=kw)
+        raise Started
+
+    monkeypatch.setattr("r2d3.ray.evaluate.run_evaluation", started)
+    (tmp_path / "align.yaml").write_text("sampler: {num_steps: 7, guidance_scale: 2.0}\nalgo: {name: ddpo}\n"
+                                         "train: {epochs: 1}\nrender: {num_views: 3}\nreward: colorfulness\n")
+    base = ["--weights", str(tiny / "w"), "--out", str(tmp_path / "o"), "--num-prompts", "2"]
+    with pytest.raises(Started):
+        evaluate.main([*base, "--config", str(tmp_path / "align.yaml"), "--steps", "5", "--actors", "0",
+                       "evaluate.seeds=[3,4]", "render.resolution=16"])
+    s = seen["settings"]
+    assert (s.sampler.num_steps, s.sampler.guidance_scale, s.render.num_views, s.render.resolution) == (5, 2.0, 3, 16)
+    assert s.reward == "colorfulness" and s.seeds == [3, 4] and len(seen["prompts"]) == 2 and seen["kw"]["actors"] == 0
+    monkeypatch.setattr("r2d3.jobs.evaluate.load_backend", lambda *a, **k: pytest.fail("a model was loaded"))
+    for extra, message in ((["--bootstrap", "0"], "evaluate.bootstrap must be >= 1"),
+                           (["--seeds", "0", "0"], "evaluate.seeds must be at least one value"),
+                           (["evaluate.num_prompt=3"], "evaluate.num_prompt: no such option in EvaluateOptions"),
+                           (["--eta", "2"], r"sampler.eta must be in \[0, 1\]")):
+        with pytest.raises(SystemExit):
+            evaluate.main([*base, *extra])
+        assert re.search(message, capsys.readouterr().err), extra
 
 
 @pytest.mark.parametrize("job", ["regenerate", "evaluate"])

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from r2d3.config import AlignConfig, build_config
+from r2d3.config import build_config
+from r2d3.train.config import AlignConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "cluster" / "configs"

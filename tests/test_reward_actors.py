@@ -8,7 +8,8 @@ import torch
 
 from r2d3.pipeline import Pipeline
 from r2d3.backends import TinySplatBackend
-from r2d3.config import AlignConfig, RenderConfig, ScaleConfig, build_config
+from r2d3.config import RenderConfig, ScaleConfig, build_config
+from r2d3.train.config import AlignConfig
 from r2d3.data.procedural import VOCABULARY
 from r2d3.render.gaussians import Gaussians
 from r2d3.rewards import build_reward

@@ -149,7 +149,8 @@ def test_a_killed_worker_restarts_from_the_last_checkpoint(tmp_path, ray_local):
     import pandas as pd
     from ray.util.state import list_actors
 
-    from r2d3.config import AlignConfig, build_config
+    from r2d3.config import build_config
+    from r2d3.train.config import AlignConfig
     from r2d3.ray.train import fit_on_ray
     from r2d3.jobs.align import run_worker  # noqa: F401 - imported by the workers as well
 

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from r2d3.config import AlignConfig, build_config
+from r2d3.config import build_config
+from r2d3.train.config import AlignConfig
 from r2d3.ray.tune import (
     FINAL_METRIC,
     METRIC,

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from r2d3.text import BOS, PAD, TextEncoder, WordTokenizer
-from r2d3.config import AlignConfig, ConfigError, build_config, describe, parse_cli, to_yaml
+from r2d3.config import ConfigError, build_config, describe, parse_cli, to_yaml
+from r2d3.train.config import AlignConfig
 from r2d3.data.prompts import PromptSourceError, load_prompts
 
 
@@ -45,6 +46,41 @@ def test_text_encoder_masks_padding():
     padded = enc(["a red", "a red a red a red"])
     torch.testing.assert_close(padded.tokens[0, :3], short.tokens[0], atol=1e-5, rtol=1e-5)
     assert (padded.tokens[0, 3:] == 0).all()
+
+
+def test_each_algorithm_has_its_own_option_group(tmp_path):
+    from r2d3.algos.ddpo import DDPOConfig
+    from r2d3.algos.nabla_gfn import NablaGFNConfig
+    from r2d3.algos.refl import ReFLConfig
+    from r2d3.config import from_dict, to_dict
+
+    assert type(AlignConfig().algo) is NablaGFNConfig
+    ddpo = build_config(AlignConfig, overrides=["algo.name=ddpo", "algo.clip_range=0.2"]).algo
+    assert ddpo == DDPOConfig(clip_range=0.2) and not hasattr(ddpo, "beta")
+    with pytest.raises(ConfigError, match=r"algo.beta: no such option in DDPOConfig \(the options of algo.name=ddpo"):
+        build_config(AlignConfig, overrides=["algo.name=ddpo", "algo.beta=5"])
+    with pytest.raises(ConfigError, match="algo.name: unknown algorithm 'dpo'; valid algorithms: ddpo, draft"):
+        build_config(AlignConfig, overrides=["algo.name=dpo"])
+    # a file tuned for Nabla-R2D3 reruns with another algorithm by one override: shared options carry over
+    tuned = tmp_path / "tuned.yaml"
+    tuned.write_text("algo: {beta: 3.0e4, timestep_fraction: 0.25, reg_scale: 10.0}\n")
+    assert build_config(AlignConfig, [tuned], ["algo.name=ddpo"]).algo == DDPOConfig(timestep_fraction=0.25)
+    assert build_config(AlignConfig, [tuned], ["algo.name=refl"]).algo == ReFLConfig()
+    back = build_config(AlignConfig, [tuned], ["algo.name=ddpo", "algo.name=nabla_gfn"]).algo  # the last wins
+    assert back == NablaGFNConfig(beta=3e4, timestep_fraction=0.25, reg_scale=10.0)
+    for name in ("nabla_gfn", "ddpo", "refl", "draft"):  # saved and rebuilt (checkpoints, Ray payloads) exactly
+        config = build_config(AlignConfig, overrides=[f"algo.name={name}"])
+        assert from_dict(AlignConfig, to_dict(config)) == config
+        assert type(from_dict(AlignConfig, to_dict(config)).algo) is type(config.algo)
+
+
+def test_a_sweep_may_sample_the_algorithm():
+    from r2d3.ray.tune.space import SpaceError, apply_params
+
+    config = apply_params(AlignConfig(), {"algo.clip_range": 0.3, "algo.name": "ddpo"})  # the name is set first
+    assert (config.algo.name, config.algo.clip_range) == ("ddpo", 0.3)
+    with pytest.raises(SpaceError, match="algo.beta: .*no such option in DDPOConfig"):
+        apply_params(AlignConfig(), {"algo.name": "ddpo", "algo.beta": 1.0})
 
 
 def test_config_overrides_and_errors(tmp_path):

@@ -224,7 +224,8 @@ def test_files_are_written_with_the_process_umask(umask, mode, shipped_samples, 
 
 def test_sample_takes_a_run_directory_and_names_a_file_that_is_not_a_checkpoint(tmp_path, capsys):
     from r2d3 import sample
-    from r2d3.config import AlignConfig, build_config
+    from r2d3.config import build_config
+    from r2d3.train.config import AlignConfig
     from r2d3.train.loop import run
     from r2d3.train.session import LocalSession
 

@@ -21,7 +21,7 @@ def plugin_source() -> str:
 def test_the_documented_plugin_trains_through_align(tmp_path):
     (tmp_path / "my_plugin.py").write_text(plugin_source())
     env = {**os.environ, "R2D3_PLUGINS": "my_plugin", "PYTHONPATH": str(tmp_path), "WANDB_MODE": "disabled"}
-    overrides = ["reward=brightness", "algo.name=late_step_reward", "train.epochs=2", "train.sample_batch_size=4",
+    overrides = ["reward=brightness", "algo.name=late_step_reward", "algo.last_steps=3", "train.epochs=2", "train.sample_batch_size=4",
                  "train.train_batch_size=2", "sampler.num_steps=4", "render.num_views=2", "render.resolution=16",
                  "eval.num_prompts=2", "eval.seeds_per_prompt=2", f"run.output_dir={tmp_path / 'runs'}",
                  "run.name=walk", "run.progress=false", "run.wandb_mode=disabled", "scale.in_process=true"]
@@ -32,7 +32,7 @@ def test_the_documented_plugin_trains_through_align(tmp_path):
     assert [h["optimizer_steps"] for h in summary["history"]] == [2, 4]  # on-policy: 4 samples in train batches of 2
     assert {"reward_mean", "reward_delta_vs_base"} <= set(summary["after"])
     config = (tmp_path / "runs" / "walk" / "config.yaml").read_text()
-    assert "name: late_step_reward" in config and "reward: brightness" in config
+    assert "name: late_step_reward" in config and "last_steps: 3" in config and "reward: brightness" in config
 
 
 def test_an_unimportable_plugin_is_named(tmp_path):

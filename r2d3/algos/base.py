@@ -15,7 +15,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
-from r2d3.config import AlgoConfig
+from r2d3.config import AlgoConfig, Variants, opt, within
 from r2d3.diffusion import Trajectory
 from r2d3.pipeline import Generation, Pipeline
 from r2d3.plugins import load_plugins
@@ -91,6 +91,14 @@ class AlgorithmBase:
         return batch
 
 
+@dataclass
+class TransitionOptions(AlgoConfig):
+    """Options of the algorithms that train on several stored transitions per trajectory."""
+
+    timestep_fraction: float = opt(0.4, "fraction of each trajectory's transitions trained (stratified, the last "
+                                        "always included)", check=within(0, 1, open_low=True))
+
+
 def stratified_transitions(num_steps: int, fraction: float, generator: torch.Generator) -> list[int]:
     """``ceil(fraction * K)`` distinct step indices: the last transition (into x_0) always, the rest one
     uniform draw per equal-width block of the schedule ("low-variance subsampling")."""
@@ -108,12 +116,24 @@ def stratified_transitions(num_steps: int, fraction: float, generator: torch.Gen
     return sorted(set(picks)) + [num_steps - 1]
 
 
-_REGISTRY: dict[str, Callable[[AlgoConfig, int], Algorithm]] = {}
+_REGISTRY: dict[str, tuple[Callable[[Any, int], Algorithm], type[AlgoConfig]]] = {}
 
 
-def register_algorithm(name: str):
+def register_algorithm(name: str, options: type[AlgoConfig] = AlgoConfig):
+    """Register ``factory(options, num_steps) -> Algorithm`` (a class or a function) under ``name``.
+
+    ``options`` is the algorithm's own option group: a dataclass subclass of
+    :class:`~r2d3.config.AlgoConfig` (``opt`` fields with help, choices and checks) whose ``name``
+    defaults to ``name``. With ``algo.name=<name>`` the config's ``algo`` section is this class, so its
+    options appear in ``--help``, are checked when the config is built and are errors under any other
+    algorithm."""
+    if not (isinstance(options, type) and issubclass(options, AlgoConfig)):
+        raise TypeError(f"options of algorithm {name!r} must be a subclass of AlgoConfig, got {options!r}")
+    if options is not AlgoConfig and options().name != name:
+        raise ValueError(f"options of algorithm {name!r} ({options.__name__}) default name to {options().name!r}")
+
     def wrap(factory):
-        _REGISTRY[name] = factory
+        _REGISTRY[name] = (factory, options)
         return factory
 
     return wrap
@@ -124,11 +144,24 @@ def available_algorithms() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def algorithm_options(name: str) -> type[AlgoConfig]:
+    """The option class of algorithm ``name``; unknown names list the valid ones."""
+    if name not in available_algorithms():
+        raise ValueError(f"unknown algorithm {name!r}; valid algorithms: {', '.join(available_algorithms())}")
+    return _REGISTRY[name][1]
+
+
+#: the ``algo`` section's variants, for configs that compose it (:func:`r2d3.config.variant_section`)
+ALGORITHM_VARIANTS = Variants(resolve=algorithm_options, names=available_algorithms)
+
+
 def build_algorithm(config: AlgoConfig, num_steps: int) -> Algorithm:
-    """Validate the hyperparameters and build the named algorithm; unknown names list the valid ones."""
-    if config.name not in available_algorithms():
-        raise ValueError(f"unknown algorithm {config.name!r}; valid algorithms: {', '.join(available_algorithms())}")
-    return _REGISTRY[config.name](config, num_steps)
+    """Build ``config.name`` from its options (checked when ``config`` was built); what combines options
+    or depends on the number of steps is checked here, named as ``algo.<key>``."""
+    cls = algorithm_options(config.name)
+    if not isinstance(config, cls):
+        raise TypeError(f"algorithm {config.name!r} takes {cls.__name__} options, got {type(config).__name__}")
+    return _REGISTRY[config.name][0](config, num_steps)
 
 
 def as_dict(metrics: dict[str, Any]) -> dict[str, float]:

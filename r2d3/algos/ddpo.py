@@ -9,11 +9,13 @@ range means the same thing for any latent size.
 from __future__ import annotations
 
 from collections import defaultdict
+from dataclasses import dataclass
 
 import torch
 
-from r2d3.algos.base import AlgorithmBase, SampleBatch, as_dict, register_algorithm, stratified_transitions
-from r2d3.config import AlgoConfig
+from r2d3.algos.base import (AlgorithmBase, SampleBatch, TransitionOptions, as_dict, register_algorithm,
+                             stratified_transitions)
+from r2d3.config import opt, positive
 from r2d3.pipeline import Pipeline
 
 
@@ -31,10 +33,18 @@ def per_prompt_advantages(rewards: torch.Tensor, prompts: list[str], min_count: 
     return adv
 
 
+@dataclass
+class DDPOConfig(TransitionOptions):
+    name: str = opt("ddpo", "registered algorithm (see r2d3.algos.available_algorithms())")
+    clip_range: float = opt(1e-4, "importance-ratio clip range", check=positive())
+    adv_clip: float = opt(5.0, "advantage clip", check=positive())
+
+
+@register_algorithm("ddpo", DDPOConfig)
 class DDPO(AlgorithmBase):
     name = "ddpo"
 
-    def __init__(self, config: AlgoConfig, num_steps: int):
+    def __init__(self, config: DDPOConfig, num_steps: int):
         self.config = config
 
     def prepare(self, batch: SampleBatch) -> SampleBatch:
@@ -69,7 +79,3 @@ class DDPO(AlgorithmBase):
             totals["ratio_mean"] += ratio.detach().mean().item()
         return as_dict({k: v / len(steps) for k, v in totals.items()} | {"transitions": len(steps)})
 
-
-@register_algorithm("ddpo")
-def _build(config: AlgoConfig, num_steps: int) -> DDPO:
-    return DDPO(config, num_steps)

@@ -6,17 +6,27 @@ final sample is the one the policy drew, now with a graph through the last K den
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from r2d3.algos.base import AlgorithmBase, SampleBatch, as_dict, register_algorithm
-from r2d3.config import AlgoConfig
+from r2d3.config import AlgoConfig, at_least, opt
 from r2d3.pipeline import Pipeline
 
 
+@dataclass
+class DRaFTConfig(AlgoConfig):
+    name: str = opt("draft", "registered algorithm (see r2d3.algos.available_algorithms())")
+    draft_k: int = opt(1, "backpropagate the reward through the last K sampling steps", check=at_least(1))
+    reward_scale: float = opt(1.0, "multiplier of the reward in the loss")
+
+
+@register_algorithm("draft", DRaFTConfig)
 class DRaFT(AlgorithmBase):
     name = "draft"
 
-    def __init__(self, config: AlgoConfig, num_steps: int):
+    def __init__(self, config: DRaFTConfig, num_steps: int):
         if not 1 <= config.draft_k <= num_steps:
             raise ValueError(f"algo.draft_k must be in [1, {num_steps}] (the number of sampling steps), "
                              f"got {config.draft_k}")
@@ -40,7 +50,3 @@ class DRaFT(AlgorithmBase):
         (loss * scale).backward()
         return as_dict({"loss": loss, "reward_at_x0hat": reward.mean(), "transitions": self.k})
 
-
-@register_algorithm("draft")
-def _build(config: AlgoConfig, num_steps: int) -> DRaFT:
-    return DRaFT(config, num_steps)

@@ -24,6 +24,9 @@ whose left side carries no parameter gradient, as in the official code: it train
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Optional
+
 import torch
 from torch import Tensor
 
@@ -31,21 +34,42 @@ from r2d3.algos.base import (
     AlgorithmBase,
     SampleBatch,
     TrainedModule,
+    TransitionOptions,
     as_dict,
     register_algorithm,
     stratified_transitions,
 )
 from r2d3.algos.flow import FlowCorrection
 from r2d3.backends.lora import adapters_disabled
-from r2d3.config import AlgoConfig
+from r2d3.config import at_least, opt, positive
 from r2d3.pipeline import Pipeline
 
 
+@dataclass
+class NablaGFNConfig(TransitionOptions):
+    name: str = opt("nabla_gfn", "registered algorithm (see r2d3.algos.available_algorithms())")
+    off_policy_lag: bool = opt(True, "train on the previous epoch's samples (as the reference code)")
+    beta: float = opt(1e5, "reward scale beta (target = score_ref + beta * w(t) * grad r)", check=at_least(0))
+    reward_weighting: str = opt("squared", "w(t) = alpha_bar ('squared') or sqrt(alpha_bar) ('sqrt')",
+                                choices=("squared", "sqrt"))
+    reg_scale: float = opt(1e2, "lambda, weight of the proximal term |eps_theta - eps_old|^2", check=at_least(0))
+    reward_grad_clip: Optional[float] = opt(None, "clip |beta * w * grad r| per sample (None: off)", check=positive())
+    jacobian_free: bool = opt(False, "treat eps as constant in the reward gradient (cheaper)")
+    x0_timestep_shift: bool = opt(False, "the reference code's extra one-step shift of x0_hat's alpha_bar")
+    flow_correction: bool = opt(False, "learn the residual log-flow correction g_phi (full Nabla-GFlowNet)")
+    flow_hidden: int = opt(128, "hidden width of the g_phi network", check=at_least(1))
+    flow_lr: float = opt(1e-3, "AdamW learning rate of g_phi (its own parameter group)", check=positive())
+    flow_weight_decay: float = opt(1e-2, "AdamW weight decay of g_phi", check=at_least(0))
+    reverse_loss_scale: float = opt(0.0, "weight of the reverse (x_t) residual loss; trains g_phi only, so it needs "
+                                         "flow_correction", check=at_least(0))
+
+
+@register_algorithm("nabla_gfn", NablaGFNConfig)
 class NablaGFN(AlgorithmBase):
     name = "nabla_gfn"
 
-    def __init__(self, config: AlgoConfig, num_steps: int):
-        # single values were checked by AlgoConfig; what combines options is checked here
+    def __init__(self, config: NablaGFNConfig, num_steps: int):
+        # single values were checked by NablaGFNConfig; what combines options is checked here
         if config.reverse_loss_scale > 0 and not config.flow_correction:
             raise ValueError("algo.reverse_loss_scale > 0 needs algo.flow_correction=true (the reverse loss trains "
                              "only the flow correction g_phi)")
@@ -195,7 +219,3 @@ class NablaGFN(AlgorithmBase):
             totals["reward_at_x0hat"] += terms["reward"].mean().item()
         return as_dict({k: v / len(steps) for k, v in totals.items()} | extra | {"transitions": len(steps)})
 
-
-@register_algorithm("nabla_gfn")
-def _build(config: AlgoConfig, num_steps: int) -> NablaGFN:
-    return NablaGFN(config, num_steps)

@@ -7,17 +7,27 @@ rewarded, and the negative reward is back-propagated into the LoRA weights.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from r2d3.algos.base import AlgorithmBase, SampleBatch, as_dict, register_algorithm
-from r2d3.config import AlgoConfig
+from r2d3.config import AlgoConfig, opt
 from r2d3.pipeline import Pipeline
 
 
+@dataclass
+class ReFLConfig(AlgoConfig):
+    name: str = opt("refl", "registered algorithm (see r2d3.algos.available_algorithms())")
+    refl_min_step: int = opt(-5, "earliest step (negative: counted from the end) for the reward")
+    reward_scale: float = opt(1.0, "multiplier of the reward in the loss")
+
+
+@register_algorithm("refl", ReFLConfig)
 class ReFL(AlgorithmBase):
     name = "refl"
 
-    def __init__(self, config: AlgoConfig, num_steps: int):
+    def __init__(self, config: ReFLConfig, num_steps: int):
         first = config.refl_min_step if config.refl_min_step >= 0 else num_steps + config.refl_min_step
         if not 0 <= first < num_steps:
             raise ValueError(f"algo.refl_min_step={config.refl_min_step} is outside the {num_steps} sampling steps")
@@ -37,7 +47,3 @@ class ReFL(AlgorithmBase):
         (loss * scale).backward()
         return as_dict({"loss": loss, "reward_at_x0hat": reward.mean(), "step": j, "transitions": 1})
 
-
-@register_algorithm("refl")
-def _build(config: AlgoConfig, num_steps: int) -> ReFL:
-    return ReFL(config, num_steps)

@@ -22,7 +22,8 @@ from typing import Any
 
 import torch
 
-from r2d3.config import AlignConfig, reward_label, to_dict, to_yaml
+from r2d3.config import reward_label, to_dict, to_yaml
+from r2d3.train.config import AlignConfig
 from r2d3.data.prompts import load_prompts, select_prompts
 from r2d3.eval.extractors import load_extractor
 from r2d3.eval.samples import Measurer

@@ -18,8 +18,10 @@ from typing import Any, Sequence
 import psutil
 import torch
 
-from r2d3.algos import available_algorithms
-from r2d3.config import AlignConfig
+from r2d3.algos import available_algorithms, build_algorithm
+from r2d3.algos.base import algorithm_options
+from r2d3.config import carry_over
+from r2d3.train.config import AlignConfig
 from r2d3.jobs.align import run_worker
 from r2d3.train import loop
 from r2d3.train.session import LocalSession
@@ -41,7 +43,9 @@ def algo_for(base: AlignConfig, method: str):
     """The algo section of ``base`` set to one registered algorithm or one of the :data:`VARIANTS`."""
     if method not in all_methods():
         raise ValueError(f"unknown method {method!r}; valid: {', '.join(all_methods())}")
-    return replace(base.algo, **VARIANTS.get(method, {"name": method}))
+    changes = dict(VARIANTS.get(method, {"name": method}))
+    name = changes.pop("name")
+    return carry_over(base.algo, algorithm_options(name), name, **changes)
 
 
 def updates_per_epoch(config: AlignConfig) -> int:
@@ -57,7 +61,7 @@ def method_config(base: AlignConfig, method: str, reward: Any, seed: int, update
     epoch's samples, so it gets one extra sampling epoch to reach the same number of updates)."""
     per_epoch = updates_per_epoch(base)
     algo = algo_for(base, method)
-    extra = 1 if algo.name == "nabla_gfn" and algo.off_policy_lag else 0
+    extra = 1 if build_algorithm(algo, base.sampler.num_steps).uses_lag else 0
     return replace(
         base,
         reward=reward,

@@ -15,6 +15,7 @@ Noise and per-sample columns: the pipeline's noise scheme (:mod:`r2d3.pipeline`)
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +26,7 @@ from torch import Tensor
 
 from r2d3.backends import load_backend
 from r2d3.backends.lora import add_lora, load_lora_state_dict
-from r2d3.config import AlignConfig, RenderConfig, SamplerConfig
+from r2d3.config import DEFAULT_REWARD, RenderConfig, SamplerConfig
 from r2d3.devices import resolve_device
 from r2d3.eval.extractors import load_extractor
 from r2d3.eval.samples import Measurer
@@ -162,7 +163,7 @@ class EvalSettings:
     seeds: list[int]
     backend: str = "tiny"
     weights: str | None = None
-    reward: Any = field(default_factory=lambda: AlignConfig().reward)
+    reward: Any = field(default_factory=lambda: copy.deepcopy(DEFAULT_REWARD))
     extractor: str = "clip_tiny"
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     render: RenderConfig = field(default_factory=RenderConfig)

@@ -24,6 +24,7 @@ evaluation job's scheme, :mod:`r2d3.jobs.evaluate`), so results do not depend on
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -39,7 +40,7 @@ from typing import Any, Sequence
 import torch
 
 import r2d3
-from r2d3.config import AlignConfig, RenderConfig, SamplerConfig, reward_label
+from r2d3.config import DEFAULT_REWARD, RenderConfig, SamplerConfig, reward_label
 from r2d3.devices import resolve_device
 from r2d3.eval.image_stats import image_stats
 from r2d3.eval.prompt_following import prompt_following
@@ -140,7 +141,7 @@ class RegenSettings:
     sources: dict[str, str] = field(default_factory=dict)  # checkpoint name -> the URI it was given as
     backend: str = "tiny"
     weights: str | None = None
-    rewards: list[Any] = field(default_factory=lambda: [AlignConfig().reward])  # the first is ``reward``
+    rewards: list[Any] = field(default_factory=lambda: [copy.deepcopy(DEFAULT_REWARD)])  # the first is ``reward``
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     render: RenderConfig = field(default_factory=RenderConfig)
     device: str = "cpu"

@@ -29,7 +29,8 @@ import torch
 from ray.exceptions import GetTimeoutError, RayActorError
 from torch import Tensor
 
-from r2d3.config import AlignConfig, RenderConfig, reward_label
+from r2d3.config import RenderConfig, reward_label
+from r2d3.train.config import AlignConfig
 from r2d3.ray.actors import actor_device
 from r2d3.render.cameras import Cameras
 from r2d3.render.gaussians import Gaussians

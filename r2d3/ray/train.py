@@ -28,7 +28,8 @@ from ray.train.torch import TorchTrainer
 from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 
 from r2d3 import devices
-from r2d3.config import AlignConfig, from_dict, to_dict
+from r2d3.config import from_dict, to_dict
+from r2d3.train.config import AlignConfig
 from r2d3.data.prompts import PromptStream, check_shards, is_parquet_source
 from r2d3.jobs import align as align_job
 from r2d3.ray.connect import init_ray

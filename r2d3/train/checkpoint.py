@@ -25,7 +25,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from r2d3.config import AlignConfig, to_dict, to_yaml
+from r2d3.config import to_dict, to_yaml
+from r2d3.train.config import AlignConfig
 from r2d3.storage import atomic_dir
 
 #: options that may change between a run and its resumption without changing what is trained

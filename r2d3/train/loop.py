@@ -19,7 +19,8 @@ from tqdm.auto import tqdm
 from r2d3.algos import SampleBatch, build_algorithm
 from r2d3.backends import available_backends, load_backend
 from r2d3.backends.lora import add_lora, load_lora_state_dict, lora_state_dict
-from r2d3.config import AlignConfig, ConfigError, check_finite
+from r2d3.config import ConfigError, check_finite
+from r2d3.train.config import AlignConfig
 from r2d3.data.embeddings import load_embedding_cache
 from r2d3.data.prompts import load_prompts
 from r2d3.devices import resolve_device

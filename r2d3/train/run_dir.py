@@ -15,7 +15,7 @@ import socket
 import time
 from pathlib import Path
 
-from r2d3.config import AlignConfig
+from r2d3.train.config import AlignConfig
 
 #: files whose presence means a directory already holds (part of) a run
 RUN_MARKERS = ("config.yaml", "summary.json", "metrics.csv", "checkpoint_manager_snapshot.json")

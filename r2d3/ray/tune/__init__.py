@@ -1,6 +1,6 @@
 """Hyperparameter sweeps on Ray Tune: every trial is one alignment run on Ray Train.
 
-Search space files (``tune_spaces/*.yaml``) map dotted :class:`~r2d3.config.AlignConfig` keys to a
+Search space files (``tune_spaces/*.yaml``) map dotted :class:`~r2d3.train.config.AlignConfig` keys to a
 distribution, each written as a one-key mapping::
 
     algo.beta:      {loguniform: [1.0e4, 1.0e5]}   # log-uniform floats, 0 < low < high

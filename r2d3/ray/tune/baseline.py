@@ -11,7 +11,8 @@ from typing import Any
 
 import ray
 
-from r2d3.config import AlignConfig, from_dict, to_dict
+from r2d3.config import from_dict, to_dict
+from r2d3.train.config import AlignConfig
 from r2d3.ray.tune.space import get_dotted
 
 _BASELINE_SECTIONS = ("model.backend", "model.weights", "sampler", "render", "reward", "data.heldout_prompts",

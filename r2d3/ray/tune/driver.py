@@ -14,7 +14,8 @@ import ray
 import yaml
 from ray import tune
 
-from r2d3.config import AlignConfig, from_dict, to_dict, to_yaml
+from r2d3.config import from_dict, to_dict, to_yaml
+from r2d3.train.config import AlignConfig
 from r2d3.ray.connect import init_ray
 from r2d3.ray.tune.baseline import baseline_key, save_baseline, start_baseline
 from r2d3.ray.tune.results import best_result, result_rows, trial_id, write_best_config, write_tables

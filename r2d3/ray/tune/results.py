@@ -15,7 +15,8 @@ from typing import Any
 
 from ray.tune import Result, ResultGrid
 
-from r2d3.config import AlignConfig, to_yaml
+from r2d3.config import to_yaml
+from r2d3.train.config import AlignConfig
 from r2d3.ray.tune.settings import FINAL_METRIC, METRIC, TIME_ATTR, GuardSettings
 from r2d3.ray.tune.space import Param, apply_params
 

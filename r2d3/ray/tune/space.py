@@ -14,10 +14,10 @@ from typing import Any
 
 import yaml
 from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 from ray import tune
 
-from r2d3.config import AlignConfig, ConfigError, from_dict, to_dict
+from r2d3.config import ConfigError, to_dict, updated
+from r2d3.train.config import AlignConfig
 from r2d3.ray.tune.settings import RESERVED, SpaceError, SweepSettings, parse_settings
 from r2d3.train.loop import validate
 
@@ -47,12 +47,19 @@ class Param:
     args: tuple
 
 
+def _section_classes(cls: type, name: str) -> list[type]:
+    """The classes field ``name`` of config class ``cls`` can hold: its type, or every variant's."""
+    f = next(f for f in dataclasses.fields(cls) if f.name == name)
+    variants = f.metadata.get("variants")
+    return [variants.resolve(n) for n in variants.names()] if variants else [typing.get_type_hints(cls)[name]]
+
+
 def _option_keys(cls: type = AlignConfig, prefix: str = "") -> list[str]:
-    hints = typing.get_type_hints(cls)
     keys: list[str] = []
     for f in dataclasses.fields(cls):
-        if dataclasses.is_dataclass(hints[f.name]):
-            keys.extend(_option_keys(hints[f.name], f"{prefix}{f.name}."))
+        classes = _section_classes(cls, f.name)
+        if dataclasses.is_dataclass(classes[0]):
+            keys.extend(dict.fromkeys(k for c in classes for k in _option_keys(c, f"{prefix}{f.name}.")))
         else:
             keys.append(f"{prefix}{f.name}")
     return keys
@@ -71,14 +78,15 @@ def option_type(key: str) -> Any:
     cls: Any = AlignConfig
     parts = key.split(".")
     for i, part in enumerate(parts):
-        hints = typing.get_type_hints(cls)
-        if not dataclasses.is_dataclass(cls) or part not in hints:
+        if not dataclasses.is_dataclass(cls) or part not in typing.get_type_hints(cls):
             close = difflib.get_close_matches(key, _option_keys(), n=3)
             hint = f"; did you mean {', '.join(close)}?" if close else ""
             if not dataclasses.is_dataclass(cls):
                 hint = f"; {'.'.join(parts[:i])} is a free-form option: sweep its whole value with choice or grid"
             raise SpaceError(f"{key}: not an AlignConfig option{hint} (see pipelines/align.py --help)")
-        cls = hints[part]
+        classes, key_below = _section_classes(cls, part), parts[i + 1] if i + 1 < len(parts) else None
+        cls = next((c for c in classes if dataclasses.is_dataclass(c) and key_below in typing.get_type_hints(c)),
+                   classes[0])  # in a variant section (algo), the variant that declares the key
     if dataclasses.is_dataclass(cls):
         raise SpaceError(f"{key}: is a config section, not an option; name one of its keys ({key}.<name>)")
     return _unwrap_optional(cls)
@@ -97,13 +105,6 @@ def _number(key: str, kind: str, value: Any) -> float:
     return value
 
 
-def _set_dotted(data: dict, key: str, value: Any) -> None:
-    *parents, leaf = key.split(".")
-    for part in parents:
-        data = data[part]
-    data[leaf] = value
-
-
 def get_dotted(data: dict, key: str) -> Any:
     """``data[a][b]`` for ``key`` ``a.b``."""
     for part in key.split("."):
@@ -112,19 +113,15 @@ def get_dotted(data: dict, key: str) -> Any:
 
 
 def apply_params(config: AlignConfig, values: dict[str, Any]) -> AlignConfig:
-    """``config`` with the dotted ``values`` set (validated; errors name the key)."""
-    data = to_dict(config)
-    for key, value in values.items():
+    """``config`` with the dotted ``values`` set (validated; errors name the key). A sampled ``algo.name``
+    is set first, so the other ``algo.*`` values are checked against that algorithm's options."""
+    for key in sorted(values, key=lambda k: not k.endswith(".name")):
         option_type(key)
-        _set_dotted(data, key, value)
         try:
-            from_dict(AlignConfig, data)
-        except OmegaConfBaseException as err:
-            reason = getattr(err, "msg", err)
-            raise SpaceError(f"{key}: invalid value {value!r}: {reason}") from None
-        except ConfigError as err:  # NaN / inf
-            raise SpaceError(f"{key}: invalid value {value!r}: {err}") from None
-    return from_dict(AlignConfig, data)
+            config = updated(config, {key: values[key]})
+        except ConfigError as err:
+            raise SpaceError(f"{key}: invalid value {values[key]!r}: {err}") from None
+    return config
 
 
 def _canonical(key: str, value: Any) -> Any:

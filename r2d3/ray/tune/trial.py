@@ -11,7 +11,8 @@ from typing import Any
 import ray
 from ray import tune
 
-from r2d3.config import AlignConfig, from_dict
+from r2d3.config import from_dict
+from r2d3.train.config import AlignConfig
 from r2d3.ray.train import fit_on_ray
 from r2d3.ray.tune.baseline import baseline_key, save_baseline, start_baseline
 from r2d3.ray.tune.guard import GuardedReportCallback, heldout_result

@@ -1,0 +1,136 @@
+"""The evaluation and regeneration jobs' configurations, and the flags of their command lines.
+
+Both jobs sample with the sections alignment uses (``model``, ``sampler``, ``render``, ``reward``), so
+an alignment config or a run's ``config.yaml`` given with ``--config`` sets them exactly as the run
+trained (its other sections are read past). Every flag of ``pipelines/evaluate.py`` and
+``pipelines/regenerate.py`` is a view of one option (:func:`r2d3.config.parse_cli`): ``--steps 4``
+is ``sampler.num_steps=4``, with the same checks and the same error naming the key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar, Optional
+
+from r2d3.config import (
+    ActorsConfig,
+    ModelConfig,
+    RenderConfig,
+    SamplerConfig,
+    Section,
+    at_least,
+    opt,
+    reward_option,
+    section,
+)
+from r2d3.export.frame import FRAMES
+
+#: the sections of an alignment config these jobs do not have (read past in ``--config`` files)
+ALIGN_ONLY_SECTIONS = ("run", "algo", "train", "data", "eval", "scale")
+
+CHECKPOINTS_HELP = ("'base', checkpoint directories (with lora.safetensors) or run directories (their newest "
+                    "checkpoint), local or s3://, each optionally as LABEL=PATH to name it")
+PROMPTS_HELP = "procedural:<split>, a .txt file, or Parquet shards (file, dir, glob, s3://)"
+DISTINCT = (lambda v: len(v) > 0 and len(set(v)) == len(v), "must be at least one value, none repeated")
+
+#: flags both jobs share: the model, the sampler, the renders and the actor pool
+SHARED_FLAGS = {
+    "--backend": "model.backend", "--weights": "model.weights", "--reward": "reward",
+    "--sampler": "sampler.kind", "--steps": "sampler.num_steps", "--eta": "sampler.eta",
+    "--guidance-scale": "sampler.guidance_scale", "--views": "render.num_views",
+    "--resolution": "render.resolution", "--actors": "actors.num", "--batch-size": "actors.batch_size",
+    "--cpus-per-actor": "actors.cpus", "--gpus-per-actor": "actors.gpus", "--device": "actors.device",
+}
+
+
+@dataclass
+class EvaluateOptions(Section):
+    key: ClassVar[str] = "evaluate"
+    checkpoints: list[str] = opt(["base"], CHECKPOINTS_HELP + "; the base model is always evaluated", check=DISTINCT)
+    prompts: str = opt("procedural:heldout", "held-out prompts: " + PROMPTS_HELP)
+    prompt_column: str = opt("prompt", "column holding prompts in Parquet shards")
+    num_prompts: int = opt(16, "prompts spread evenly over the source (the paper uses 60)", check=at_least(1))
+    seeds: list[int] = opt([0, 1, 2, 3], "seeds per prompt, the same for every checkpoint (the paper uses 32)",
+                           check=DISTINCT)
+    extractor: str = opt("clip_tiny", "features for FID/diversity and the image-text model for similarity: "
+                                      "clip_tiny (shipped), clip_tiny:<dir>, clip:<dir> (transformers CLIP saved "
+                                      "locally), vision:<dir> (a transformers image backbone); nothing is downloaded")
+    out: Optional[str] = opt(None, "output directory (default: runs/eval-<timestamp>)")
+    bootstrap: int = opt(1000, "bootstrap draws for mean intervals", check=at_least(1))
+    fid_bootstrap: int = opt(200, "bootstrap draws for FID intervals", check=at_least(1))
+    report: bool = opt(True, "write report.md / report.html with plots and image grids")
+
+
+@dataclass
+class EvaluateConfig:
+    foreign_sections: ClassVar[tuple[str, ...]] = ALIGN_ONLY_SECTIONS
+    model: ModelConfig = section(ModelConfig, "backend (model.backend, model.weights; LoRA from the checkpoints)")
+    sampler: SamplerConfig = section(SamplerConfig, "sampler, the same for every checkpoint")
+    render: RenderConfig = section(RenderConfig, "the reward cameras and renders")
+    reward: Any = reward_option()
+    evaluate: EvaluateOptions = section(EvaluateOptions, "what is evaluated, and where it goes")
+    actors: ActorsConfig = section(ActorsConfig, "Ray Data actors")
+
+
+EVALUATE_FLAGS = {
+    "--checkpoints": "evaluate.checkpoints", "--prompts": "evaluate.prompts",
+    "--prompt-column": "evaluate.prompt_column", "--num-prompts": "evaluate.num_prompts",
+    "--seeds": "evaluate.seeds", "--extractor": "evaluate.extractor", "--out": "evaluate.out",
+    "--bootstrap": "evaluate.bootstrap", "--fid-bootstrap": "evaluate.fid_bootstrap",
+    "--no-report": "evaluate.report", **SHARED_FLAGS,
+}
+
+
+@dataclass
+class RegenerateOptions(Section):
+    key: ClassVar[str] = "regenerate"
+    prompts: Optional[str] = opt(None, "prompt source (required): " + PROMPTS_HELP)
+    prompt_column: str = opt("prompt", "column holding prompts in Parquet shards")
+    max_prompts: Optional[int] = opt(None, "use only the first N prompts", check=at_least(1))
+    checkpoints: list[str] = opt(["base"], CHECKPOINTS_HELP, check=DISTINCT)
+    compare: Optional[str] = opt(None, "comparison mode: base and this checkpoint on the same prompts and seeds, "
+                                       "side by side in the gallery with reward deltas")
+    seeds: list[int] = opt([0], "seeds per prompt", check=DISTINCT)
+    out: Optional[str] = opt(None, "output directory or s3://bucket/prefix (required)")
+    scores: list[Any] = opt([], "more reward specs scored into reward_<name> columns (the first is 'reward')")
+    preview_size: int = opt(128, "pixels per view of preview.png, cameras framed to fit the asset", check=at_least(8))
+    turntable_frames: int = opt(12, "turntable frames", check=at_least(1))
+    turntable_size: int = opt(128, "turntable frame size", check=at_least(8))
+    mesh: bool = opt(True, "write the .glb meshes")
+    mesh_resolution: int = opt(64, "grid resolution of the .glb isosurface", check=at_least(8))
+    frame: str = opt("y-up", "frame of the .ply/.glb files: y-up (r2d3's and glTF's; three.js, Blender, "
+                             "PlayCanvas, GaussianSplats3D) or y-down (INRIA/COLMAP-style viewers: SuperSplat "
+                             "Viewer, gsplat.js)", choices=FRAMES)
+    sh_degree: int = opt(0, "3: write zero f_rest_* coefficients for loaders that require SH degree 3 (INRIA's)",
+                         choices=(0, 3))
+    min_opacity: float = opt(0.0, "leave splats below this opacity out of the .ply (0: keep all)",
+                             check=(lambda v: 0.0 <= v < 1.0, "must be in [0, 1)"))
+    unlit: bool = opt(False, ".glb material KHR_materials_unlit (default: PBR, non-metallic)")
+    gallery: bool = opt(True, "write gallery.html")
+    progress: bool = opt(True, "show a progress bar")
+    max_assets: Optional[int] = opt(None, "make at most N new assets, then commit (a partial run)",
+                                    check=at_least(1))
+
+
+@dataclass
+class RegenerateConfig:
+    foreign_sections: ClassVar[tuple[str, ...]] = ALIGN_ONLY_SECTIONS
+    model: ModelConfig = section(ModelConfig, "backend (model.backend, model.weights; LoRA from the checkpoints)")
+    sampler: SamplerConfig = section(SamplerConfig, "sampler")
+    render: RenderConfig = section(RenderConfig, "the cameras the rewards score (views also shown in the preview)")
+    reward: Any = reward_option()
+    regenerate: RegenerateOptions = section(RegenerateOptions, "what is made, and where it goes")
+    actors: ActorsConfig = section(ActorsConfig, "Ray Data actors")
+
+
+REGENERATE_FLAGS = {
+    "--prompts": "regenerate.prompts", "--prompt-column": "regenerate.prompt_column",
+    "--max-prompts": "regenerate.max_prompts", "--checkpoint": "regenerate.checkpoints",
+    "--compare": "regenerate.compare", "--seeds": "regenerate.seeds", "--out": "regenerate.out",
+    "--score": "regenerate.scores", "--preview-size": "regenerate.preview_size",
+    "--turntable-frames": "regenerate.turntable_frames", "--turntable-size": "regenerate.turntable_size",
+    "--no-mesh": "regenerate.mesh", "--mesh-resolution": "regenerate.mesh_resolution",
+    "--frame": "regenerate.frame", "--sh-degree": "regenerate.sh_degree", "--min-opacity": "regenerate.min_opacity",
+    "--unlit": "regenerate.unlit", "--no-gallery": "regenerate.gallery", "--no-progress": "regenerate.progress",
+    "--max-assets": "regenerate.max_assets", **SHARED_FLAGS,
+}
