@@ -20,7 +20,8 @@ from dataclasses import replace
 from pathlib import Path
 
 from r2d3.pretrained import WeightsError
-from r2d3.config import ConfigError, parse_cli, reward_label
+from r2d3.cli import parse_cli
+from r2d3.config import ConfigError, reward_label
 from r2d3.train.config import AlignConfig
 from r2d3.data.prompts import PromptSourceError
 from r2d3.ray.train import ClusterResourcesError

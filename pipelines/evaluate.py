@@ -36,7 +36,7 @@ from typing import Any
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from r2d3.config import parse_cli
+    from r2d3.cli import parse_cli
     from r2d3.data.prompts import PromptSourceError, load_prompts, select_prompts
     from r2d3.eval.report import headline_rows
     from r2d3.jobs.configs import EVALUATE_FLAGS, EvaluateConfig

@@ -28,7 +28,7 @@ from typing import Any
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from r2d3.config import parse_cli
+    from r2d3.cli import parse_cli
     from r2d3.data.prompts import PromptSourceError, load_prompts
     from r2d3.jobs.configs import REGENERATE_FLAGS, RegenerateConfig
     from r2d3.jobs.evaluate import BASE

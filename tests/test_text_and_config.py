@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from r2d3.text import BOS, PAD, TextEncoder, WordTokenizer
-from r2d3.config import ConfigError, build_config, describe, parse_cli, to_yaml
+from r2d3.cli import describe, parse_cli
+from r2d3.config import ConfigError, build_config, to_yaml
 from r2d3.train.config import AlignConfig
 from r2d3.data.prompts import PromptSourceError, load_prompts
 

@@ -3,7 +3,7 @@
 Both jobs sample with the sections alignment uses (``model``, ``sampler``, ``render``, ``reward``), so
 an alignment config or a run's ``config.yaml`` given with ``--config`` sets them exactly as the run
 trained (its other sections are read past). Every flag of ``pipelines/evaluate.py`` and
-``pipelines/regenerate.py`` is a view of one option (:func:`r2d3.config.parse_cli`): ``--steps 4``
+``pipelines/regenerate.py`` is a view of one option (:func:`r2d3.cli.parse_cli`): ``--steps 4``
 is ``sampler.num_steps=4``, with the same checks and the same error naming the key.
 """
 

@@ -13,7 +13,8 @@ from typing import Any, Optional
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from r2d3.config import ConfigError, describe, opt, section
+from r2d3.cli import describe
+from r2d3.config import ConfigError, opt, section
 
 #: The metric Tune optimises (maximised) and ASHA compares.
 METRIC = "guarded_score"

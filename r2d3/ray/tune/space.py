@@ -16,6 +16,7 @@ import yaml
 from omegaconf import OmegaConf
 from ray import tune
 
+from r2d3.cli import unwrap_optional
 from r2d3.config import ConfigError, to_dict, updated
 from r2d3.train.config import AlignConfig
 from r2d3.ray.tune.settings import RESERVED, SpaceError, SweepSettings, parse_settings
@@ -65,14 +66,6 @@ def _option_keys(cls: type = AlignConfig, prefix: str = "") -> list[str]:
     return keys
 
 
-def _unwrap_optional(tp: Any) -> Any:
-    if typing.get_origin(tp) is typing.Union:
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if len(args) == 1:
-            return args[0]
-    return tp
-
-
 def option_type(key: str) -> Any:
     """The type of AlignConfig option ``key`` (``Optional`` unwrapped); :class:`SpaceError` if none."""
     cls: Any = AlignConfig
@@ -89,7 +82,7 @@ def option_type(key: str) -> Any:
                    classes[0])  # in a variant section (algo), the variant that declares the key
     if dataclasses.is_dataclass(cls):
         raise SpaceError(f"{key}: is a config section, not an option; name one of its keys ({key}.<name>)")
-    return _unwrap_optional(cls)
+    return unwrap_optional(cls)
 
 
 def _number(key: str, kind: str, value: Any) -> float:
