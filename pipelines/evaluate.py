@@ -49,6 +49,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     config, _ = parse_cli(EvaluateConfig, lines[0], argv, flags=EVALUATE_FLAGS, epilog="\n".join(lines[1:]))
     e, a = config.evaluate, config.actors
     try:
+        sampler = config.sampler.resolve(config.model.backend)  # the backend's own for options not given
         checkpoints = resolve_checkpoints(e.checkpoints)
         reward_terms(config.reward)  # fail on a bad spec before starting any actor
         prompts = select_prompts(load_prompts(e.prompts, e.prompt_column).prompts, e.num_prompts)
@@ -58,8 +59,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         sys.exit(f"evaluate: {err}")
     for c in checkpoints:  # one sampler for all keeps the comparison fair; say when a run trained with another
         trained = c.config.get("sampler", {})
-        diff = {k: (trained[k], getattr(config.sampler, k)) for k in ("kind", "num_steps", "eta", "guidance_scale")
-                if k in trained and trained[k] != getattr(config.sampler, k)}
+        diff = {k: (trained[k], getattr(sampler, k)) for k in ("kind", "num_steps", "eta", "guidance_scale")
+                if k in trained and trained[k] != getattr(sampler, k)}
         if diff:
             logging.warning("%s was trained with sampler settings %s (trained, evaluated)", c.name, diff)
         model = c.config.get("model", {})
@@ -68,7 +69,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                             model.get("backend"), model.get("weights"), config.model.backend, config.model.weights)
     settings = EvalSettings(checkpoints=checkpoints, seeds=list(e.seeds), backend=config.model.backend,
                             weights=config.model.weights, reward=config.reward, extractor=e.extractor,
-                            sampler=config.sampler, render=config.render, device=a.device)
+                            sampler=sampler, render=config.render, device=a.device)
     try:
         from r2d3.eval.extractors import load_extractor
 

@@ -40,12 +40,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     lines = __doc__.split("\n")
     config, _ = parse_cli(RegenerateConfig, lines[0], argv, flags=REGENERATE_FLAGS, epilog="\n".join(lines[1:]))
-    g, a = config.regenerate, config.actors
+    g, a, m = config.regenerate, config.actors, config.model
     missing = [f"{key} ({flag})" for flag, key in (("--prompts", "regenerate.prompts"), ("--out", "regenerate.out"))
                if getattr(g, key.split(".")[1]) is None]
     if missing:
         sys.exit(f"regenerate: {' and '.join(missing)} must be given")
     try:
+        sampler = config.sampler.resolve(m.backend)  # the backend's own for options not given
         given = list(dict.fromkeys(([BASE, g.compare] if g.compare else []) + g.checkpoints))
         specs = [resolve(c) for c in given]
         names = [c.name for c in specs]
@@ -62,8 +63,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
            for row, reason in loaded.skipped]
     bad += [{"stage": "shard", "source": shard, "row": None, "checkpoint": None, "prompt": None, "seed": None,
              "reason": f"shard skipped: {reason}"} for shard, reason in loaded.skipped_shards]
-    m = config.model
-    generation = generation_key({"backend": m.backend, "weights": m.weights, "sampler": asdict(config.sampler),
+    generation = generation_key({"backend": m.backend, "weights": m.weights, "sampler": asdict(sampler),
                                  "render": asdict(config.render), "mesh": g.mesh,
                                  "mesh_resolution": g.mesh_resolution, "turntable": [g.turntable_frames,
                                                                                      g.turntable_size],
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                              ids={c.name: checkpoint_id(c, generation) for c in specs},
                              sources=dict(zip(names, [c.partition("=")[2] if "=" in c and not c.startswith("s3://")
                                                       else c for c in given])),
-                             backend=m.backend, weights=m.weights, rewards=rewards, sampler=config.sampler,
+                             backend=m.backend, weights=m.weights, rewards=rewards, sampler=sampler,
                              render=config.render, device=a.device, turntable_frames=g.turntable_frames,
                              turntable_size=g.turntable_size, preview_size=g.preview_size, mesh=g.mesh,
                              mesh_resolution=g.mesh_resolution, frame=g.frame, sh_degree=g.sh_degree,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 import sys
 import typing
 from typing import Any, Sequence, TypeVar
@@ -16,6 +17,8 @@ from typing import Any, Sequence, TypeVar
 from r2d3.config import ConfigError, Variants, build_config
 
 T = TypeVar("T")
+#: a ``section.key=value`` override (anything else is a positional value)
+OVERRIDE = re.compile(r"[A-Za-z_]\w*(\.\w+)+=")
 
 
 def _type_name(tp: Any) -> str:
@@ -92,11 +95,13 @@ def _flag_value(cls: type, key: str, value: Any) -> Any:
 
 def parse_cli(cls: type[T], description: str, argv: Sequence[str] | None = None,
               extra: Sequence[tuple[tuple[str, ...], dict[str, Any]]] = (), flags: dict[str, str] | None = None,
-              epilog: str = "") -> tuple[T, argparse.Namespace]:
+              epilog: str = "", positional: str | None = None) -> tuple[T, argparse.Namespace]:
     """``prog [--config FILE ...] [--flag VALUE ...] [section.key=value ...]``; ``--help`` lists every option.
 
     ``flags`` maps command-line flags to config keys (``{"--steps": "sampler.num_steps"}``): each is a
-    view of its option, so a bad value is named by its key, exactly as in a file or an override."""
+    view of its option, so a bad value is named by its key, exactly as in a file or an override.
+    ``positional`` names a list option that takes the arguments which are not ``section.key=value``
+    overrides (``python -m r2d3.sample "a red cube" --out DIR``)."""
     options = "options (override with section.key=value):" + "\n".join(describe(cls))
     parser = argparse.ArgumentParser(description=description, epilog=f"{epilog}\n\n{options}".strip(),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -105,10 +110,16 @@ def parse_cli(cls: type[T], description: str, argv: Sequence[str] | None = None,
         _add_flag(parser, flag, key, cls)
     for names, kwargs in extra:
         parser.add_argument(*names, **kwargs)
-    parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
-    args = parser.parse_args(sys.argv[1:] if argv is None else list(argv))
+    parser.add_argument("overrides", nargs="*", metavar="ARG" if positional else "overrides",
+                        help=f"{positional} values and " * bool(positional) + "section.key=value overrides")
+    args = parser.parse_intermixed_args(sys.argv[1:] if argv is None else list(argv))
     values = {k[len("option:"):]: _flag_value(cls, k[len("option:"):], v) for k, v in vars(args).items()
               if k.startswith("option:")}
+    if positional:
+        given = [a for a in args.overrides if not OVERRIDE.match(a)]
+        args.overrides = [a for a in args.overrides if OVERRIDE.match(a)]
+        if given:
+            values[positional] = given
     try:
         return build_config(cls, args.config, args.overrides, values), args
     except ConfigError as err:

@@ -63,7 +63,7 @@ def within(low: float, high: float, open_low: bool = False) -> Check:
 def opt(default: Any, help: str, *, choices: Sequence[Any] | None = None,  # noqa: A002 - argparse's name
         check: Check | None = None, **kwargs: Any) -> Any:
     """A dataclass field with a help string and, optionally, the values it accepts (``choices``) or a
-    ``check`` (``None`` always passes it: it means "the default"); mutable defaults are copied."""
+    ``check`` (``None`` passes both: it means "the default"); mutable defaults are copied."""
     metadata = {"help": help, "choices": tuple(choices) if choices is not None else None, "check": check}
     if isinstance(default, (dict, list)):
         return field(default_factory=lambda: copy.deepcopy(default), metadata=metadata, **kwargs)
@@ -81,7 +81,7 @@ class Section:
             value, name = getattr(self, f.name), f"{self.key}.{f.name}" if self.key else f.name
             check_finite(value, name)
             choices, check = f.metadata.get("choices"), f.metadata.get("check")
-            if choices is not None and value not in choices:
+            if choices is not None and value is not None and value not in choices:
                 raise ConfigError(f"{name} must be one of {', '.join(map(str, choices))}, got {value!r}")
             if check is not None and value is not None and not check[0](value):
                 raise ConfigError(f"{name} {check[1]}, got {value!r}")

@@ -23,8 +23,8 @@ What is checked, per backend:
   exactly those modules through ``add_lora`` (``r2d3.backends.lora``), with zero-initialised B (output unchanged),
   a non-zero adapter changes the output and ``adapters_disabled`` restores the base model exactly;
 * ``scheduler_config`` builds both sampler kinds through :func:`r2d3.diffusion.scheduler_from_config`, with a
-  valid, monotone schedule, without mutating the config; ``sampler_defaults(backend)`` is a copy whose
-  settings make a valid ``SamplerConfig`` and ``StochasticSampler``;
+  valid, monotone schedule, without mutating the config; the sampler settings registered with the backend's
+  name (``sampler_defaults(name)``, a copy) make a valid ``SamplerConfig`` and ``StochasticSampler``;
 * a short guided sampling chain (``final_x0`` as the backend says) ends in a finite latent that decodes.
 """
 
@@ -49,6 +49,7 @@ pytest.importorskip("peft")
 
 from r2d3.backends import Backend, available_backends, load_backend  # noqa: E402
 from r2d3.backends.base import sampler_defaults  # noqa: E402
+from r2d3.jobs.configs import InferenceSamplerConfig  # noqa: E402
 from r2d3.backends.diffsplat import tiny_diffsplat  # noqa: E402
 from r2d3.backends.shap_e import ShapEBackend  # noqa: E402
 from r2d3.text import PromptEmbeds  # noqa: E402
@@ -117,11 +118,11 @@ SPECS: dict[str, Spec] = {
 }
 
 #: protocol members (kept in sync with the protocol by test_protocol_member_list_is_complete_and_documented)
-DATA_MEMBERS = ("name", "denoiser", "lora_target_modules", "scheduler_config", "final_x0", "sampler_defaults",
+DATA_MEMBERS = ("name", "denoiser", "lora_target_modules", "scheduler_config", "final_x0",
                 "latent_shape", "device")
 METHODS = ("encode_prompts", "denoise", "decode")
 #: members every backend must define on its class (constants callers read; no getattr default needed)
-CLASS_MEMBERS = ("name", "lora_target_modules", "final_x0", "sampler_defaults", "latent_shape", "device")
+CLASS_MEMBERS = ("name", "lora_target_modules", "final_x0", "latent_shape", "device")
 
 
 @pytest.fixture(scope="module", params=sorted(SPECS))
@@ -236,7 +237,6 @@ def test_protocol_members_exist_with_the_right_types(name, backend):
     assert isinstance(backend.scheduler_config, dict)
     json.dumps(backend.scheduler_config)  # written into checkpoints / backend.json
     assert type(backend.final_x0) is bool
-    assert isinstance(backend.sampler_defaults, dict)
     assert isinstance(backend.device, torch.device)
     assert backend.device == next(backend.denoiser.parameters()).device
     for method in METHODS:
@@ -465,18 +465,19 @@ def test_scheduler_config_builds_sampler_schedules(backend):
 
 
 def _sampler_config(backend) -> SamplerConfig:
-    defaults = sampler_defaults(backend)
+    defaults = sampler_defaults(backend.name)
     unknown = set(defaults) - {f.name for f in dataclasses.fields(SamplerConfig)}
     assert not unknown, f"sampler_defaults has keys that are not SamplerConfig fields: {sorted(unknown)}"
     return SamplerConfig(**{**dataclasses.asdict(SamplerConfig()), **defaults})
 
 
 def test_sampler_defaults_make_a_valid_sampler(backend):
-    defaults = sampler_defaults(backend)
-    assert defaults == backend.sampler_defaults
+    defaults = sampler_defaults(backend.name)
+    assert isinstance(defaults, dict)
     defaults["num_steps"] = -1
-    assert sampler_defaults(backend) == backend.sampler_defaults, "sampler_defaults() must return a copy"
+    assert sampler_defaults(backend.name).get("num_steps") != -1, "sampler_defaults() must return a copy"
     s = _sampler_config(backend)
+    assert InferenceSamplerConfig().resolve(backend.name) == s, "the inference jobs sample with these settings"
     assert s.kind in SCHEDULER_KINDS, f"sampler kind {s.kind!r} is not one of {SCHEDULER_KINDS}"
     assert isinstance(s.num_steps, int) and s.num_steps >= 1
     assert math.isfinite(s.guidance_scale) and s.guidance_scale >= 1

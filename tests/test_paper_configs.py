@@ -15,27 +15,88 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "cluster" / "configs"
 sys.path.insert(0, str(ROOT / "pipelines"))
 
-# reward, beta, lambda, lr, grad accumulation, seed: the Nabla-R2D3 training scripts' values
+# reward, beta, lambda, lr, grad accumulation, seed: transcribed from the Nabla-R2D3 training scripts, one per
+# reward (the only values in which the official setups differ)
 PAPER = {
     "diffsplat_aesthetic": ("laion_aesthetic", 2e6, 3e3, 3e-4, 4, 1),
     "diffsplat_hpsv2": ("hpsv2", 5e7, 5e3, 1e-4, 8, 1),
     "diffsplat_dnc": ("dnc", 5e5, 1e4, 5e-4, 8, 0),
     "diffsplat_normal": ("normal_estimator", 1e6, 1e4, 5e-4, 8, 0),
 }
+#: keys in which the setups may differ: the per-reward values above, the run's name, the reward's own kwargs
+#: and the prompt list (the geometry scripts filter G-Objaverse by the base model's reward)
+PER_REWARD_KEYS = {"run.name", "run.seed", "algo.beta", "algo.reg_scale", "train.lr", "train.grad_accum",
+                   "data.prompts", "data.heldout_prompts"}
+
+
+def _load(name: str) -> AlignConfig:
+    return build_config(AlignConfig, [str(CONFIGS / f"{name}.yaml")], [])
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and key != "reward":
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def test_every_paper_setup_is_listed():
+    assert set(PAPER) == {p.stem for p in CONFIGS.glob("*.yaml")}
 
 
 @pytest.mark.parametrize("name", sorted(PAPER))
-def test_config_has_the_papers_hyperparameters(name):
-    config = build_config(AlignConfig, [str(CONFIGS / f"{name}.yaml")], [])
+def test_config_has_the_papers_per_reward_values(name):
+    config = _load(name)
     reward, beta, reg, lr, accum, seed = PAPER[name]
     assert config.model.backend == "diffsplat" and config.reward["name"] == reward
     assert (config.algo.beta, config.algo.reg_scale, config.train.lr, config.train.grad_accum) == (beta, reg, lr, accum)
-    assert config.run.seed == seed and config.algo.timestep_fraction == 0.4 and config.model.lora_rank == 8
-    assert (config.sampler.kind, config.sampler.num_steps, config.sampler.guidance_scale) == ("sde-dpmsolver++", 20, 5.0)
-    assert (config.render.num_views, config.render.resolution, config.render.distance) == (4, 256, 1.4)
-    assert config.train.sample_batch_size * config.train.sample_batches_per_epoch == 16
-    assert config.scale.num_workers == 2 and config.train.epochs == 100
-    assert set(PAPER) == {p.stem for p in CONFIGS.glob("*.yaml")}
+    assert config.run.seed == seed
+
+
+def test_paper_setups_differ_only_in_per_reward_values():
+    """Everything the official scripts share (sampler, cameras, LoRA, schedule, optimiser, scale) is the same
+    in all four files, so fixing one shared value in one file and not the others fails here."""
+    import dataclasses
+
+    flats = {name: _flat(dataclasses.asdict(_load(name))) for name in PAPER}
+    keys = set().union(*flats.values())
+    differing = {k for k in keys if len({repr(f.get(k)) for f in flats.values()}) > 1}
+    assert differing - {"reward"} <= PER_REWARD_KEYS, sorted(differing - {"reward"} - PER_REWARD_KEYS)
+
+
+def test_paper_sampler_and_subsampling_are_the_official_ones():
+    """What the shared settings do, against the official code's constants (not the YAML's numbers): the
+    20-step first-order SDE-DPM-Solver++ on DiffSplat's scheduler visits linspace(0, 999, 21) rounded (999, 949, ..., 549, 500, ..., 50) and ends at
+    sigma_min = sqrt((1 - abar_0) / abar_0) (final_sigmas_type='sigma_min'), every step stochastic; 8 of the
+    20 transitions are trained, the last always; the cameras' field of view is DiffSplat's normalised focal
+    length 1422.222 / 1024; 16 trajectories per GPU per epoch on 2 GPUs."""
+    import math
+
+    import torch
+
+    from r2d3.algos.base import stratified_transitions
+    from r2d3.backends.diffsplat_modules import DEFAULT_SCHEDULER_CONFIG
+    from r2d3.diffusion import StochasticSampler, scheduler_from_config
+
+    config = _load("diffsplat_dnc")
+    s = config.sampler
+    sampler = StochasticSampler(scheduler_from_config(DEFAULT_SCHEDULER_CONFIG, kind=s.kind), s.num_steps, eta=s.eta)
+    linspace = [round(999 * i / 20) for i in range(20, 0, -1)]  # diffusers' 'linspace' spacing: 999, 949, ..., 50
+    assert sampler.timesteps.tolist() == linspace and linspace[10] == 500
+    abar0 = float(sampler.scheduler.alphas_cumprod[0])
+    assert float(sampler.scheduler.sigmas[-1]) == pytest.approx(math.sqrt((1 - abar0) / abar0), rel=1e-5)
+    assert sampler.is_stochastic and s.guidance_scale == 5.0
+    g = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        picked = stratified_transitions(s.num_steps, config.algo.timestep_fraction, g)
+        assert len(picked) == 8 and picked[-1] == s.num_steps - 1 and len(set(picked)) == 8
+    assert config.render.fov_deg == pytest.approx(2 * math.degrees(math.atan(0.5 * 1024 / 1422.222)), abs=0.05)
+    assert (config.render.num_views, config.render.resolution) == (4, 256)
+    per_gpu = config.train.sample_batch_size * config.train.sample_batches_per_epoch
+    assert (per_gpu, config.scale.num_workers, config.train.epochs) == (16, 2, 100)
 
 
 def test_dnc_config_runs_end_to_end_on_a_tiny_diffsplat(tmp_path):

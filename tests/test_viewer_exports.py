@@ -241,34 +241,61 @@ def test_sample_takes_a_run_directory_and_names_a_file_that_is_not_a_checkpoint(
     (tmp_path / "fake" / "lora.safetensors").write_text("not safetensors")
     with pytest.raises(SystemExit, match=r"sample: checkpoint file .*fake/lora.safetensors is unreadable"):
         sample.main(["a red cube", "--out", str(tmp_path / "o2"), "--lora", str(tmp_path / "fake")])
-    with pytest.raises(SystemExit, match="sample: sampler.num_steps must be >= 1"):
+    with pytest.raises(SystemExit):
         sample.main(["a red cube", "--out", str(tmp_path / "o3"), "--steps", "0"])
+    assert "sampler.num_steps must be >= 1" in capsys.readouterr().err
 
 
 def test_sample_uses_the_backends_own_sampler_settings(monkeypatch, tmp_path):
+    """Options not given are the backend's registered ones (DiffSplat's are the paper's), then r2d3's; a flag,
+    an override or a run's config.yaml wins over both."""
     from r2d3 import sample
-    from r2d3.jobs import evaluate as evaluate_job
+    from r2d3.backends import base as backends_base
+    from r2d3.backends.diffsplat import SAMPLER_DEFAULTS
 
     seen = {}
 
     def fake_generate(backend, prompts, seeds, sampler, base):
-        seen.update(dataclasses.asdict(sampler))
+        seen.clear()
+        seen.update(dataclasses.asdict(sampler), prompts=list(prompts), seeds=list(seeds))
         raise SystemExit(0)
 
-    backend = load_backend("tiny")
-    backend.sampler_defaults = {"kind": "sde-dpmsolver++", "num_steps": 7, "guidance_scale": 5.0}
-    monkeypatch.setattr(evaluate_job, "load_backend", lambda *a, **k: backend)
+    monkeypatch.setitem(backends_base._SAMPLER_DEFAULTS, "tiny",
+                        {"kind": "sde-dpmsolver++", "num_steps": 7, "guidance_scale": 5.0})
     monkeypatch.setattr(sample, "generate", fake_generate)
-    with pytest.raises(SystemExit):
-        sample.main(["a red cube", "--out", str(tmp_path)])
-    assert seen == {"num_steps": 7, "guidance_scale": 5.0, "kind": "sde-dpmsolver++", "eta": 1.0}
-    with pytest.raises(SystemExit):
-        sample.main(["a red cube", "--out", str(tmp_path), "--steps", "3", "--sampler", "ddim"])
-    assert seen["num_steps"] == 3 and seen["kind"] == "ddim" and seen["guidance_scale"] == 5.0
-    from r2d3.backends.diffsplat import DiffSplatBackend
 
-    assert DiffSplatBackend.sampler_defaults == {"kind": "sde-dpmsolver++", "num_steps": 20, "eta": 1.0,
-                                                 "guidance_scale": 5.0}
+    def run(*argv):
+        with pytest.raises(SystemExit):
+            sample.main(["a red cube", "--out", str(tmp_path), *argv])
+        return seen
+
+    assert run() == {"num_steps": 7, "guidance_scale": 5.0, "kind": "sde-dpmsolver++", "eta": 1.0,
+                     "prompts": ["a red cube"], "seeds": [0]}
+    got = run("--steps", "3", "--sampler", "ddim", "a blue ball", "sampler.eta=0.5", "--seeds", "1", "2")
+    assert (got["num_steps"], got["kind"], got["guidance_scale"], got["eta"]) == (3, "ddim", 5.0, 0.5)
+    assert got["prompts"] == ["a red cube", "a blue ball"] and got["seeds"] == [1, 2]
+    run_config = tmp_path / "config.yaml"  # a run's saved config: its own sampler, its other sections read past
+    run_config.write_text("run: {seed: 3}\nalgo: {name: nabla_gfn}\nsampler: {kind: ddim, num_steps: 4, eta: 1.0, "
+                          "guidance_scale: 2.0}\nrender: {num_views: 2}\n")
+    got = run("--config", str(run_config))
+    assert (got["num_steps"], got["kind"], got["guidance_scale"]) == (4, "ddim", 2.0)
+    assert SAMPLER_DEFAULTS == {"kind": "sde-dpmsolver++", "num_steps": 20, "eta": 1.0, "guidance_scale": 5.0}
+    from r2d3.jobs.configs import InferenceSamplerConfig
+
+    assert dataclasses.asdict(InferenceSamplerConfig().resolve("diffsplat")) == SAMPLER_DEFAULTS
+
+
+def test_sample_names_bad_sampler_values_before_loading(tmp_path, capsys):
+    from r2d3 import sample
+
+    for argv, named in ((["--sampler", "dddim"], "sampler.kind"), (["sampler.num_steps=0"], "sampler.num_steps"),
+                        (["--backend", "nope"], "unknown backend 'nope'")):
+        with pytest.raises(SystemExit) as exit_:
+            sample.main(["a red cube", "--out", str(tmp_path / "o"), *argv])
+        assert named in capsys.readouterr().err + str(exit_.value.code)
+    assert not (tmp_path / "o").exists()
+    with pytest.raises(SystemExit, match="sample.prompts"):
+        sample.main(["--out", str(tmp_path / "o")])
 
 
 def test_manifest_records_how_assets_were_made_and_checks_are_booleans(tmp_path):

@@ -7,7 +7,7 @@ Samplers and alignment losses only talk to this protocol, never to a concrete mo
 
 from __future__ import annotations
 
-from typing import Any, Callable, Protocol, Sequence, runtime_checkable
+from typing import Any, Callable, Mapping, Protocol, Sequence, runtime_checkable
 
 import torch
 from torch import Tensor, nn
@@ -54,11 +54,6 @@ class Backend(Protocol):
     ``False`` keeps the last stochastic step's latent, as the losses' trajectories do. Read by the training
     loop, ``r2d3.sample`` and the DRaFT algorithm."""
 
-    sampler_defaults: dict[str, Any]
-    """The model's own sampling settings (``SamplerConfig`` fields, e.g. DiffSplat's 20-step
-    SDE-DPM-Solver++ at CFG 5) that ``r2d3.sample`` uses unless told otherwise; empty: r2d3's
-    ``SamplerConfig`` defaults apply. Read through :func:`sampler_defaults`, which copies it."""
-
     @property
     def latent_shape(self) -> tuple[int, ...]:
         """Shape of one sample's latent, without the batch axis: the sampler draws ``x_T`` of
@@ -92,17 +87,29 @@ class Backend(Protocol):
 _REGISTRY: dict[str, Callable[..., Backend]] = {}
 
 
-def sampler_defaults(backend: Any) -> dict[str, Any]:
-    """The backend's own sampler settings (empty: r2d3's ``SamplerConfig`` defaults apply)."""
-    return dict(getattr(backend, "sampler_defaults", {}) or {})
+_SAMPLER_DEFAULTS: dict[str, dict[str, Any]] = {}
 
 
-def register_backend(name: str) -> Callable[[Callable[..., Backend]], Callable[..., Backend]]:
+def register_backend(name: str, sampler_defaults: Mapping[str, Any] | None = None
+                     ) -> Callable[[Callable[..., Backend]], Callable[..., Backend]]:
+    """Register a backend factory (``factory(weights=..., device=...) -> Backend``) under ``name``.
+
+    ``sampler_defaults`` are the model's own sampling settings (``SamplerConfig`` fields, e.g. DiffSplat's
+    20-step SDE-DPM-Solver++ at CFG 5): the inference jobs use them for every sampler option they are not
+    given. They are registered with the name, not read from a loaded model, so a job knows (and records)
+    its sampler before any weights load."""
     def wrap(factory: Callable[..., Backend]) -> Callable[..., Backend]:
         _REGISTRY[name] = factory
+        _SAMPLER_DEFAULTS[name] = dict(sampler_defaults or {})
         return factory
 
     return wrap
+
+
+def sampler_defaults(name: str) -> dict[str, Any]:
+    """A copy of backend ``name``'s own sampler settings (empty: r2d3's ``SamplerConfig`` defaults apply)."""
+    _check_name(name)
+    return dict(_SAMPLER_DEFAULTS[name])
 
 
 def available_backends() -> list[str]:
@@ -112,6 +119,10 @@ def available_backends() -> list[str]:
 
 def load_backend(name: str, **kwargs: Any) -> Backend:
     """Build a backend by registry name (``tiny``, ...); unknown names list the valid ones."""
+    _check_name(name)
+    return _REGISTRY[name](**kwargs)
+
+
+def _check_name(name: str) -> None:
     if name not in available_backends():
         raise ValueError(f"unknown backend {name!r}; valid backends: {', '.join(available_backends())}")
-    return _REGISTRY[name](**kwargs)

@@ -75,8 +75,6 @@ class DiffSplatBackend:
     pay for it once (the empty negative prompt)."""
 
     name = "diffsplat"
-    #: the paper's sampling: 20-step first-order SDE-DPM-Solver++, CFG 5 (module docstring)
-    sampler_defaults = {"kind": "sde-dpmsolver++", "num_steps": 20, "eta": 1.0, "guidance_scale": 5.0}
     lora_target_modules = LORA_TARGET_MODULES
     #: the paper decodes the last stochastic step's latent (PixArt's linear schedule ends nearly clean)
     final_x0 = False
@@ -263,7 +261,11 @@ def tiny_diffsplat(text_dim: int = 16, vocab: Sequence[str] = (), seed: int = 0,
     return DiffSplatBackend(transformer.eval().requires_grad_(False), gsvae, encoder, tokenizer, geometry=geometry)
 
 
-@register_backend("diffsplat")
+#: the paper's sampling: 20-step first-order SDE-DPM-Solver++, CFG 5 (module docstring)
+SAMPLER_DEFAULTS = {"kind": "sde-dpmsolver++", "num_steps": 20, "eta": 1.0, "guidance_scale": 5.0}
+
+
+@register_backend("diffsplat", sampler_defaults=SAMPLER_DEFAULTS)
 def _load_diffsplat(weights: str | None = None, device: str = "cpu") -> DiffSplatBackend:
     if weights is None:
         raise WeightsError("the diffsplat backend needs model.weights=<directory>. " + LAYOUT_HELP)

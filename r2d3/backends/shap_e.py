@@ -139,8 +139,6 @@ class ShapEBackend:
     """
 
     name = "shap_e"
-    #: diffusers' ShapEPipeline defaults (25 steps, guidance 4), on r2d3's DDIM over Shap-E's schedule
-    sampler_defaults = {"kind": "ddim", "num_steps": 25, "eta": 1.0, "guidance_scale": 4.0}
     lora_target_modules = LORA_TARGET_MODULES
     final_x0 = True  # see "Final sample" in the module docstring
 
@@ -435,6 +433,10 @@ def _required_files(path: Path) -> list[Path]:
     ]
 
 
-@register_backend("shap_e")
+#: diffusers' ShapEPipeline defaults (25 steps, guidance 4), on r2d3's DDIM over Shap-E's schedule
+SAMPLER_DEFAULTS = {"kind": "ddim", "num_steps": 25, "eta": 1.0, "guidance_scale": 4.0}
+
+
+@register_backend("shap_e", sampler_defaults=SAMPLER_DEFAULTS)
 def _load_shap_e(weights: str | None = None, device: str = "cpu", **decoder: Any) -> ShapEBackend:
     return ShapEBackend.from_pretrained(weights, device=device, **decoder)

@@ -156,8 +156,6 @@ class TinySplatBackend:
 
     name = "tiny"
     lora_target_modules = LORA_TARGET_MODULES
-    #: no own sampling settings: r2d3's ``SamplerConfig`` defaults are tuned for this model
-    sampler_defaults: dict[str, Any] = {}
     #: the cosine schedule's cleanest training level (t = 0) is clean enough to decode the last latent
     final_x0 = False
 
@@ -280,6 +278,6 @@ def default_weights_dir() -> Path:
     return Path(str(resources.files("r2d3"))) / "weights" / "tiny"
 
 
-@register_backend("tiny")
+@register_backend("tiny")  # no own sampler settings: r2d3's SamplerConfig defaults are tuned for it
 def _load_tiny(weights: str | None = None, device: str = "cpu") -> TinySplatBackend:
     return TinySplatBackend.from_pretrained(weights, device=device)

@@ -1,18 +1,24 @@
-"""The evaluation and regeneration jobs' configurations, and the flags of their command lines.
+"""The inference jobs' configurations (evaluation, regeneration, ``r2d3.sample``), and the flags of
+their command lines.
 
-Both jobs sample with the sections alignment uses (``model``, ``sampler``, ``render``, ``reward``), so
-an alignment config or a run's ``config.yaml`` given with ``--config`` sets them exactly as the run
-trained (its other sections are read past). Every flag of ``pipelines/evaluate.py`` and
-``pipelines/regenerate.py`` is a view of one option (:func:`r2d3.cli.parse_cli`): ``--steps 4``
-is ``sampler.num_steps=4``, with the same checks and the same error naming the key.
+They sample with the sections alignment uses (``model``, ``sampler``, ``render``, ``reward``), so an
+alignment config or a run's ``config.yaml`` given with ``--config`` sets them exactly as the run
+trained (its other sections are read past). A sampler option none of those sets is the backend's own
+(``register_backend(..., sampler_defaults=)``: DiffSplat samples with its 20-step SDE-DPM-Solver++ at
+CFG 5), else r2d3's default. Every flag of ``pipelines/evaluate.py``, ``pipelines/regenerate.py`` and
+``python -m r2d3.sample`` is a view of one option (:func:`r2d3.cli.parse_cli`): ``--steps 4`` is
+``sampler.num_steps=4``, with the same checks and the same error naming the key.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, ClassVar, Optional
 
+from r2d3.backends.base import sampler_defaults
 from r2d3.config import (
+    DEVICE_CHECK,
     ActorsConfig,
     ModelConfig,
     RenderConfig,
@@ -32,6 +38,42 @@ CHECKPOINTS_HELP = ("'base', checkpoint directories (with lora.safetensors) or r
                     "checkpoint), local or s3://, each optionally as LABEL=PATH to name it")
 PROMPTS_HELP = "procedural:<split>, a .txt file, or Parquet shards (file, dir, glob, s3://)"
 DISTINCT = (lambda v: len(v) > 0 and len(set(v)) == len(v), "must be at least one value, none repeated")
+
+def _backends_own(name: str) -> Any:
+    """Sampler option ``name`` as an inference job takes it: unset (null) means the backend's own value."""
+    f = SamplerConfig.__dataclass_fields__[name]
+    return opt(None, f"{f.metadata['help']} (null: the backend's own, else {f.default!r})",
+               choices=f.metadata["choices"], check=f.metadata["check"])
+
+
+@dataclass
+class InferenceSamplerConfig(Section):
+    """``SamplerConfig`` with every option optional: what is not given is the backend's own."""
+
+    key: ClassVar[str] = "sampler"
+    kind: Optional[str] = _backends_own("kind")
+    num_steps: Optional[int] = _backends_own("num_steps")
+    eta: Optional[float] = _backends_own("eta")
+    guidance_scale: Optional[float] = _backends_own("guidance_scale")
+
+    def resolve(self, backend: str) -> SamplerConfig:
+        """The sampler these options give on backend ``backend`` (a ``ValueError`` for an unknown name)."""
+        given = {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+        return SamplerConfig(**{**dataclasses.asdict(SamplerConfig()), **sampler_defaults(backend), **given})
+
+
+@dataclass
+class SamplingJobConfig:
+    """The sections every sampling job shares: the model, its sampler, the reward cameras and renders,
+    the reward, and the Ray Data actor pool."""
+
+    foreign_sections: ClassVar[tuple[str, ...]] = ALIGN_ONLY_SECTIONS
+    model: ModelConfig = section(ModelConfig, "backend (model.backend, model.weights; LoRA from the checkpoints)")
+    sampler: InferenceSamplerConfig = section(InferenceSamplerConfig, "sampler, the same for every checkpoint")
+    render: RenderConfig = section(RenderConfig, "the cameras the rewards score, and their renders")
+    reward: Any = reward_option()
+    actors: ActorsConfig = section(ActorsConfig, "Ray Data actors")
+
 
 #: flags both jobs share: the model, the sampler, the renders and the actor pool
 SHARED_FLAGS = {
@@ -62,14 +104,8 @@ class EvaluateOptions(Section):
 
 
 @dataclass
-class EvaluateConfig:
-    foreign_sections: ClassVar[tuple[str, ...]] = ALIGN_ONLY_SECTIONS
-    model: ModelConfig = section(ModelConfig, "backend (model.backend, model.weights; LoRA from the checkpoints)")
-    sampler: SamplerConfig = section(SamplerConfig, "sampler, the same for every checkpoint")
-    render: RenderConfig = section(RenderConfig, "the reward cameras and renders")
-    reward: Any = reward_option()
+class EvaluateConfig(SamplingJobConfig):
     evaluate: EvaluateOptions = section(EvaluateOptions, "what is evaluated, and where it goes")
-    actors: ActorsConfig = section(ActorsConfig, "Ray Data actors")
 
 
 EVALUATE_FLAGS = {
@@ -79,6 +115,17 @@ EVALUATE_FLAGS = {
     "--bootstrap": "evaluate.bootstrap", "--fid-bootstrap": "evaluate.fid_bootstrap",
     "--no-report": "evaluate.report", **SHARED_FLAGS,
 }
+
+
+def _frame_option() -> Any:
+    return opt("y-up", "frame of the .ply/.glb files: y-up (r2d3's and glTF's; three.js, Blender, PlayCanvas, "
+                       "GaussianSplats3D) or y-down (INRIA/COLMAP-style viewers: SuperSplat Viewer, gsplat.js)",
+               choices=FRAMES)
+
+
+def _sh_degree_option() -> Any:
+    return opt(0, "3: write zero f_rest_* coefficients for loaders that require SH degree 3 (INRIA's)",
+               choices=(0, 3))
 
 
 @dataclass
@@ -98,11 +145,8 @@ class RegenerateOptions(Section):
     turntable_size: int = opt(128, "turntable frame size", check=at_least(8))
     mesh: bool = opt(True, "write the .glb meshes")
     mesh_resolution: int = opt(64, "grid resolution of the .glb isosurface", check=at_least(8))
-    frame: str = opt("y-up", "frame of the .ply/.glb files: y-up (r2d3's and glTF's; three.js, Blender, "
-                             "PlayCanvas, GaussianSplats3D) or y-down (INRIA/COLMAP-style viewers: SuperSplat "
-                             "Viewer, gsplat.js)", choices=FRAMES)
-    sh_degree: int = opt(0, "3: write zero f_rest_* coefficients for loaders that require SH degree 3 (INRIA's)",
-                         choices=(0, 3))
+    frame: str = _frame_option()
+    sh_degree: int = _sh_degree_option()
     min_opacity: float = opt(0.0, "leave splats below this opacity out of the .ply (0: keep all)",
                              check=(lambda v: 0.0 <= v < 1.0, "must be in [0, 1)"))
     unlit: bool = opt(False, ".glb material KHR_materials_unlit (default: PBR, non-metallic)")
@@ -113,14 +157,8 @@ class RegenerateOptions(Section):
 
 
 @dataclass
-class RegenerateConfig:
-    foreign_sections: ClassVar[tuple[str, ...]] = ALIGN_ONLY_SECTIONS
-    model: ModelConfig = section(ModelConfig, "backend (model.backend, model.weights; LoRA from the checkpoints)")
-    sampler: SamplerConfig = section(SamplerConfig, "sampler")
-    render: RenderConfig = section(RenderConfig, "the cameras the rewards score (views also shown in the preview)")
-    reward: Any = reward_option()
+class RegenerateConfig(SamplingJobConfig):
     regenerate: RegenerateOptions = section(RegenerateOptions, "what is made, and where it goes")
-    actors: ActorsConfig = section(ActorsConfig, "Ray Data actors")
 
 
 REGENERATE_FLAGS = {
@@ -133,4 +171,38 @@ REGENERATE_FLAGS = {
     "--frame": "regenerate.frame", "--sh-degree": "regenerate.sh_degree", "--min-opacity": "regenerate.min_opacity",
     "--unlit": "regenerate.unlit", "--no-gallery": "regenerate.gallery", "--no-progress": "regenerate.progress",
     "--max-assets": "regenerate.max_assets", **SHARED_FLAGS,
+}
+
+
+@dataclass
+class SampleOptions(Section):
+    key: ClassVar[str] = "sample"
+    prompts: Optional[list[str]] = opt(None, "text prompts (required)", check=(lambda v: len(v) > 0 and all(p.strip() for p in v),
+                                                                  "must be at least one non-blank prompt"))
+    out: Optional[str] = opt(None, "output directory (required)")
+    seeds: list[int] = opt([0], "seeds per prompt", check=DISTINCT)
+    lora: Optional[str] = opt(None, "alignment run directory (its newest checkpoint), checkpoint directory or "
+                                    "lora.safetensors (default: the base model)")
+    device: str = opt("auto", "auto | cpu | mps | cuda | cuda:N", check=DEVICE_CHECK)
+    resolution: int = opt(128, "preview size per view", check=at_least(8))
+    frame: str = _frame_option()
+    sh_degree: int = _sh_degree_option()
+
+
+@dataclass
+class SampleConfig:
+    """``python -m r2d3.sample``: a model and its sampler; nothing is rendered for a reward or scored."""
+
+    foreign_sections: ClassVar[tuple[str, ...]] = ("render", "reward", "actors", "evaluate", "regenerate",
+                                                   *ALIGN_ONLY_SECTIONS)
+    model: ModelConfig = section(ModelConfig, "backend (model.backend, model.weights; LoRA from sample.lora)")
+    sampler: InferenceSamplerConfig = section(InferenceSamplerConfig, "sampler")
+    sample: SampleOptions = section(SampleOptions, "what is sampled, and where it goes")
+
+
+SAMPLE_FLAGS = {
+    "--out": "sample.out", "--seeds": "sample.seeds", "--lora": "sample.lora", "--device": "sample.device",
+    "--resolution": "sample.resolution", "--frame": "sample.frame", "--sh-degree": "sample.sh_degree",
+    **{flag: SHARED_FLAGS[flag] for flag in ("--backend", "--weights", "--sampler", "--steps", "--eta",
+                                             "--guidance-scale")},
 }
