@@ -25,7 +25,9 @@ What is checked, per backend:
 * ``scheduler_config`` builds both sampler kinds through :func:`r2d3.diffusion.scheduler_from_config`, with a
   valid, monotone schedule, without mutating the config; the sampler settings registered with the backend's
   name (``sampler_defaults(name)``, a copy) make a valid ``SamplerConfig`` and ``StochasticSampler``;
-* a short guided sampling chain (``final_x0`` as the backend says) ends in a finite latent that decodes.
+* a short guided sampling chain (``final_x0`` as the backend says) ends in a finite latent that decodes, and
+  replays step by step: each stored output is CFG of the backend's own per-row outputs, each latent the
+  kernel's mean plus its stored noise.
 """
 
 from __future__ import annotations
@@ -500,6 +502,21 @@ def test_short_guided_sampling_chain_decodes(spec, backend):
         assert final.shape == (2, *backend.latent_shape) and torch.isfinite(final).all()
         assert (traj.clean_final is not None) == backend.final_x0
         check_gaussians(backend.decode(final), 2, backend.device, "decode of a sampled latent")
+        # replay: every stored transition is the sampler's kernel applied to classifier-free guidance of the
+        # backend's own conditional and unconditional outputs, each row computed alone (no batching)
+        w = s.guidance_scale
+        for j in range(sampler.num_steps):
+            x = traj.latents[:, j]
+            t = sampler.model_timesteps(j, 1, device=backend.device)
+            for i in range(2):
+                c = backend.denoise(x[i:i + 1], t, PromptEmbeds(both.tokens[i:i + 1], both.mask[i:i + 1])).double()
+                u = backend.denoise(x[i:i + 1], t, PromptEmbeds(both.tokens[2:], both.mask[2:])).double()
+                guided = u + w * (c - u)
+                torch.testing.assert_close(traj.model_outputs[i:i + 1, j].double(), guided, atol=1e-4, rtol=1e-4)
+                mean, std = sampler.step_mean_std(x[i:i + 1], guided.float(), j)
+                torch.testing.assert_close(traj.means[i:i + 1, j], mean.to(traj.means.dtype), atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(traj.latents[:, j + 1], traj.means[:, j] + traj.stds[j] * traj.noises[:, j],
+                                       atol=1e-5, rtol=1e-5)
 
 
 # --------------------------------------------------------------------------------------------- device

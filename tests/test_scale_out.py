@@ -113,7 +113,9 @@ def test_two_workers_stream_s3_shards_stay_in_sync_and_resume_with_one(tmp_path,
 
 @pytest.mark.slow
 def test_ray_job_submit_runs_align_on_a_local_cluster(tmp_path, _ray_session):
-    """`ray start --head` + `ray job submit -- python pipelines/align.py ...` against that head node."""
+    """`ray start --head` + the README's `ray job submit --runtime-env cluster/runtime_env.yaml -- python
+    pipelines/align.py ...` from the repository root: the recipe's working_dir is shipped (the relative
+    script path resolves in it) and its env_vars reach the job."""
     if _ray_session.is_initialized():
         _ray_session.shutdown()  # one Ray per machine here: the in-process one is restarted by ray_local later
     weights = tiny_weights(tmp_path / "w")
@@ -124,13 +126,17 @@ def test_ray_job_submit_runs_align_on_a_local_cluster(tmp_path, _ray_session):
              f"--dashboard-port={dash}", "--disable-usage-stats"]
     subprocess.run(start, env=env, check=True, capture_output=True, timeout=120)
     try:
-        cmd = [str(ray_bin), "job", "submit", f"--address=http://127.0.0.1:{dash}",
-               "--", sys.executable, str(ROOT / "pipelines" / "align.py"), *tiny_args(weights, tmp_path / "runs", "job"),
+        cmd = [str(ray_bin), "job", "submit", f"--address=http://127.0.0.1:{dash}", "--runtime-env",
+               "cluster/runtime_env.yaml", "--", sys.executable, "-c",
+               "import os, runpy, sys; print('WANDB_MODE=' + os.environ['WANDB_MODE'], 'CWD_HAS_README=' + "
+               "str(os.path.isfile('README.md'))); sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], "
+               "run_name='__main__')", "pipelines/align.py", *tiny_args(weights, tmp_path / "runs", "job"),
                "train.epochs=1", "scale.cpus_per_worker=1"]
         t0 = time.time()
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400, cwd=ROOT)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         assert "succeeded" in proc.stdout + proc.stderr and "reward_mean" in proc.stdout
+        assert "WANDB_MODE=offline CWD_HAS_README=True" in proc.stdout  # runtime_env.yaml's env and working_dir
         summary = json.loads((tmp_path / "runs" / "job" / "summary.json").read_text())
         assert [h["epoch"] for h in summary["history"]] == [1], f"took {time.time() - t0:.0f} s"
     finally:
