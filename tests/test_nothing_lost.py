@@ -603,3 +603,30 @@ def test_align_names_a_read_only_run_directory(tiny, read_only_dir):
 
     with pytest.raises(SystemExit, match=f"run directory {read_only_dir / 'r'} is not writable: .*Read-only"):
         align.main(tiny_args(tiny, read_only_dir))
+
+
+def _job_choice_fields():
+    from r2d3.jobs.configs import EvaluateConfig, RegenerateConfig, SampleConfig
+
+    for job in (EvaluateConfig, RegenerateConfig, SampleConfig):
+        hints = typing.get_type_hints(job)
+        for field in dataclasses.fields(job):
+            if dataclasses.is_dataclass(hints[field.name]):
+                for f in dataclasses.fields(hints[field.name]):
+                    if f.metadata.get("choices"):
+                        yield job, f"{field.name}.{f.name}", f.metadata["choices"]
+
+
+JOB_CHOICE_FIELDS = list(_job_choice_fields())
+
+
+@pytest.mark.parametrize("job,key,choices", JOB_CHOICE_FIELDS,
+                         ids=[f"{j.__name__}-{k}" for j, k, _ in JOB_CHOICE_FIELDS])
+def test_the_inference_jobs_enum_like_fields_reject_a_near_miss(job, key, choices):
+    """evaluate/regenerate/sample: the same choices, checked by the same sections (the sampler's options
+    may also be left null: the backend's own)."""
+    with pytest.raises(ConfigError, match=rf"{re.escape(key)} must be one of {re.escape(', '.join(map(str, choices)))}"):
+        build_config(job, overrides=[f"{key}={max(choices) + 1 if isinstance(choices[0], int) else choices[0] + 'x'}"])
+    for value in choices:
+        assert build_config(job, overrides=[f"{key}={value}"]) is not None
+    assert {k for j, k, _ in JOB_CHOICE_FIELDS if j is job} >= {"sampler.kind"}

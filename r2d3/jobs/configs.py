@@ -177,8 +177,9 @@ REGENERATE_FLAGS = {
 @dataclass
 class SampleOptions(Section):
     key: ClassVar[str] = "sample"
-    prompts: Optional[list[str]] = opt(None, "text prompts (required)", check=(lambda v: len(v) > 0 and all(p.strip() for p in v),
-                                                                  "must be at least one non-blank prompt"))
+    prompts: Optional[list[str]] = opt(None, "text prompts (required)",
+                                       check=(lambda v: len(v) > 0 and all(p.strip() for p in v),
+                                              "must be at least one non-blank prompt"))
     out: Optional[str] = opt(None, "output directory (required)")
     seeds: list[int] = opt([0], "seeds per prompt", check=DISTINCT)
     lora: Optional[str] = opt(None, "alignment run directory (its newest checkpoint), checkpoint directory or "
