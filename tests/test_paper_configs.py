@@ -70,9 +70,10 @@ def test_paper_setups_differ_only_in_per_reward_values():
 def test_paper_sampler_and_subsampling_are_the_official_ones():
     """What the shared settings do, against the official code's constants (not the YAML's numbers): the
     20-step first-order SDE-DPM-Solver++ on DiffSplat's scheduler visits linspace(0, 999, 21) rounded
-    (999, 949, ..., 549, 500, ..., 50) and ends at sigma_min = sqrt((1 - abar_0) / abar_0) (final_sigmas_type='sigma_min'), every step stochastic; 8 of the
-    20 transitions are trained, the last always; the cameras' field of view is DiffSplat's normalised focal
-    length 1422.222 / 1024; 16 trajectories per GPU per epoch on 2 GPUs."""
+    (999, 949, ..., 549, 500, ..., 50) and ends at sigma_min = sqrt((1 - abar_0) / abar_0)
+    (final_sigmas_type='sigma_min'), every step stochastic; 8 of the 20 transitions are trained, the last
+    always; the cameras' field of view is DiffSplat's normalised focal length 1422.222 / 1024; 16
+    trajectories per GPU per epoch on 2 GPUs."""
     import math
 
     import torch
