@@ -91,12 +91,33 @@ class AlgorithmBase:
         return batch
 
 
+#: values of ``algo.subsampling``
+SUBSAMPLINGS = ("stratified", "official")
+
+
 @dataclass
 class TransitionOptions(AlgoConfig):
     """Options of the algorithms that train on several stored transitions per trajectory."""
 
     timestep_fraction: float = opt(0.4, "fraction of each trajectory's transitions trained (stratified, the last "
                                         "always included)", check=within(0, 1, open_low=True))
+    subsampling: str = opt("stratified", "which transitions: stratified (round(fraction*K) distinct steps, the last "
+                                         "and one per equal block) | official (the reference code's low-variance "
+                                         "subsampling: the last step, then steps drawn without replacement from "
+                                         "4 equal blocks in turn, int(fraction*K) in all; the last may repeat; "
+                                         "needs K divisible by 4)", choices=SUBSAMPLINGS)
+
+    def check_steps(self, num_steps: int) -> None:
+        """Refuse a schedule the subsampling is not defined for (before anything loads)."""
+        if self.subsampling == "official" and (num_steps % 4 or int(self.timestep_fraction * num_steps) < 1):
+            raise ValueError(f"algo.subsampling=official needs sampler.num_steps divisible by 4 and "
+                             f"int(algo.timestep_fraction * num_steps) >= 1, got {num_steps} steps")
+
+    def transitions(self, num_steps: int, generator: torch.Generator) -> list[int]:
+        """The step indices one trajectory trains this time (see ``subsampling``)."""
+        if self.subsampling == "official":
+            return official_transitions(num_steps, self.timestep_fraction, generator)
+        return stratified_transitions(num_steps, self.timestep_fraction, generator)
 
 
 def stratified_transitions(num_steps: int, fraction: float, generator: torch.Generator) -> list[int]:
@@ -114,6 +135,18 @@ def stratified_transitions(num_steps: int, fraction: float, generator: torch.Gen
         hi = max(hi, lo + 1)
         picks.append(lo + int(torch.randint(hi - lo, (1,), generator=generator)))
     return sorted(set(picks)) + [num_steps - 1]
+
+
+def official_transitions(num_steps: int, fraction: float, generator: torch.Generator) -> list[int]:
+    """The reference code's "low-variance subsampling", generalised from its hard-coded 20 steps to any K
+    divisible by 4: a random permutation of each of the 4 equal blocks of the schedule, read block by block
+    in turn (1st of block 0, of block 1, ..., 2nd of block 0, ...), after the last step; the first
+    ``int(fraction * K)`` are trained. At K = 20, fraction 0.4: step 19 plus two distinct draws from each of
+    blocks 0-4, 5-9, 10-14 and one from 15-19 (so step 19 is trained twice in 1 of 5 trajectories)."""
+    block = num_steps // 4
+    perms = [torch.randperm(block, generator=generator) + b * block for b in range(4)]
+    interleaved = [int(perms[b][i]) for i in range(block) for b in range(4)]
+    return ([num_steps - 1] + interleaved)[: int(fraction * num_steps)]
 
 
 _REGISTRY: dict[str, tuple[Callable[[Any, int], Algorithm], type[AlgoConfig]]] = {}

@@ -13,8 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from r2d3.algos.base import (AlgorithmBase, SampleBatch, TransitionOptions, as_dict, register_algorithm,
-                             stratified_transitions)
+from r2d3.algos.base import (AlgorithmBase, SampleBatch, TransitionOptions, as_dict, register_algorithm)
 from r2d3.config import opt, positive
 from r2d3.pipeline import Pipeline
 
@@ -45,6 +44,7 @@ class DDPO(AlgorithmBase):
     name = "ddpo"
 
     def __init__(self, config: DDPOConfig, num_steps: int):
+        config.check_steps(num_steps)
         self.config = config
 
     def prepare(self, batch: SampleBatch) -> SampleBatch:
@@ -58,7 +58,7 @@ class DDPO(AlgorithmBase):
         if traj.log_probs is None:
             raise ValueError("DDPO needs stochastic sampling steps (eta > 0) to have log-probabilities")
         adv = batch.advantages if batch.advantages is not None else per_prompt_advantages(batch.rewards, batch.prompts)
-        steps = stratified_transitions(traj.num_steps, self.config.timestep_fraction, generator)
+        steps = self.config.transitions(traj.num_steps, generator)
         model_fn = ctx.model_fn(batch.cond)
         size = traj.latents[0, 0].numel()
         totals = {"loss": 0.0, "approx_kl": 0.0, "clip_frac": 0.0, "ratio_mean": 0.0}

@@ -37,7 +37,6 @@ from r2d3.algos.base import (
     TransitionOptions,
     as_dict,
     register_algorithm,
-    stratified_transitions,
 )
 from r2d3.algos.flow import FlowCorrection
 from r2d3.backends.lora import adapters_disabled
@@ -55,7 +54,9 @@ class NablaGFNConfig(TransitionOptions):
     reg_scale: float = opt(1e2, "lambda, weight of the proximal term |eps_theta - eps_old|^2", check=at_least(0))
     reward_grad_clip: Optional[float] = opt(None, "clip |beta * w * grad r| per sample (None: off)", check=positive())
     jacobian_free: bool = opt(False, "treat eps as constant in the reward gradient (cheaper)")
-    x0_timestep_shift: bool = opt(False, "the reference code's extra one-step shift of x0_hat's alpha_bar")
+    x0_timestep_shift: bool = opt(False, "the reference code's next-state timing (its DPM quirk): the network at "
+                                         "x_{t-1} sees t_j - D, x0_hat uses alpha_bar(max(t_j - 2D, 1)) and the "
+                                         "reward weight alpha_bar(t_j - D), D = t_0 - t_1")
     flow_correction: bool = opt(False, "learn the residual log-flow correction g_phi (full Nabla-GFlowNet)")
     flow_hidden: int = opt(128, "hidden width of the g_phi network", check=at_least(1))
     flow_lr: float = opt(1e-3, "AdamW learning rate of g_phi (its own parameter group)", check=positive())
@@ -73,6 +74,7 @@ class NablaGFN(AlgorithmBase):
         if config.reverse_loss_scale > 0 and not config.flow_correction:
             raise ValueError("algo.reverse_loss_scale > 0 needs algo.flow_correction=true (the reverse loss trains "
                              "only the flow correction g_phi)")
+        config.check_steps(num_steps)
         self.config = config
         self.uses_lag = config.off_policy_lag
         self.num_steps = num_steps
@@ -86,24 +88,38 @@ class NablaGFN(AlgorithmBase):
         self.flow.to(ctx.uncond.tokens.device)
         return {"flow": TrainedModule(self.flow, self.config.flow_lr, self.config.flow_weight_decay)}
 
+    def next_state_timing(self, ctx: Pipeline, step: int) -> tuple[int, float | None, float]:
+        """``(timestep, x0_alpha_bar, weight_alpha_bar)`` at the state after step ``step``: the timestep the
+        network sees there, the alpha_bar its x0_hat uses (None: the sampler's own level) and the alpha_bar
+        of the reward weight.
+
+        Without ``x0_timestep_shift``: t_{j+1} and the noise level x_{t-1} has. With it, the reference code's
+        timing (method-notes 4 and 9.1, for its DPM schedule): the network at t_j - D (D = t_0 - t_1, clamped
+        at 0), x0_hat with alpha_bar(max(t_j - 2D, 1)) and the weight alpha_bar(t_j - D); on the 20-step PixArt
+        schedule these differ from t_{j+1} at j = 9 (499, not 500) and clip to alpha_bar_1 at j = 18, 19."""
+        if not self.config.x0_timestep_shift:
+            return int(ctx.sampler.next_timesteps[step]), None, float(ctx.sampler.alpha_bar_next[step])
+        if ctx.sampler.prediction_type != "epsilon":
+            raise ValueError("algo.x0_timestep_shift is defined for epsilon-prediction models only")
+        timesteps = ctx.sampler.timesteps
+        delta = int(timesteps[0] - timesteps[1])
+        t_next = max(int(timesteps[step]) - delta, 0)
+        alphas_cumprod = ctx.sampler.scheduler.alphas_cumprod.double()
+        return t_next, float(alphas_cumprod[max(t_next - delta, 1)]), float(alphas_cumprod[t_next])
+
     def reward_weight(self, ctx: Pipeline, step: int, at: str = "next") -> float:
         """w of the state after step ``step`` (``at="next"``) or before it (``"current"``)."""
-        table = ctx.sampler.alpha_bar_next if at == "next" else ctx.sampler.alpha_bar
-        alpha_bar = float(table[step])
+        alpha_bar = self.next_state_timing(ctx, step)[2] if at == "next" else float(ctx.sampler.alpha_bar[step])
         return alpha_bar if self.config.reward_weighting == "squared" else alpha_bar ** 0.5
 
     def x0_next(self, ctx: Pipeline, model_fn, x_next: Tensor, step: int) -> Tensor:
         """x0_hat at the next latent, through the current (LoRA) model unless Jacobian-free."""
-        t_next = ctx.sampler.next_timesteps[step].to(x_next.device).expand(x_next.shape[0])
-        out = model_fn(x_next, t_next)
+        t, alpha_bar, _ = self.next_state_timing(ctx, step)
+        out = model_fn(x_next, torch.full((x_next.shape[0],), t, dtype=torch.long, device=x_next.device))
         if self.config.jacobian_free:
             out = out.detach()
-        if not self.config.x0_timestep_shift:
+        if alpha_bar is None:
             return ctx.sampler.predict_x0(x_next, out, step, at="next")
-        # the reference code's quirk (method-notes §9.1): alpha_bar one schedule step further
-        if ctx.sampler.prediction_type != "epsilon":
-            raise ValueError("algo.x0_timestep_shift is defined for epsilon-prediction models only")
-        alpha_bar = float(ctx.sampler.alpha_bar_next[min(step + 1, self.num_steps - 1)])
         return (x_next - (1 - alpha_bar) ** 0.5 * out) / alpha_bar**0.5
 
     def reward_grad(self, ctx: Pipeline, model_fn, x_next: Tensor, step: int, prompts, cameras) -> tuple[Tensor, Tensor]:
@@ -193,7 +209,7 @@ class NablaGFN(AlgorithmBase):
     def accumulate(self, ctx: Pipeline, batch: SampleBatch, scale: float,
                    generator: torch.Generator) -> dict[str, float]:
         traj = batch.trajectory
-        steps = stratified_transitions(traj.num_steps, self.config.timestep_fraction, generator)
+        steps = self.config.transitions(traj.num_steps, generator)
         cameras = ctx.cameras(len(batch), generator)
         model_fn = ctx.model_fn(batch.cond)
         totals = {"loss": 0.0, "loss_score": 0.0, "loss_reg": 0.0, "score_residual_norm": 0.0,

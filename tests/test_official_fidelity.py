@@ -1,0 +1,144 @@
+"""Where r2d3 follows the official Nabla-R2D3 code as an option (the paper setups turn it on), each held
+against an independent transcription of the official formula: the low-variance transition subsampling
+(identical draws from the same generator, and its distribution over many draws), and the next-state
+timing of the x0-hat / reward weight (its timestep and alpha_bar table on DiffSplat's 20-step schedule,
+in float64, and x0_next end to end)."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+import torch
+
+from r2d3.algos import build_algorithm
+from r2d3.algos.nabla_gfn import NablaGFNConfig
+from r2d3.config import ConfigError, RenderConfig, SamplerConfig, build_config
+from r2d3.pipeline import Pipeline
+from r2d3.train.config import AlignConfig
+
+K, FRACTION = 20, 0.4
+
+
+# ------------------------------------------------------------------------------------ subsampling
+
+
+def official_low_var_subsampling(num_timesteps: int, fraction: float, generator: torch.Generator) -> list[int]:
+    """The reference training script's rows (hard-coded for 20 steps), transcribed: per trajectory the
+    four blocks' permutations concatenated, reordered by ``index_list`` = [i, 5+i, 10+i, 15+i for i in
+    0..4], the last step prepended, and the first int(K * fraction) trained."""
+    index_list = []
+    for i in range(5):
+        index_list.extend([i, 5 + i, 10 + i, 15 + i])
+    perms = torch.cat([torch.randperm(5, generator=generator), torch.randperm(5, generator=generator) + 5,
+                       torch.randperm(5, generator=generator) + 10, torch.randperm(5, generator=generator) + 15])
+    row = torch.cat([torch.tensor([num_timesteps - 1]), perms[index_list]])
+    return row[: int(num_timesteps * fraction)].tolist()
+
+
+def test_official_subsampling_draws_what_the_reference_draws():
+    options = NablaGFNConfig(subsampling="official", timestep_fraction=FRACTION)
+    ours, ref = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
+    for _ in range(500):
+        assert options.transitions(K, ours) == official_low_var_subsampling(K, FRACTION, ref)
+
+
+def test_official_subsampling_distribution():
+    """Over 20,000 trajectories: step 19 always, steps 0-14 with p 0.4, 15-18 with p 0.2, step 19 a second
+    time with p 0.2 (5-sigma bounds); r2d3's stratified default has 8 distinct steps with the last once."""
+    options = NablaGFNConfig(subsampling="official", timestep_fraction=FRACTION)
+    g, n = torch.Generator().manual_seed(0), 20_000
+    seen, twice = Counter(), 0
+    for _ in range(n):
+        picked = options.transitions(K, g)
+        assert len(picked) == 8 and picked[0] == K - 1
+        seen.update(set(picked))
+        twice += picked.count(K - 1) == 2
+    for step in range(K - 1):
+        p = 0.4 if step < 15 else 0.2
+        assert abs(seen[step] / n - p) < 5 * (p * (1 - p) / n) ** 0.5, (step, seen[step] / n)
+    assert seen[K - 1] == n and abs(twice / n - 0.2) < 5 * (0.16 / n) ** 0.5
+    stratified = NablaGFNConfig(timestep_fraction=FRACTION)
+    for _ in range(200):
+        picked = stratified.transitions(K, g)
+        assert len(set(picked)) == len(picked) == 8 and picked.count(K - 1) == 1
+
+
+def test_official_subsampling_needs_a_schedule_of_four_blocks():
+    with pytest.raises(ValueError, match="algo.subsampling=official needs sampler.num_steps divisible by 4"):
+        build_algorithm(NablaGFNConfig(subsampling="official"), 10)
+    with pytest.raises(ConfigError, match="algo.subsampling must be one of stratified, official"):
+        build_config(AlignConfig, overrides=["algo.subsampling=low_var"])
+    for name in ("nabla_gfn", "ddpo"):
+        config = build_config(AlignConfig, overrides=[f"algo.name={name}", "algo.subsampling=official"])
+        with pytest.raises(ValueError, match="divisible by 4"):
+            build_algorithm(config.algo, 6)
+        assert build_algorithm(config.algo, 8) is not None
+
+
+# ------------------------------------------------------------------------------------ next-state timing
+
+
+@pytest.fixture(scope="module")
+def diffsplat_pipeline():
+    pytest.importorskip("transformers")
+    from r2d3.backends.diffsplat import tiny_diffsplat
+
+    backend = tiny_diffsplat(vocab=["a", "red", "chair"])
+    sampler = SamplerConfig(kind="sde-dpmsolver++", num_steps=K, eta=1.0, guidance_scale=5.0)
+    return Pipeline.build(backend, sampler, RenderConfig(num_views=2, resolution=16))
+
+
+def official_next_timing(timesteps: list[int], alphas_cumprod: torch.Tensor, j: int) -> tuple[int, float, float]:
+    """Transcribed from the reference training script and ``pred_orig_latent`` (DPM branch):
+    timestep_next = clamp(t_j - dt, min=0) with dt = timesteps[0] - timesteps[1]; x0_hat with
+    alpha_prod at clip(timestep_next - dt, min=1); the reward scaling alpha_prod at timestep_next."""
+    dt = timesteps[0] - timesteps[1]
+    timestep_next = max(timesteps[j] - dt, 0)
+    shifted = max(timestep_next - dt, 1)
+    return timestep_next, float(alphas_cumprod[shifted]), float(alphas_cumprod[timestep_next])
+
+
+def test_x0_timestep_shift_is_the_official_table(diffsplat_pipeline):
+    ctx = diffsplat_pipeline
+    abar = ctx.sampler.scheduler.alphas_cumprod.double()
+    timesteps = ctx.sampler.timesteps.tolist()
+    shifted = build_algorithm(NablaGFNConfig(x0_timestep_shift=True), K)
+    plain = build_algorithm(NablaGFNConfig(), K)
+    differs = []
+    for j in range(K):
+        t, x0_abar, w_abar = shifted.next_state_timing(ctx, j)
+        ref = official_next_timing(timesteps, abar, j)
+        assert t == ref[0] and x0_abar == pytest.approx(ref[1], rel=1e-12) and w_abar == pytest.approx(ref[2], rel=1e-12)
+        if t != plain.next_state_timing(ctx, j)[0]:
+            differs.append(j)
+    assert differs == [9]  # 549 - 50 = 499, where the schedule's next timestep is 500
+    assert shifted.next_state_timing(ctx, 18)[1] == shifted.next_state_timing(ctx, 19)[1] == pytest.approx(float(abar[1]))
+    t, x0_abar, w_abar = plain.next_state_timing(ctx, 10)
+    assert (t, x0_abar) == (timesteps[11], None) and w_abar == pytest.approx(float(ctx.sampler.alpha_bar_next[10]))
+
+
+def test_x0_next_with_the_shift_uses_the_official_timestep_and_alpha_bar(diffsplat_pipeline):
+    ctx = diffsplat_pipeline
+    algo = build_algorithm(NablaGFNConfig(x0_timestep_shift=True), K)
+    cond = ctx.backend.encode_prompts(["a red chair"])
+    model_fn = ctx.model_fn(cond)
+    x = torch.randn(1, *ctx.backend.latent_shape, generator=torch.Generator().manual_seed(0))
+    abar = ctx.sampler.scheduler.alphas_cumprod.double()
+    for j in (5, 9, 19):
+        t, x0_abar, _ = official_next_timing(ctx.sampler.timesteps.tolist(), abar, j)
+        with torch.no_grad():
+            eps = model_fn(x, torch.tensor([t])).double()
+            expected = (x.double() - (1 - x0_abar) ** 0.5 * eps) / x0_abar ** 0.5
+            got = algo.x0_next(ctx, model_fn, x, j)
+        torch.testing.assert_close(got.double(), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_the_paper_setups_use_the_official_options():
+    from pathlib import Path
+
+    configs = sorted((Path(__file__).resolve().parents[1] / "cluster" / "configs").glob("*.yaml"))
+    assert configs
+    for file in configs:
+        algo = build_config(AlignConfig, [str(file)], []).algo
+        assert (algo.subsampling, algo.x0_timestep_shift) == ("official", True), file.name
