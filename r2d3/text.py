@@ -8,6 +8,8 @@ accepts any string (unknown words map to hash buckets, so they get a stable, if 
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 import warnings
 import zlib
@@ -159,3 +161,21 @@ class TextEncoder(ModelMixin, ConfigMixin):
         h = self.embed(ids) + self.position[: ids.shape[1]]
         h = self.encoder(h, src_key_padding_mask=~mask)
         return PromptEmbeds(self.norm(h) * mask[..., None], mask)
+
+
+def module_fingerprint(module: nn.Module) -> str:
+    """A sha256 prefix of a module's config and weights: config entries (without diffusers' private
+    ``_*`` keys such as the load path, so the same weights loaded from two directories agree) and every
+    state-dict tensor's name, dtype, shape and bytes. Tells the text encoders of cached prompt embeddings
+    apart (:func:`r2d3.data.embeddings.encoder_fingerprint`)."""
+    h = hashlib.sha256()
+    config = getattr(module, "config", None)
+    if config is not None:
+        items = config.to_dict() if hasattr(config, "to_dict") else dict(config)  # transformers / diffusers
+        public = {k: v for k, v in items.items() if not str(k).startswith("_")}
+        h.update(json.dumps(public, sort_keys=True, default=str).encode())
+    for name, tensor in sorted(module.state_dict().items()):
+        flat = tensor.detach().cpu().contiguous().reshape(-1)
+        h.update(f"{name}|{flat.dtype}|{tuple(tensor.shape)}|".encode())
+        h.update(flat.view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:20]

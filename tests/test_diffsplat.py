@@ -283,3 +283,19 @@ def test_assemble_release_layout(backend, tmp_path):
     shutil.rmtree(pixart / "tokenizer")
     with pytest.raises(WeightsError, match="tokenizer"):
         assemble_release(dl, pixart, tmp_path / "w3")
+
+
+def test_prompts_are_lowercased_as_diffsplat_trained():
+    """DiffSplat encoded its training captions as ``t.lower()`` and T5 is case-sensitive: with a
+    case-sensitive tokenizer, "A Red Chair" must embed exactly like "a red chair"; cached embeddings carry
+    the casing in their fingerprint."""
+    from r2d3.data.embeddings import encoder_fingerprint
+    from r2d3.text import hf_word_tokenizer
+
+    b = tiny_diffsplat(vocab=VOCAB)
+    b._text()
+    b._tokenizer = hf_word_tokenizer(["a", "red", "chair", "Red"], eos="</s>", lowercase=False)
+    assert b._tokenizer("Red")["input_ids"] != b._tokenizer("red")["input_ids"]  # the tokenizer keeps case
+    upper, lower = b.encode_prompts(["A Red Chair"]), b.encode_prompts(["a red chair"])
+    assert torch.equal(upper.tokens, lower.tokens) and torch.equal(upper.mask, lower.mask)
+    assert encoder_fingerprint(b).startswith("diffsplat:") and encoder_fingerprint(b).endswith("-lowercased")

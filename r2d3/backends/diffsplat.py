@@ -48,7 +48,7 @@ from r2d3.backends.diffsplat_weights import (BACKEND_FILE, GSVAE_DIR, GSVAE_WEIG
                                              load_gsvae, load_text_encoder, load_transformer)
 from r2d3.pretrained import WeightsError
 from r2d3.render.gaussians import Gaussians
-from r2d3.text import PromptEmbeds, hf_word_tokenizer
+from r2d3.text import PromptEmbeds, hf_word_tokenizer, module_fingerprint
 
 #: PEFT targets of the paper's LoRA (attention, feed-forward, caption/timestep projections, patch embedding)
 LORA_TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0", "proj_out", "ff.net.0.proj", "ff.net.2", "proj",
@@ -126,8 +126,13 @@ class DiffSplatBackend:
 
     @property
     def text_encoder(self) -> nn.Module:
-        """The T5 encoder (loaded on first use); precomputed embeddings are fingerprinted by it."""
+        """The T5 encoder (loaded on first use)."""
         return self._text()[0]
+
+    def encoder_fingerprint(self) -> str:
+        """The T5 encoder's weights and the prompt casing: embeddings cached before prompts were lowercased
+        are refused rather than mixed with lowercased ones."""
+        return f"{module_fingerprint(self.text_encoder)}-lowercased"
 
     def _text(self) -> tuple[Any, Any]:
         if self._text_encoder is None:
@@ -140,10 +145,11 @@ class DiffSplatBackend:
 
     @torch.no_grad()
     def encode_prompts(self, prompts: Sequence[str]) -> PromptEmbeds:
-        """T5 embeddings padded to 300 tokens with their attention mask (PixArt-Σ's encoding without its
-        optional caption cleaning: prompts are used as given)."""
+        """T5 embeddings padded to 300 tokens with their attention mask. Prompts are lowercased, as DiffSplat
+        trained (its embedding script encodes ``t.lower()``; PixArt-Σ's pipeline lowercases too; T5's
+        vocabulary is case-sensitive); PixArt's optional caption cleaning is not applied."""
         encoder, tokenizer = self._text()
-        batch = tokenizer(list(prompts), padding="max_length", max_length=MAX_PROMPT_TOKENS, truncation=True,
+        batch = tokenizer([p.lower() for p in prompts], padding="max_length", max_length=MAX_PROMPT_TOKENS, truncation=True,
                           add_special_tokens=True, return_tensors="pt").to(encoder.device)
         mask = batch.attention_mask.bool()
         # padded positions are masked out of the cross-attention; zeroing them changes no output and lets

@@ -25,7 +25,6 @@ embeddings made by another encoder are refused with an error naming both fingerp
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from collections.abc import Sequence
@@ -36,7 +35,7 @@ import torch
 
 from r2d3.data.prompts import PromptSourceError, _row_problem, check_shards
 from r2d3.storage import filesystem
-from r2d3.text import PromptEmbeds
+from r2d3.text import PromptEmbeds, module_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -57,19 +56,11 @@ def embedding_schema():
                       ("encoder", pa.string())])
 
 
-def _update_with_tensor(h: "hashlib._Hash", name: str, tensor: torch.Tensor) -> None:
-    t = tensor.detach().cpu().contiguous().reshape(-1)
-    h.update(f"{name}|{t.dtype}|{tuple(tensor.shape)}|".encode())
-    h.update(t.view(torch.uint8).numpy().tobytes())
-
-
 def encoder_fingerprint(backend: Any) -> str:
     """``<backend name>:<sha256 prefix>`` of the text encoder's config and weights.
 
     A backend may define ``encoder_fingerprint()`` itself (an encoder that is not one module); else
-    its ``text_encoder`` module is hashed: config entries (without diffusers' private ``_*`` keys such
-    as the load path, so the same weights loaded from two directories agree) and every state-dict
-    tensor's name, dtype, shape and bytes."""
+    its ``text_encoder`` module is hashed (:func:`r2d3.text.module_fingerprint`)."""
     own = getattr(backend, "encoder_fingerprint", None)
     if callable(own):
         return f"{backend.name}:{own()}"
@@ -77,15 +68,7 @@ def encoder_fingerprint(backend: Any) -> str:
     if not isinstance(module, torch.nn.Module):
         raise TypeError(f"backend {backend.name!r} has no text_encoder module and no encoder_fingerprint(); "
                         "precomputed embeddings need one to tell encoders apart")
-    h = hashlib.sha256()
-    config = getattr(module, "config", None)
-    if config is not None:
-        items = config.to_dict() if hasattr(config, "to_dict") else dict(config)  # transformers / diffusers
-        public = {k: v for k, v in items.items() if not str(k).startswith("_")}
-        h.update(json.dumps(public, sort_keys=True, default=str).encode())
-    for name, tensor in sorted(module.state_dict().items()):
-        _update_with_tensor(h, name, tensor)
-    return f"{backend.name}:{h.hexdigest()[:20]}"
+    return f"{backend.name}:{module_fingerprint(module)}"
 
 
 def _kept_lengths(embeds: PromptEmbeds) -> torch.Tensor:
