@@ -234,3 +234,27 @@ def test_reward_gradient_matches_finite_differences_through_render():
     eps = 1e-6
     fd = (reward(x + eps * direction) - reward(x - eps * direction)) / (2 * eps)
     assert fd == pytest.approx(float((grad * direction).sum()), rel=1e-4, abs=1e-8)
+
+
+@pytest.mark.parametrize("per_transition", [False, True])
+def test_reward_cameras_drawn_per_batch_or_per_transition(per_transition, monkeypatch):
+    """r2d3 draws the reward cameras once per train batch; algo.cameras_per_transition redraws them for
+    every trained transition, as the reference code does."""
+    ctx, batch, algo = toy_setup({"cameras_per_transition": per_transition, "timestep_fraction": 1.0})
+    draws, seen = [], []
+    real_transition = algo.transition
+
+    def cameras(batch_size, generator, jitter=True):
+        draws.append(object())
+        return draws[-1]
+
+    def transition(ctx_, model_fn, traj, step, prompts, cams, cond=None):
+        seen.append(cams)
+        return real_transition(ctx_, model_fn, traj, step, prompts, None, cond)
+
+    monkeypatch.setattr(ctx, "cameras", cameras)
+    monkeypatch.setattr(algo, "transition", transition)
+    algo.accumulate(ctx, batch, 1.0, torch.Generator().manual_seed(0))
+    steps = batch.trajectory.num_steps
+    assert len(seen) == steps and len(draws) == (steps if per_transition else 1)
+    assert len({id(c) for c in seen}) == (steps if per_transition else 1)

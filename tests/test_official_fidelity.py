@@ -141,4 +141,5 @@ def test_the_paper_setups_use_the_official_options():
     assert configs
     for file in configs:
         algo = build_config(AlignConfig, [str(file)], []).algo
-        assert (algo.subsampling, algo.x0_timestep_shift) == ("official", True), file.name
+        assert (algo.subsampling, algo.x0_timestep_shift, algo.cameras_per_transition) == ("official", True, True), \
+            file.name

@@ -54,6 +54,8 @@ class NablaGFNConfig(TransitionOptions):
     reg_scale: float = opt(1e2, "lambda, weight of the proximal term |eps_theta - eps_old|^2", check=at_least(0))
     reward_grad_clip: Optional[float] = opt(None, "clip |beta * w * grad r| per sample (None: off)", check=positive())
     jacobian_free: bool = opt(False, "treat eps as constant in the reward gradient (cheaper)")
+    cameras_per_transition: bool = opt(False, "draw the reward cameras for every trained transition (the reference "
+                                               "code) instead of once per train batch")
     x0_timestep_shift: bool = opt(False, "the reference code's next-state timing (its DPM quirk): the network at "
                                          "x_{t-1} sees t_j - D, x0_hat uses alpha_bar(max(t_j - 2D, 1)) and the "
                                          "reward weight alpha_bar(t_j - D), D = t_0 - t_1")
@@ -210,7 +212,8 @@ class NablaGFN(AlgorithmBase):
                    generator: torch.Generator) -> dict[str, float]:
         traj = batch.trajectory
         steps = self.config.transitions(traj.num_steps, generator)
-        cameras = ctx.cameras(len(batch), generator)
+        per_transition = self.config.cameras_per_transition
+        cameras = None if per_transition else ctx.cameras(len(batch), generator)
         model_fn = ctx.model_fn(batch.cond)
         totals = {"loss": 0.0, "loss_score": 0.0, "loss_reg": 0.0, "score_residual_norm": 0.0,
                   "target_norm": 0.0, "reward_grad_norm": 0.0, "reward_at_x0hat": 0.0}
@@ -220,6 +223,8 @@ class NablaGFN(AlgorithmBase):
             (terminal * scale).backward()
             extra["loss_terminal"] = terminal.item()
         for j in steps:
+            if per_transition:
+                cameras = ctx.cameras(len(batch), generator)
             terms = self.transition(ctx, model_fn, traj, j, batch.prompts, cameras, batch.cond)
             (terms["loss"] * scale / len(steps)).backward()
             for key in ("flow_norm", "loss_reverse"):
