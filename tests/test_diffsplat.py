@@ -275,7 +275,17 @@ def test_assemble_release_layout(backend, tmp_path):
     cond = backend.encode_prompts(["a red chair"])
     assert torch.allclose(loaded.denoise(x, t, cond), expected.denoise(x, t, cond), atol=1e-6)  # newest picked
     assert torch.allclose(loaded.decode(x).means, expected.decode(x).means, atol=1e-6)
-    assert torch.equal(loaded.encode_prompts(["a red chair"]).tokens, cond.tokens)
+    # T5 from a release loads in bfloat16 unless backend.json says otherwise
+    assert loaded.text_encoder.dtype == torch.bfloat16
+    released = loaded.encode_prompts(["a red chair"])
+    assert released.tokens.dtype == torch.float32 and torch.equal(released.mask, cond.mask)
+    torch.testing.assert_close(released.tokens, cond.tokens, atol=0.05, rtol=0.02)
+    meta = json.loads((out / "backend.json").read_text())
+    (out / "backend.json").write_text(json.dumps({**meta, "text_encoder_dtype": "float32"}))
+    assert torch.equal(load_backend("diffsplat", weights=str(out)).encode_prompts(["a red chair"]).tokens, cond.tokens)
+    (out / "backend.json").write_text(json.dumps({**meta, "text_encoder_dtype": "int8"}))
+    with pytest.raises(WeightsError, match="text_encoder_dtype"):
+        load_backend("diffsplat", weights=str(out))
     with pytest.raises(WeightsError, match="000007"):
         assemble_release(dl, pixart, tmp_path / "w2", iteration=7)
     import shutil
