@@ -14,6 +14,8 @@ Training draws its noise from the run's checkpointed generator (:meth:`Pipeline.
 
 from __future__ import annotations
 
+import dataclasses
+
 import hashlib
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
@@ -133,19 +135,29 @@ class Pipeline:
         return render_gaussians(gaussians, cameras, background=tuple(self.render.background),
                                 backend=self.render.backend)
 
-    def score(self, gaussians: Gaussians, cameras: Cameras, prompts: Sequence[str]) -> tuple[RenderOutput | None, Tensor]:
+    def score(self, gaussians: Gaussians, cameras: Cameras, prompts: Sequence[str], image_noise: float = 0.0,
+              generator: torch.Generator | None = None) -> tuple[RenderOutput | None, Tensor]:
         """(renders, rewards ``[B]``) of decoded assets; differentiable in the Gaussians. With a scorer the
-        renders are made (and discarded) where the reward runs."""
+        renders are made (and discarded) where the reward runs. ``image_noise``: std of Gaussian noise
+        (drawn from ``generator`` on the CPU) added to the rendered colours the reward sees, as the reference
+        training code does (2e-3); the returned renders are the clean ones."""
         if self.scorer is not None:
+            if image_noise:
+                raise ValueError("reward image noise needs the reward in the trainer (scale.reward_actors=0)")
             return None, self.scorer(gaussians, cameras, prompts)
         if self.reward_fn is None:
             raise RuntimeError("this pipeline was built without a reward (reward_fn or scorer)")
         renders = self.render_views(gaussians, cameras)
-        return renders, self.reward_fn(renders, prompts)
+        seen = renders
+        if image_noise:
+            noise = torch.randn(renders.rgb.shape, generator=generator, dtype=torch.float32)
+            seen = dataclasses.replace(renders, rgb=renders.rgb + image_noise * noise.to(renders.rgb))
+        return renders, self.reward_fn(seen, prompts)
 
-    def reward_of_latents(self, x0: Tensor, prompts: Sequence[str], cameras: Cameras) -> Tensor:
+    def reward_of_latents(self, x0: Tensor, prompts: Sequence[str], cameras: Cameras, image_noise: float = 0.0,
+                          generator: torch.Generator | None = None) -> Tensor:
         """Decode -> render -> reward averaged over views, ``[B]``; differentiable in ``x0``."""
-        return self.score(self.backend.decode(x0), cameras, prompts)[1]
+        return self.score(self.backend.decode(x0), cameras, prompts, image_noise, generator)[1]
 
     # ---- sampling
 

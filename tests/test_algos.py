@@ -72,7 +72,7 @@ class ToyContext(Pipeline):
 
     target_value = 0.7
 
-    def reward_of_latents(self, x0, prompts, cameras):
+    def reward_of_latents(self, x0, prompts, cameras, image_noise=0.0, generator=None):
         return -(x0[:, 0] - self.target_value) ** 2
 
     def cameras(self, batch_size, generator, jitter=True):
@@ -248,9 +248,9 @@ def test_reward_cameras_drawn_per_batch_or_per_transition(per_transition, monkey
         draws.append(object())
         return draws[-1]
 
-    def transition(ctx_, model_fn, traj, step, prompts, cams, cond=None):
+    def transition(ctx_, model_fn, traj, step, prompts, cams, cond=None, generator=None):
         seen.append(cams)
-        return real_transition(ctx_, model_fn, traj, step, prompts, None, cond)
+        return real_transition(ctx_, model_fn, traj, step, prompts, None, cond, generator)
 
     monkeypatch.setattr(ctx, "cameras", cameras)
     monkeypatch.setattr(algo, "transition", transition)

@@ -141,5 +141,45 @@ def test_the_paper_setups_use_the_official_options():
     assert configs
     for file in configs:
         algo = build_config(AlignConfig, [str(file)], []).algo
-        assert (algo.subsampling, algo.x0_timestep_shift, algo.cameras_per_transition) == ("official", True, True), \
-            file.name
+        official = (algo.subsampling, algo.x0_timestep_shift, algo.cameras_per_transition, algo.reward_image_noise)
+        assert official == ("official", True, True, 2e-3), file.name
+
+
+# ------------------------------------------------------------------------------------ reward-image noise
+
+
+def test_reward_image_noise_is_added_to_the_colours_the_reward_sees():
+    """The reference adds N(0, 2e-3^2) to the rendered images before the training reward: the reward of a
+    latent under algo.reward_image_noise equals the reward of the clean render plus that noise, drawn from
+    the given generator (reproducible), and it is off by default."""
+    import dataclasses
+
+    from r2d3.backends import load_backend
+    from r2d3.rewards import build_reward
+
+    backend = load_backend("tiny")
+    ctx = Pipeline.build(backend, SamplerConfig(num_steps=2), RenderConfig(num_views=2, resolution=16),
+                         build_reward("colorfulness"))
+    x0 = torch.randn(2, *backend.latent_shape, generator=torch.Generator().manual_seed(0))
+    prompts, cams = ["a red cube", "a blue ball"], ctx.cameras(2, torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        renders = ctx.render_views(backend.decode(x0), cams)
+        noise = torch.randn(renders.rgb.shape, generator=torch.Generator().manual_seed(5))
+        expected = ctx.reward_fn(dataclasses.replace(renders, rgb=renders.rgb + 2e-3 * noise), prompts)
+        noisy = ctx.reward_of_latents(x0, prompts, cams, 2e-3, torch.Generator().manual_seed(5))
+        clean = ctx.reward_of_latents(x0, prompts, cams)
+    torch.testing.assert_close(noisy, expected)
+    torch.testing.assert_close(clean, ctx.reward_fn(renders, prompts))
+    assert not torch.equal(noisy, clean)
+    assert NablaGFNConfig().reward_image_noise == 0.0
+    with pytest.raises(ConfigError, match="algo.reward_image_noise must be >= 0"):
+        build_config(AlignConfig, overrides=["algo.reward_image_noise=-1"])
+
+
+def test_reward_image_noise_needs_the_reward_in_the_trainer():
+    from r2d3.train.loop import validate
+
+    config = build_config(AlignConfig, overrides=["algo.reward_image_noise=0.002", "scale.reward_actors=2"])
+    with pytest.raises(ConfigError, match="algo.reward_image_noise needs the reward in the trainer"):
+        validate(config)
+    validate(build_config(AlignConfig, overrides=["algo.reward_image_noise=0.002"]))

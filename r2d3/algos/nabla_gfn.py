@@ -54,6 +54,9 @@ class NablaGFNConfig(TransitionOptions):
     reg_scale: float = opt(1e2, "lambda, weight of the proximal term |eps_theta - eps_old|^2", check=at_least(0))
     reward_grad_clip: Optional[float] = opt(None, "clip |beta * w * grad r| per sample (None: off)", check=positive())
     jacobian_free: bool = opt(False, "treat eps as constant in the reward gradient (cheaper)")
+    reward_image_noise: float = opt(0.0, "std of Gaussian noise added to the rendered colours the training reward "
+                                         "sees (the reference code: 2e-3; needs scale.reward_actors=0)",
+                                    check=at_least(0))
     cameras_per_transition: bool = opt(False, "draw the reward cameras for every trained transition (the reference "
                                                "code) instead of once per train batch")
     x0_timestep_shift: bool = opt(False, "the reference code's next-state timing (its DPM quirk): the network at "
@@ -124,11 +127,14 @@ class NablaGFN(AlgorithmBase):
             return ctx.sampler.predict_x0(x_next, out, step, at="next")
         return (x_next - (1 - alpha_bar) ** 0.5 * out) / alpha_bar**0.5
 
-    def reward_grad(self, ctx: Pipeline, model_fn, x_next: Tensor, step: int, prompts, cameras) -> tuple[Tensor, Tensor]:
-        """``(g [B, *S], reward [B])``: the view-averaged reward's gradient w.r.t. the next latent."""
+    def reward_grad(self, ctx: Pipeline, model_fn, x_next: Tensor, step: int, prompts, cameras,
+                    generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        """``(g [B, *S], reward [B])``: the view-averaged reward's gradient w.r.t. the next latent
+        (``generator`` draws the reward-image noise, when there is any)."""
         x = x_next.detach().requires_grad_(True)
         with torch.enable_grad():
-            reward = ctx.reward_of_latents(self.x0_next(ctx, model_fn, x, step), prompts, cameras)
+            reward = ctx.reward_of_latents(self.x0_next(ctx, model_fn, x, step), prompts, cameras,
+                                           self.config.reward_image_noise, generator)
             (grad,) = torch.autograd.grad(reward.sum(), x)
         return grad, reward.detach()
 
@@ -169,12 +175,12 @@ class NablaGFN(AlgorithmBase):
         return grad
 
     def transition(self, ctx: Pipeline, model_fn, traj, step: int, prompts, cameras,
-                   cond=None) -> dict[str, Tensor]:
+                   cond=None, generator: torch.Generator | None = None) -> dict[str, Tensor]:
         """All terms of one transition's loss for the whole batch (``loss`` carries the LoRA graph, and the
         flow correction's when it is on; ``cond`` are the prompts' embeddings, needed by g_phi)."""
         x_t, x_next = traj.latents[:, step], traj.latents[:, step + 1]
         t = traj.timesteps[step].to(x_t.device).expand(x_t.shape[0])
-        grad, reward = self.reward_grad(ctx, model_fn, x_next, step, prompts, cameras)
+        grad, reward = self.reward_grad(ctx, model_fn, x_next, step, prompts, cameras, generator)
         drive = self.clipped(self.config.beta * self.reward_weight(ctx, step) * grad)
         with torch.no_grad(), adapters_disabled(ctx.backend.denoiser):
             mean_ref, std = ctx.sampler.step_mean_std(x_t, model_fn(x_t, t), step)
@@ -225,7 +231,7 @@ class NablaGFN(AlgorithmBase):
         for j in steps:
             if per_transition:
                 cameras = ctx.cameras(len(batch), generator)
-            terms = self.transition(ctx, model_fn, traj, j, batch.prompts, cameras, batch.cond)
+            terms = self.transition(ctx, model_fn, traj, j, batch.prompts, cameras, batch.cond, generator)
             (terms["loss"] * scale / len(steps)).backward()
             for key in ("flow_norm", "loss_reverse"):
                 if key in terms:

@@ -86,6 +86,8 @@ def validate(config: AlignConfig) -> None:
     if config.sampler.eta <= 0:
         raise ConfigError(f"sampler.eta must be in (0, 1] for training (the losses need stochastic steps), got "
                           f"{config.sampler.eta}")
+    if getattr(config.algo, "reward_image_noise", 0.0) and s.reward_actors > 0:
+        raise ConfigError("algo.reward_image_noise needs the reward in the trainer: set scale.reward_actors=0")
     check_fits_in_memory(config)
     build_algorithm(config.algo, config.sampler.num_steps)  # algorithm hyperparameters, named on error
     reward_terms(config.reward)  # unknown names and bad weights, listed/named; nothing is built
