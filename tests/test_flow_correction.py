@@ -80,7 +80,7 @@ def toy_setup():
         uncond=cond,
         model_fn=lambda _cond: denoiser,
         cameras=lambda n, gen: None,
-        reward_of_latents=lambda x0, prompts, cams: (x0 * A.to(x0.dtype)).sum(-1),
+        reward_of_latents=lambda x0, prompts, cams, image_noise=0.0, generator=None: (x0 * A.to(x0.dtype)).sum(-1),
     )
     return ctx, c, cond
 
