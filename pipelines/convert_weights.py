@@ -18,6 +18,12 @@
     python pipelines/convert_weights.py image_reward --input ImageReward.pt --med-config med_config.json \
         --tokenizer weights/bert-base-uncased --output weights/image_reward
 
+    # an official Nabla-R2D3 LoRA (diffusers' pytorch_lora_weights.safetensors) -> an r2d3 checkpoint
+    # directory (lora.safetensors + config.yaml with its rank, alpha and adapted modules) that
+    # r2d3.sample, pipelines/evaluate.py and pipelines/regenerate.py take like any other
+    python pipelines/convert_weights.py lora --input checkpoint_epoch99_end/pytorch_lora_weights.safetensors \
+        --output weights/official-lora-hpsv2
+
     # a transformers checkpoint published only as pytorch_model.bin -> model.safetensors next to it
     python pipelines/convert_weights.py bin --input weights/pickscore/pytorch_model.bin \
         --output weights/pickscore/model.safetensors
@@ -49,7 +55,7 @@ from r2d3.rewards.convert import (
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["aesthetic", "hpsv2", "image_reward", "bin", "diffsplat"],
+    parser.add_argument("what", choices=["aesthetic", "hpsv2", "image_reward", "bin", "diffsplat", "lora"],
                         help="which checkpoint to convert")
     parser.add_argument("--input", required=True,
                         help="the original .pth/.pt file; diffsplat: the DiffSplat release directory")
@@ -68,7 +74,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--pixart", help="diffsplat only: the PixArt-Σ directory (vae/, text_encoder/, tokenizer/)")
     parser.add_argument("--iteration", type=int,
                         help="diffsplat only: the transformer checkpoint iteration (default: the newest)")
+    parser.add_argument("--lora-alpha", type=float, default=8.0,
+                        help="lora only: the adapter's alpha (default 8: peft's default, which the official "
+                             "training keeps; with its rank 8 the scale is 1)")
+    parser.add_argument("--backend", default="diffsplat", help="lora only: the backend the adapter belongs to")
     args = parser.parse_args(argv)
+    if args.what == "lora":
+        convert_lora(Path(args.input), Path(args.output), args.lora_alpha, args.backend)
+        return
     if args.what == "diffsplat":
         if not args.pixart:
             parser.error("diffsplat needs --pixart <pixart_sigma_sdxlvae_T5_diffusers dir>")
@@ -96,6 +109,24 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(f"convert_weights: {args.input} is not a convertible OpenCLIP checkpoint: {err}")
         save_transformers_clip(converted, config, output)
     print(f"wrote {output}")
+
+
+def convert_lora(source: Path, output: Path, alpha: float, backend: str) -> None:
+    import yaml
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from r2d3.backends.lora import from_diffusers_lora
+
+    try:
+        state, rank, modules = from_diffusers_lora(load_file(str(source)))
+    except (OSError, ValueError, SafetensorError) as err:
+        sys.exit(f"convert_weights: {source} is not a convertible LoRA file: {err}")
+    output.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(output / "lora.safetensors"))
+    config = {"model": {"backend": backend, "lora_rank": rank, "lora_alpha": alpha, "lora_targets": modules}}
+    (output / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    print(f"wrote {output} (rank {rank}, alpha {alpha:g}, {len(modules)} adapted modules)")
 
 
 if __name__ == "__main__":

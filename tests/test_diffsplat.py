@@ -309,3 +309,66 @@ def test_prompts_are_lowercased_as_diffsplat_trained():
     upper, lower = b.encode_prompts(["A Red Chair"]), b.encode_prompts(["a red chair"])
     assert torch.equal(upper.tokens, lower.tokens) and torch.equal(upper.mask, lower.mask)
     assert encoder_fingerprint(b).startswith("diffsplat:") and encoder_fingerprint(b).endswith("-lowercased")
+
+
+#: the official training's LoraConfig target list (rank 8, peft's default alpha 8, adapter "pf")
+OFFICIAL_LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
+                         "proj", "linear", "linear_1", "linear_2"]
+
+
+def test_official_lora_files_convert_and_load(saved, tmp_path):
+    """A LoRA saved as the official training saves it (peft adapter "pf" on its own target list, written by
+    diffusers' save_lora_weights with the unet. prefix) converts to an r2d3 checkpoint directory and loads
+    through the checkpoint loader every job uses, reproducing the adapted model's output exactly."""
+    import sys
+    from pathlib import Path
+
+    from diffusers import StableDiffusionPipeline
+    from peft import LoraConfig, get_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    from r2d3.jobs.evaluate import ModelBank, resolve_checkpoint
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "pipelines"))
+    import convert_weights
+
+    official = load_backend("diffsplat", weights=str(saved))
+    official.denoiser.add_adapter(LoraConfig(r=8, init_lora_weights="gaussian", target_modules=OFFICIAL_LORA_TARGETS),
+                                  adapter_name="pf")
+    torch.manual_seed(0)
+    for name, p in official.denoiser.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.05)  # a trained adapter (B starts at zero)
+    state = get_peft_model_state_dict(official.denoiser, adapter_name="pf")
+    StableDiffusionPipeline.save_lora_weights(tmp_path / "ckpt", unet_lora_layers=state, safe_serialization=True)
+    file = tmp_path / "ckpt" / "pytorch_lora_weights.safetensors"
+    assert all(k.startswith("unet.") for k in load_file(str(file)))  # the official layout
+    convert_weights.main(["lora", "--input", str(file), "--output", str(tmp_path / "converted")])
+
+    spec = resolve_checkpoint(str(tmp_path / "converted"))
+    assert spec.lora_alpha == 8.0 and len(spec.lora_targets) == len({k.rsplit(".lora_", 1)[0] for k in state})
+    backend, base = ModelBank("diffsplat", str(saved), "cpu", [spec]).backend_for(spec)
+    x, t = torch.randn(1, *official.latent_shape, generator=torch.Generator().manual_seed(1)), torch.tensor([400])
+    cond = official.encode_prompts(["a red chair"])
+    with torch.no_grad():
+        expected, got = official.denoise(x, t, cond), backend.denoise(x, t, cond)
+        official.denoiser.disable_adapters()
+        plain = official.denoise(x, t, cond)
+    assert not base and (expected - plain).abs().max() > 1e-3  # the adapter matters
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
+
+    (tmp_path / "bad.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(SystemExit, match="bad.safetensors is not a convertible LoRA file"):
+        convert_weights.main(["lora", "--input", str(tmp_path / "bad.safetensors"), "--output", str(tmp_path / "x")])
+
+
+@pytest.mark.parametrize("keys,message", [
+    (["blocks.0.to_q.lora_A.weight", "blocks.0.to_q.lora_B.weight"], "not all under one of"),
+    (["unet.blocks.0.to_q.lora_A.weight"], "without both lora_A and lora_B"),
+    (["unet.blocks.0.to_q.lora_down.weight"], "peft lora_A/lora_B weights only"),
+])
+def test_malformed_diffusers_lora_files_are_named(keys, message):
+    from r2d3.backends.lora import from_diffusers_lora
+
+    with pytest.raises(ValueError, match=message):
+        from_diffusers_lora({k: torch.zeros(2, 4) for k in keys})
