@@ -5,6 +5,10 @@
     python pipelines/convert_weights.py diffsplat --input downloads/DiffSplat \
         --pixart downloads/pixart_sigma_sdxlvae_T5_diffusers --output weights/diffsplat-pas
 
+    # DiffSplat-SD1.5: the same release with stable-diffusion-v1-5's folders, for the diffsplat_sd15 backend
+    python pipelines/convert_weights.py diffsplat_sd15 --input downloads/DiffSplat \
+        --sd15 downloads/stable-diffusion-v1-5 --output weights/diffsplat-sd15
+
     # LAION aesthetic head (.pth state dict) -> one safetensors file, next to the CLIP ViT-L/14 checkpoint
     python pipelines/convert_weights.py aesthetic --input sac+logos+ava1-l14-linearMSE.pth \
         --output weights/laion_aesthetic/aesthetic_mlp.safetensors
@@ -55,10 +59,10 @@ from r2d3.rewards.convert import (
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["aesthetic", "hpsv2", "image_reward", "bin", "diffsplat", "lora"],
+    parser.add_argument("what", choices=["aesthetic", "hpsv2", "image_reward", "bin", "diffsplat", "diffsplat_sd15", "lora"],
                         help="which checkpoint to convert")
     parser.add_argument("--input", required=True,
-                        help="the original .pth/.pt file; diffsplat: the DiffSplat release directory")
+                        help="the original .pth/.pt file; diffsplat, diffsplat_sd15: the DiffSplat release directory")
     parser.add_argument("--output", required=True,
                         help="aesthetic, bin: the .safetensors file to write; hpsv2, image_reward: the "
                              "directory to write")
@@ -72,8 +76,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tokenizer",
                         help="image_reward only: a directory with the bert-base-uncased tokenizer files")
     parser.add_argument("--pixart", help="diffsplat only: the PixArt-Σ directory (vae/, text_encoder/, tokenizer/)")
+    parser.add_argument("--sd15", help="diffsplat_sd15 only: the stable-diffusion-v1-5 directory (vae/, text_encoder/, "
+                                       "tokenizer/, scheduler/)")
+    parser.add_argument("--tiny-decoder-config",
+                        help="diffsplat, diffsplat_sd15: the distilled decoder's config.json (TAESDXL's / TAESD's), "
+                             "only to decode with it (default: diffusers' AutoencoderTiny defaults, TAESD's)")
     parser.add_argument("--iteration", type=int,
-                        help="diffsplat only: the transformer checkpoint iteration (default: the newest)")
+                        help="diffsplat, diffsplat_sd15: the denoiser checkpoint iteration (default: the newest)")
     parser.add_argument("--lora-alpha", type=float, default=8.0,
                         help="lora only: the adapter's alpha (default 8: peft's default, which the official "
                              "training keeps; with its rank 8 the scale is 1)")
@@ -82,12 +91,16 @@ def main(argv: list[str] | None = None) -> None:
     if args.what == "lora":
         convert_lora(Path(args.input), Path(args.output), args.lora_alpha, args.backend)
         return
-    if args.what == "diffsplat":
-        if not args.pixart:
-            parser.error("diffsplat needs --pixart <pixart_sigma_sdxlvae_T5_diffusers dir>")
+    if args.what in ("diffsplat", "diffsplat_sd15"):
+        base, variant = (args.pixart, "pas") if args.what == "diffsplat" else (args.sd15, "sd15")
+        if not base:
+            parser.error("diffsplat needs --pixart <pixart_sigma_sdxlvae_T5_diffusers dir>" if variant == "pas"
+                         else "diffsplat_sd15 needs --sd15 <stable-diffusion-v1-5 dir>")
         from r2d3.backends.diffsplat_weights import assemble_release
 
-        print(f"wrote {assemble_release(args.input, args.pixart, args.output, iteration=args.iteration)}")
+        out = assemble_release(args.input, base, args.output, variant=variant, iteration=args.iteration,
+                               tiny_decoder_config=args.tiny_decoder_config)
+        print(f"wrote {out}")
         return
     if args.what == "image_reward" and not (args.med_config and args.tokenizer):
         parser.error("image_reward needs --med-config med_config.json and "

@@ -381,7 +381,12 @@ def build_config(cls: type[T], files: Sequence[str | Path] = (), overrides: Sequ
     try:
         if values:
             merged = _merge(merged, _layer(values), cls)
-        merged = _merge(merged, OmegaConf.from_dotlist(list(overrides)), cls)
+        free = {f.name for f in dataclasses.fields(cls) if typing.get_type_hints(cls)[f.name] is Any}
+        inside = [o for o in overrides if "." in o.split("=", 1)[0] and o.split(".", 1)[0] in free]
+        merged = _merge(merged, OmegaConf.from_dotlist([o for o in overrides if o not in inside]), cls)
+        for override in inside:  # reward.kwargs.weights=... sets one key of the spec; reward={...} replaces it
+            key = override.split("=", 1)[0]
+            OmegaConf.update(merged, key, OmegaConf.select(OmegaConf.from_dotlist([override]), key), merge=True)
         config = OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:
         raise ConfigError(f"invalid override: {_omegaconf_message(err)}") from None

@@ -53,6 +53,7 @@ from r2d3.backends import Backend, available_backends, load_backend  # noqa: E40
 from r2d3.backends.base import sampler_defaults  # noqa: E402
 from r2d3.jobs.configs import InferenceSamplerConfig  # noqa: E402
 from r2d3.backends.diffsplat import tiny_diffsplat  # noqa: E402
+from r2d3.backends.diffsplat_sd15 import tiny_diffsplat_sd15  # noqa: E402
 from r2d3.backends.shap_e import ShapEBackend  # noqa: E402
 from r2d3.text import PromptEmbeds  # noqa: E402
 from r2d3.config import SamplerConfig  # noqa: E402
@@ -98,10 +99,10 @@ def _build_tiny() -> Any:
     return load_backend("tiny")  # the shipped weights
 
 
-def _build_diffsplat() -> Any:
-    # as tests/test_diffsplat.py's fixture: a 1-layer PixArt-Σ / GSVAE / T5, parameters perturbed so that
-    # outputs are non-trivial (seeded, so every build is the same model)
-    backend = tiny_diffsplat(vocab=DIFFSPLAT_VOCAB, seed=0)
+def _build_diffsplat(build: Callable[..., Any] = tiny_diffsplat) -> Any:
+    # as tests/test_diffsplat.py's fixture: a 1-layer PixArt-Σ / GSVAE / T5 (or the SD1.5 UNet / GSVAE /
+    # CLIP), parameters perturbed so that outputs are non-trivial (seeded, so every build is the same model)
+    backend = build(vocab=DIFFSPLAT_VOCAB, seed=0)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for p in backend.denoiser.parameters():
@@ -116,6 +117,8 @@ def _build_shap_e() -> Any:
 SPECS: dict[str, Spec] = {
     "tiny": Spec(_build_tiny, ("a red cube", "a large blue sphere with stripes", "green torus")),
     "diffsplat": Spec(_build_diffsplat, ("a red chair", "a blue lamp with a red chair", "lamp")),
+    "diffsplat_sd15": Spec(lambda: _build_diffsplat(tiny_diffsplat_sd15),
+                           ("a red chair", "a blue lamp with a red chair", "lamp")),
     "shap_e": Spec(_build_shap_e, ("a red cube", "a blue sphere", "green chair")),
 }
 
@@ -461,7 +464,15 @@ def test_scheduler_config_builds_sampler_schedules(backend):
         assert scheduler.config.prediction_type == backend.scheduler_config.get("prediction_type", "epsilon")
         ac = scheduler.alphas_cumprod
         assert ac.shape == (n,) and torch.isfinite(ac).all()
-        assert (ac > 0).all() and (ac <= 1).all() and (ac[1:] < ac[:-1]).all(), "alpha_bar must decrease in (0, 1]"
+        assert (ac[1:] < ac[:-1]).all() and (ac <= 1).all(), "alpha_bar must decrease"
+        if ac[-1] == 0:  # zero terminal SNR (DDIM keeps it; DPM clamps it): epsilon cannot give x_0 there
+            assert backend.scheduler_config.get("rescale_betas_zero_snr"), "alpha_bar = 0 without zero-SNR rescaling"
+            assert kind != _sampler_config(backend).kind, "the backend's own sampler must take its schedule"
+            if scheduler.config.prediction_type == "epsilon":
+                with pytest.raises(ValueError, match="zero terminal SNR"):
+                    StochasticSampler(scheduler, num_steps=min(10, n), eta=1.0)
+                continue
+        assert (ac > 0).all(), "alpha_bar must be in (0, 1]"
         StochasticSampler(scheduler, num_steps=min(10, n), eta=1.0)
     assert backend.scheduler_config == config, "building a scheduler mutated backend.scheduler_config"
 

@@ -140,9 +140,12 @@ def test_the_paper_setups_use_the_official_options():
     configs = sorted((Path(__file__).resolve().parents[1] / "cluster" / "configs").glob("*.yaml"))
     assert configs
     for file in configs:
-        algo = build_config(AlignConfig, [str(file)], []).algo
+        config = build_config(AlignConfig, [str(file)], [])
+        algo = config.algo
         official = (algo.subsampling, algo.x0_timestep_shift, algo.cameras_per_transition, algo.reward_image_noise)
-        assert official == ("official", True, True, 2e-3), file.name
+        # the x0 shift is the reference script's quirk on PixArt-Σ's schedule; the SD1.5 setup carries the rest over
+        shift = config.model.backend == "diffsplat"
+        assert official == ("official", shift, True, 2e-3), file.name
 
 
 # ------------------------------------------------------------------------------------ reward-image noise

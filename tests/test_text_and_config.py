@@ -87,6 +87,11 @@ def test_a_sweep_may_sample_the_algorithm():
 def test_config_overrides_and_errors(tmp_path):
     cfg = build_config(AlignConfig, overrides=["algo.beta=5e3", "reward={dnc: 1.0, colorfulness: 0.5}"])
     assert cfg.algo.beta == 5e3 and cfg.reward == {"dnc": 1.0, "colorfulness": 0.5}
+    # a dotted key inside the free-form reward spec sets that key only (a paper setup's weights path)
+    (tmp_path / "r.yaml").write_text("reward: {name: laion_aesthetic, kwargs: {weights: /models/clip, dtype: float32}}\n")
+    cfg = build_config(AlignConfig, files=[tmp_path / "r.yaml"], overrides=["reward.kwargs.weights=/mnt/clip"])
+    assert cfg.reward == {"name": "laion_aesthetic", "kwargs": {"weights": "/mnt/clip", "dtype": "float32"}}
+    assert build_config(AlignConfig, files=[tmp_path / "r.yaml"], overrides=["reward={dnc: 1.0}"]).reward == {"dnc": 1.0}
     with pytest.raises(ConfigError, match="algo.beta"):
         build_config(AlignConfig, overrides=["algo.beta=lots"])
     with pytest.raises(ConfigError, match="nosuch"):

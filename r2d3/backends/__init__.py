@@ -2,6 +2,7 @@
 
 from r2d3.backends.base import Backend, available_backends, load_backend, register_backend
 from r2d3.backends.diffsplat import DiffSplatBackend
+from r2d3.backends.diffsplat_sd15 import DiffSplatSD15Backend
 from r2d3.backends.shap_e import ShapEBackend
 from r2d3.backends.tiny import TinySplatBackend, TinySplatDenoiser
 from r2d3.pretrained import WeightsError
@@ -10,6 +11,7 @@ from r2d3.text import PromptEmbeds, TextEncoder, WordTokenizer
 __all__ = [
     "Backend",
     "DiffSplatBackend",
+    "DiffSplatSD15Backend",
     "PromptEmbeds",
     "ShapEBackend",
     "TextEncoder",

@@ -71,35 +71,46 @@ class DiffSplatBackend:
     """DiffSplat-PixArt-Σ behind the backend protocol (registry name ``diffsplat``).
 
     Latents are ``[B, V * 4, h, w]`` (views stacked on the channel axis, as the paper stores them).
-    The T5 text encoder is loaded on first use, so jobs that read precomputed prompt embeddings only
-    pay for it once (the empty negative prompt)."""
+    The text encoder is loaded on first use, so jobs that read precomputed prompt embeddings only
+    pay for it once (the empty negative prompt).
+
+    Subclasses swap the denoiser and text encoder (:class:`~r2d3.backends.diffsplat_sd15.DiffSplatSD15Backend`)
+    through the class attributes below, :meth:`_network` and :meth:`encode_prompts`; the GSVAE, the cameras,
+    decoding and the weight layout are shared."""
 
     name = "diffsplat"
     lora_target_modules = LORA_TARGET_MODULES
     #: the paper decodes the last stochastic step's latent (PixArt's linear schedule ends nearly clean)
     final_x0 = False
+    #: where the denoiser sits in a weights directory, and how it loads
+    denoiser_dir = TRANSFORMER_DIR
+    load_denoiser = staticmethod(load_transformer)
+    #: the text encoder: ``load_text_encoder`` kind and its precision unless backend.json says otherwise
+    text_encoder_kind = "t5"
+    default_text_encoder_dtype = "bfloat16"
+    default_scheduler_config = DEFAULT_SCHEDULER_CONFIG
+    layout_help = LAYOUT_HELP
 
-    def __init__(self, transformer: MultiViewPixArtTransformer, gsvae: GSVAE, text_encoder: Any = None,
+    def __init__(self, denoiser: nn.Module, gsvae: GSVAE, text_encoder: Any = None,
                  tokenizer: Any = None, scheduler_config: dict[str, Any] | None = None,
                  geometry: dict[str, Any] | None = None, tiny_decoder: bool = False,
                  text_encoder_loader: Any = None, text_encoder_device: str | None = None):
-        self.denoiser = transformer
+        self.denoiser = denoiser
         self.gsvae = gsvae.eval().requires_grad_(False)
-        self.scheduler_config = dict(scheduler_config or DEFAULT_SCHEDULER_CONFIG)
+        self.scheduler_config = dict(scheduler_config or self.default_scheduler_config)
         self.geometry = {**DEFAULT_GEOMETRY, **(geometry or {})}
         self.tiny_decoder = tiny_decoder
         self._text_encoder, self._tokenizer, self._text_loader = text_encoder, tokenizer, text_encoder_loader
         self.text_encoder_device = text_encoder_device  # e.g. "cpu": keep T5-XXL (9.5 GB bf16) off the GPU
-        cfg = transformer.config
-        expected_in = LATENT_CHANNELS + PLUCKER_CHANNELS
-        if cfg.in_channels != expected_in or transformer.out_channels not in (LATENT_CHANNELS, 2 * LATENT_CHANNELS):
-            raise WeightsError(f"DiffSplat transformer must take {expected_in} input channels (latent + Plücker) "
-                               f"and give 4 or 8; its config has in_channels={cfg.in_channels}, "
-                               f"out_channels={transformer.out_channels}")
+        cfg = denoiser.config
+        expected_in, out = LATENT_CHANNELS + PLUCKER_CHANNELS, cfg.out_channels or cfg.in_channels
+        if cfg.in_channels != expected_in or out not in (LATENT_CHANNELS, 2 * LATENT_CHANNELS):
+            raise WeightsError(f"DiffSplat denoiser must take {expected_in} input channels (latent + Plücker) "
+                               f"and give 4 or 8; its config has in_channels={cfg.in_channels}, out_channels={out}")
         self.num_views = int(self.geometry["num_views"])
         if len(self.geometry["azimuths_deg"]) != self.num_views:
             raise ValueError(f"geometry: {len(self.geometry['azimuths_deg'])} azimuths for {self.num_views} views")
-        transformer.set_num_views(self.num_views)
+        denoiser.set_num_views(self.num_views)
         self.c2w = input_c2w(self.geometry)
         res = int(cfg.sample_size)
         # Plücker rays at the input resolution, bilinearly resized to the latent grid (as DiffSplat)
@@ -126,7 +137,7 @@ class DiffSplatBackend:
 
     @property
     def text_encoder(self) -> nn.Module:
-        """The T5 encoder (loaded on first use)."""
+        """The text encoder (loaded on first use)."""
         return self._text()[0]
 
     def encoder_fingerprint(self) -> str:
@@ -167,15 +178,16 @@ class DiffSplatBackend:
         views = x.reshape(b * v, LATENT_CHANNELS, *x.shape[-2:])
         plucker = self.plucker.to(x.device, x.dtype).repeat(b, 1, 1, 1)
         t = (t.expand(b) if t.ndim == 0 else t).to(x.device)
-        out = self.denoiser(
-            torch.cat([views, plucker], dim=1).to(dtype),
-            encoder_hidden_states=cond.tokens.to(x.device, dtype).repeat_interleave(v, dim=0),
-            encoder_attention_mask=cond.mask.to(x.device).repeat_interleave(v, dim=0).to(dtype),
-            timestep=t.repeat_interleave(v),
-            added_cond_kwargs={"resolution": None, "aspect_ratio": None},
-            return_dict=False,
-        )[0]
+        out = self._network(torch.cat([views, plucker], dim=1).to(dtype),
+                            cond.tokens.to(x.device, dtype).repeat_interleave(v, dim=0),
+                            cond.mask.to(x.device).repeat_interleave(v, dim=0), t.repeat_interleave(v))
         return out[:, :LATENT_CHANNELS].to(x.dtype).reshape(x.shape)
+
+    def _network(self, inputs: Tensor, tokens: Tensor, mask: Tensor, t: Tensor) -> Tensor:
+        """One denoiser call on per-view inputs ``[(B V), 10, h, w]`` with per-view prompt tokens."""
+        return self.denoiser(inputs, encoder_hidden_states=tokens, encoder_attention_mask=mask.to(inputs.dtype),
+                             timestep=t, added_cond_kwargs={"resolution": None, "aspect_ratio": None},
+                             return_dict=False)[0]
 
     def splatter_images(self, latents: Tensor) -> Tensor:
         """Latents ``[B, V*4, h, w]`` -> splatter images ``[B, V, 12, H, W]`` in [-1, 1] (differentiable)."""
@@ -205,7 +217,7 @@ class DiffSplatBackend:
     def save_pretrained(self, path: str | os.PathLike) -> None:
         """Write the layout :meth:`from_pretrained` reads (text encoder and tokenizer when loaded)."""
         path = Path(path)
-        self.denoiser.save_pretrained(path / TRANSFORMER_DIR, safe_serialization=True)
+        self.denoiser.save_pretrained(path / self.denoiser_dir, safe_serialization=True)
         (path / GSVAE_DIR).mkdir(parents=True, exist_ok=True)
         save_file({k: v.contiguous() for k, v in self.gsvae.state_dict().items()}, path / GSVAE_DIR / GSVAE_WEIGHTS)
         (path / GSVAE_DIR / VAE_CONFIG).write_text(json.dumps(self.gsvae.vae_config, indent=2, default=list))
@@ -221,30 +233,30 @@ class DiffSplatBackend:
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, device: str = "cpu", dtype: str | None = None) -> "DiffSplatBackend":
-        """Load DiffSplat from a local directory (layout in :data:`LAYOUT_HELP`); strict key/shape matching.
+        """Load DiffSplat from a local directory (layout in :attr:`layout_help`); strict key/shape matching.
 
-        Optional ``backend.json`` keys: ``dtype`` (the transformer's and GSVAE's precision, default float32;
-        LoRA adapters train in float32 regardless), ``text_encoder_dtype`` (default bfloat16: T5-XXL takes
-        9.5 GB instead of 19 GB, and it only encodes prompts, which are cached), ``text_encoder_device``
-        (e.g. ``"cpu"``), ``tiny_decoder`` (decode with the distilled decoder), ``scheduler`` and ``geometry``
-        (defaults: the released model's)."""
+        Optional ``backend.json`` keys: ``dtype`` (the denoiser's and GSVAE's precision, default float32;
+        LoRA adapters train in float32 regardless), ``text_encoder_dtype`` (default
+        :attr:`default_text_encoder_dtype`; PixArt-Σ's T5-XXL in bfloat16 takes 9.5 GB instead of 19 GB, and it
+        only encodes prompts, which are cached), ``text_encoder_device`` (e.g. ``"cpu"``), ``tiny_decoder``
+        (decode with the distilled decoder), ``scheduler`` and ``geometry`` (defaults: the released model's)."""
         path = Path(path)
         meta = read_json(path / BACKEND_FILE, "DiffSplat backend settings") if (path / BACKEND_FILE).is_file() else {}
         torch_dtype = getattr(torch, dtype or meta.get("dtype", "float32"))
-        transformer = load_transformer(path / TRANSFORMER_DIR)
-        gsvae = load_gsvae(path / GSVAE_DIR)
+        denoiser = cls.load_denoiser(path / cls.denoiser_dir)
+        gsvae = load_gsvae(path / GSVAE_DIR, cls.layout_help)
 
-        text_dtype = getattr(torch, meta.get("text_encoder_dtype", "bfloat16"), None)
+        text_dtype = getattr(torch, meta.get("text_encoder_dtype", cls.default_text_encoder_dtype), None)
         if not isinstance(text_dtype, torch.dtype) or not text_dtype.is_floating_point:
             raise WeightsError(f"{path / BACKEND_FILE}: text_encoder_dtype must be a floating torch dtype such as "
                                f"'bfloat16', got {meta.get('text_encoder_dtype')!r}")
 
         def text() -> tuple[Any, Any]:
-            return load_text_encoder(path, text_dtype)
+            return load_text_encoder(path, text_dtype, cls.text_encoder_kind)
 
         if torch_dtype != torch.float32:
-            transformer, gsvae = transformer.to(torch_dtype), gsvae.to(torch_dtype)
-        backend = cls(transformer, gsvae, scheduler_config=meta.get("scheduler"),
+            denoiser, gsvae = denoiser.to(torch_dtype), gsvae.to(torch_dtype)
+        backend = cls(denoiser, gsvae, scheduler_config=meta.get("scheduler"),
                       geometry=meta.get("geometry"), tiny_decoder=bool(meta.get("tiny_decoder", False)),
                       text_encoder_loader=text, text_encoder_device=meta.get("text_encoder_device"))
         return backend.to(device)

@@ -1,8 +1,8 @@
-"""DiffSplat's networks and camera conventions: the multi-view PixArt-Σ transformer, the GSVAE and the
-Plücker / depth geometry of its fixed input cameras (see :mod:`r2d3.backends.diffsplat` for the model).
+"""DiffSplat's networks and camera conventions: the multi-view PixArt-Σ transformer and SD1.5 UNet, the
+GSVAE and the Plücker / depth geometry of its fixed input cameras (see :mod:`r2d3.backends.diffsplat`).
 
-Kept apart from the backend so that a second DiffSplat denoiser (another base model) reuses the GSVAE,
-the cameras and the weight loaders without the PixArt backend."""
+Kept apart from the backends so that both DiffSplat denoisers (PixArt-Σ, SD1.5) share the GSVAE, the
+cameras, the cross-view attention and the weight loaders."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKL, AutoencoderTiny, PixArtTransformer2DModel
+from diffusers import AutoencoderKL, AutoencoderTiny, PixArtTransformer2DModel, UNet2DConditionModel
 from diffusers.loaders import PeftAdapterMixin
+from diffusers.models.attention import BasicTransformerBlock
 from torch import Tensor, nn
 
 from r2d3.render.cameras import orbit_cameras
@@ -19,7 +20,7 @@ from r2d3.render.cameras import orbit_cameras
 GS_CHANNELS = 12  # rgb 3, scale 3, rotation 4, opacity 1, depth 1
 LATENT_CHANNELS = 4
 PLUCKER_CHANNELS = 6
-#: PixArt-Σ's training schedule with the step settings of the paper's sampler
+#: PixArt-Σ's training schedule with the step settings of the paper's sampler (DiffSplat-PixArt-Σ)
 DEFAULT_SCHEDULER_CONFIG: dict[str, Any] = {
     "_class_name": "DPMSolverMultistepScheduler",
     "num_train_timesteps": 1000,
@@ -30,14 +31,28 @@ DEFAULT_SCHEDULER_CONFIG: dict[str, Any] = {
     "timestep_spacing": "linspace",
     "steps_offset": 1,
 }
+#: SD1.5's training schedule as DiffSplat trains and samples it: its "common tricks" (Lin et al. 2023) set
+#: trailing timestep spacing and rescale the betas to zero terminal SNR (diffusers then keeps the last
+#: alpha_bar at 2**-24, so the first sigma and the epsilon model's x_0 stay finite)
+SD15_SCHEDULER_CONFIG: dict[str, Any] = {
+    "_class_name": "DPMSolverMultistepScheduler",
+    "num_train_timesteps": 1000,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "prediction_type": "epsilon",
+    "timestep_spacing": "trailing",
+    "rescale_betas_zero_snr": True,
+    "steps_offset": 1,
+}
 
 
 class MultiViewAttnProcessor:
     """Self-attention over the tokens of all ``num_views`` views of an object (batch ``(b v) n d``).
 
     Why: DiffSplat's views are one object; joint attention lets each view's Gaussians agree with the
-    others. PixArt's self-attention has no mask, norms or residual inside the processor, which this
-    checks rather than silently ignoring."""
+    others. The self-attention of PixArt's and of SD1.5's transformer blocks has no mask, norms or
+    residual inside the processor, which this checks rather than silently ignoring."""
 
     def __init__(self, num_views: int):
         if num_views < 1:
@@ -48,8 +63,9 @@ class MultiViewAttnProcessor:
                  attention_mask: Tensor | None = None, **_: Any) -> Tensor:
         if encoder_hidden_states is not None or attention_mask is not None:
             raise ValueError("multi-view self-attention takes no context or mask")
-        if attn.norm_q is not None or attn.residual_connection or attn.spatial_norm is not None:
-            raise ValueError("multi-view attention processor supports PixArt's plain self-attention only")
+        if (attn.norm_q is not None or attn.residual_connection or attn.spatial_norm is not None
+                or attn.group_norm is not None):
+            raise ValueError("multi-view attention processor supports plain (PixArt / SD1.5) self-attention only")
         bv, n, dim = hidden_states.shape
         if bv % self.num_views:
             raise ValueError(f"batch {bv} is not a multiple of num_views={self.num_views}")
@@ -67,6 +83,19 @@ class MultiViewPixArtTransformer(PixArtTransformer2DModel, PeftAdapterMixin):
 
     def set_num_views(self, num_views: int) -> None:
         for block in self.transformer_blocks:
+            block.attn1.set_processor(MultiViewAttnProcessor(num_views))
+
+
+class MultiViewUNet(UNet2DConditionModel):
+    """SD1.5's UNet with cross-view self-attention in every transformer block (DiffSplat's
+    ``UNetMV2DConditionModel``: its MV blocks keep the parameter names of diffusers' blocks, so this is the
+    2D model with the ``attn1`` processors swapped). Cross-attention to the CLIP prompt stays per view."""
+
+    def set_num_views(self, num_views: int) -> None:
+        blocks = [m for m in self.modules() if isinstance(m, BasicTransformerBlock)]
+        if not blocks:
+            raise ValueError("this UNet has no transformer blocks to attend across views")
+        for block in blocks:
             block.attn1.set_processor(MultiViewAttnProcessor(num_views))
 
 
