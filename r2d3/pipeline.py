@@ -96,6 +96,9 @@ class Pipeline:
     uncond: PromptEmbeds  # the empty prompt, one row
     reward_fn: RewardFn | None = None
     scorer: Scorer | None = None
+    #: record the network's whole output in training trajectories (``Trajectory.extra_outputs``), for an
+    #: algorithm that regularises it (``nabla_gfn`` with ``proximal_outputs=full``); needs ``backend.denoise_full``
+    record_full_outputs: bool = False
 
     @classmethod
     def build(cls, backend: Backend, sampler: SamplerConfig, render: RenderConfig, reward_fn: RewardFn | None = None,
@@ -108,13 +111,16 @@ class Pipeline:
 
     # ---- pieces the losses differentiate through
 
-    def model_fn(self, cond: PromptEmbeds) -> Callable[[Tensor, Tensor], Tensor]:
-        """The guided network output ``f(x, t)`` for these prompts (differentiable)."""
+    def model_fn(self, cond: PromptEmbeds, full: bool = False) -> Callable[[Tensor, Tensor], Tensor]:
+        """The guided network output ``f(x, t)`` for these prompts (differentiable). ``full``: the network's
+        whole output, the model output followed by the channels sampling ignores (``backend.denoise_full``),
+        guidance applied to all of it as the reference pipeline does."""
         both = PromptEmbeds.cat([cond, self.uncond])
         cond, uncond = both[: len(cond)], both[len(cond):]
+        network = self.backend.denoise_full if full else self.backend.denoise
 
         def denoise(x: Tensor, t: Tensor, c: dict[str, Tensor]) -> Tensor:
-            return self.backend.denoise(x, t, PromptEmbeds(c["tokens"], c["mask"]))
+            return network(x, t, PromptEmbeds(c["tokens"], c["mask"]))
 
         return guided_model_fn(denoise, {"tokens": cond.tokens, "mask": cond.mask},
                                {"tokens": uncond.tokens, "mask": uncond.mask}, self.guidance_scale)
@@ -188,8 +194,13 @@ class Pipeline:
         with adapters_disabled(self.backend.denoiser) if base else nullcontext():
             noise = noise.to(self.backend.device)
             cond = self.backend.encode_prompts(prompts)
-            traj = self.sampler.sample(self.model_fn(cond), x_T=noise[:, 0], noises=noise[:, 1:],
-                                       final_x0=self.backend.final_x0)
+            extras: list[Tensor] = []
+            model_fn = self.model_fn(cond)
+            if self.record_full_outputs and keep_trajectory:
+                model_fn = _recording_extra(self.model_fn(cond, full=True), extras)
+            traj = self.sampler.sample(model_fn, x_T=noise[:, 0], noises=noise[:, 1:], final_x0=self.backend.final_x0)
+            if extras:  # one per step (a final x0 prediction adds one more, not a step's)
+                traj = dataclasses.replace(traj, extra_outputs=torch.stack(extras[: traj.num_steps], dim=1))
         gaussians = self.backend.decode(traj.final)
         cameras = self.cameras(len(prompts), generator if jitter else None, jitter=jitter)
         renders, rewards = None, None
@@ -199,6 +210,18 @@ class Pipeline:
             renders = self.render_views(gaussians, cameras)
         return Generation(prompts, traj.final, gaussians, cameras, renders, rewards,
                           traj if keep_trajectory else None, cond if keep_trajectory else None)
+
+
+def _recording_extra(full_fn: Callable[[Tensor, Tensor], Tensor], extras: list[Tensor]
+                     ) -> Callable[[Tensor, Tensor], Tensor]:
+    """A model function for the sampler that evaluates the network's whole output once per call, returns the
+    model output (the first ``x.shape[1]`` channels) and keeps the rest in ``extras``."""
+    def model_fn(x: Tensor, t: Tensor) -> Tensor:
+        out = full_fn(x, t)
+        extras.append(out[:, x.shape[1]:].detach())
+        return out[:, : x.shape[1]]
+
+    return model_fn
 
 
 __all__ = ["Generation", "Pipeline", "RewardFn", "Scorer", "initial_noise", "noise_seed"]

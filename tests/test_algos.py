@@ -248,9 +248,9 @@ def test_reward_cameras_drawn_per_batch_or_per_transition(per_transition, monkey
         draws.append(object())
         return draws[-1]
 
-    def transition(ctx_, model_fn, traj, step, prompts, cams, cond=None, generator=None):
+    def transition(ctx_, model_fn, traj, step, prompts, cams, cond=None, generator=None, **kw):
         seen.append(cams)
-        return real_transition(ctx_, model_fn, traj, step, prompts, None, cond, generator)
+        return real_transition(ctx_, model_fn, traj, step, prompts, None, cond, generator, **kw)
 
     monkeypatch.setattr(ctx, "cameras", cameras)
     monkeypatch.setattr(algo, "transition", transition)

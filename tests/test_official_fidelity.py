@@ -142,10 +142,12 @@ def test_the_paper_setups_use_the_official_options():
     for file in configs:
         config = build_config(AlignConfig, [str(file)], [])
         algo = config.algo
-        official = (algo.subsampling, algo.x0_timestep_shift, algo.cameras_per_transition, algo.reward_image_noise)
-        # the x0 shift is the reference script's quirk on PixArt-Σ's schedule; the SD1.5 setup carries the rest over
-        shift = config.model.backend == "diffsplat"
-        assert official == ("official", shift, True, 2e-3), file.name
+        official = (algo.subsampling, algo.x0_timestep_shift, algo.cameras_per_transition, algo.reward_image_noise,
+                    algo.proximal_outputs)
+        # the x0 shift is the reference script's quirk on PixArt-Σ's schedule and the full proximal term needs its
+        # learned-variance half; the SD1.5 setup carries the rest over
+        pixart = config.model.backend == "diffsplat"
+        assert official == ("official", pixart, True, 2e-3, "full" if pixart else "model"), file.name
 
 
 # ------------------------------------------------------------------------------------ reward-image noise
@@ -186,3 +188,75 @@ def test_reward_image_noise_needs_the_reward_in_the_trainer():
     with pytest.raises(ConfigError, match="algo.reward_image_noise needs the reward in the trainer"):
         validate(config)
     validate(build_config(AlignConfig, overrides=["algo.reward_image_noise=0.002"]))
+
+
+# ------------------------------------------------------------------------------------ proximal term
+
+
+def _official_cfg_output(backend, x, t, tokens, mask, uncond, scale):
+    """Transcribed from the reference pipeline (float64): the multi-view transformer on the [uncond; cond]
+    batch of every view's latent + Plücker rays, CFG over all 8 output channels, views back in order."""
+    b, v = x.shape[0], backend.num_views
+    views = x.double().reshape(b * v, 4, *x.shape[-2:])
+    inputs = torch.cat([views, backend.plucker.double().repeat(b, 1, 1, 1)], dim=1)
+    emb = torch.cat([uncond.tokens.expand(b, -1, -1), tokens]).double().repeat_interleave(v, 0)
+    att = torch.cat([uncond.mask.expand(b, -1), mask]).double().repeat_interleave(v, 0)
+    den = backend.denoiser.double()
+    try:
+        out = den(torch.cat([inputs, inputs]), encoder_hidden_states=emb, encoder_attention_mask=att,
+                  timestep=t.repeat(2 * b * v), added_cond_kwargs={"resolution": None, "aspect_ratio": None},
+                  return_dict=False)[0]
+    finally:
+        den.float()
+    u, c = out[: b * v], out[b * v:]
+    return (u + scale * (c - u)).reshape(b, v, 8, *x.shape[-2:])  # [B, V, eps 4 + variance 4, h, w]
+
+
+def test_proximal_term_over_the_full_output_is_the_official_one():
+    """algo.proximal_outputs=full: sampling records the CFG'd learned-variance half next to epsilon, and the
+    proximal term is the mean squared change of all 8 channels per view, as the reference loss; with 'model'
+    it covers epsilon only. The SD1.5 UNet (4 output channels) is refused before training."""
+    pytest.importorskip("transformers")
+    from r2d3.backends.diffsplat import tiny_diffsplat
+    from r2d3.backends.diffsplat_sd15 import tiny_diffsplat_sd15
+    from r2d3.backends.lora import add_lora
+
+    backend = tiny_diffsplat(vocab=["a", "red", "chair"], seed=1)
+    add_lora(backend.denoiser, 4, None, backend.lora_target_modules)
+    sampler = SamplerConfig(kind="sde-dpmsolver++", num_steps=4, eta=1.0, guidance_scale=5.0)
+    ctx = Pipeline.build(backend, sampler, RenderConfig(num_views=2, resolution=16), lambda r, p: r.rgb.mean((1, 2, 3, 4)))
+    full = build_algorithm(NablaGFNConfig(proximal_outputs="full", timestep_fraction=1.0), 4)
+    full.build_modules(ctx)
+    assert ctx.record_full_outputs
+    prompts = ["a red chair", "a chair"]
+    gen = ctx.generate(prompts, ctx.noise(2, torch.Generator().manual_seed(0)), render=False, score=False)
+    traj, cond = gen.trajectory, gen.cond
+    assert traj.extra_outputs.shape == traj.model_outputs.shape
+    j = 2
+    t = traj.timesteps[j]
+    with torch.no_grad():
+        old = _official_cfg_output(backend, traj.latents[:, j], t, cond.tokens, cond.mask, ctx.uncond, 5.0)
+    torch.testing.assert_close(traj.extra_outputs[:, j].double(), old[:, :, 4:].reshape(traj.extra_outputs[:, j].shape),
+                               atol=1e-5, rtol=1e-5)
+    with torch.no_grad():  # a trained adapter: the policy has moved away from the sampling network
+        g = torch.Generator().manual_seed(2)
+        for name, p in backend.denoiser.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05, generator=g)
+    cams = ctx.cameras(2, torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        new = _official_cfg_output(backend, traj.latents[:, j], t, cond.tokens, cond.mask, ctx.uncond, 5.0)
+    official = (new - old).square().mean()  # over B, V, all 8 channels, h, w
+    eps_only = (new - old)[:, :, :4].square().mean()
+    got_full = full.transition(ctx, ctx.model_fn(cond), traj, j, prompts, cams, cond,
+                               full_fn=ctx.model_fn(cond, full=True))["loss_reg"]
+    got_model = build_algorithm(NablaGFNConfig(timestep_fraction=1.0), 4).transition(
+        ctx, ctx.model_fn(cond), traj, j, prompts, cams, cond)["loss_reg"]
+    assert float(official) > 0 and abs(float(official) - float(eps_only)) > 1e-3 * float(official)
+    assert got_full.item() == pytest.approx(official.item(), rel=1e-4)
+    assert got_model.item() == pytest.approx(eps_only.item(), rel=1e-4)
+
+    sd15 = tiny_diffsplat_sd15(vocab=["a", "red", "chair"])
+    sd_ctx = Pipeline.build(sd15, sampler, RenderConfig(num_views=2, resolution=16))
+    with pytest.raises(ValueError, match="proximal_outputs=full needs a backend"):
+        build_algorithm(NablaGFNConfig(proximal_outputs="full"), 4).build_modules(sd_ctx)

@@ -46,7 +46,8 @@ def _flat(tree: dict, prefix: str = "") -> dict:
 #: setups the official code does not cover, carried over from one of PAPER: (its source, the keys that differ)
 CARRIED = {
     "diffsplat_sd15_aesthetic": ("diffsplat_aesthetic", {"run.name", "model.backend", "model.weights",
-                                                         "sampler.guidance_scale", "algo.x0_timestep_shift"}),
+                                                         "sampler.guidance_scale", "algo.x0_timestep_shift",
+                                                         "algo.proximal_outputs"}),
 }
 
 

@@ -66,7 +66,8 @@ class Algorithm(Protocol):
     uses_lag: bool
 
     def build_modules(self, ctx: Pipeline) -> dict[str, TrainedModule]:
-        """Networks this algorithm trains besides the LoRA, built for ``ctx``'s backend (usually none)."""
+        """Networks this algorithm trains besides the LoRA, built for ``ctx``'s backend (usually none); also
+        where it asks ``ctx`` to record more of each trajectory (``Pipeline.record_full_outputs``)."""
         ...
 
     def prepare(self, batch: SampleBatch) -> SampleBatch:

@@ -52,6 +52,10 @@ class NablaGFNConfig(TransitionOptions):
     reward_weighting: str = opt("squared", "w(t) = alpha_bar ('squared') or sqrt(alpha_bar) ('sqrt')",
                                 choices=("squared", "sqrt"))
     reg_scale: float = opt(1e2, "lambda, weight of the proximal term |eps_theta - eps_old|^2", check=at_least(0))
+    proximal_outputs: str = opt("model", "what the proximal term compares: the model output the sampler uses "
+                                         "('model', epsilon) or the network's whole output ('full': with "
+                                         "DiffSplat-PixArt-Σ's learned-variance half, the reference code)",
+                                choices=("model", "full"))
     reward_grad_clip: Optional[float] = opt(None, "clip |beta * w * grad r| per sample (None: off)", check=positive())
     jacobian_free: bool = opt(False, "treat eps as constant in the reward gradient (cheaper)")
     reward_image_noise: float = opt(0.0, "std of Gaussian noise added to the rendered colours the training reward "
@@ -86,6 +90,11 @@ class NablaGFN(AlgorithmBase):
         self.flow: FlowCorrection | None = None
 
     def build_modules(self, ctx: Pipeline) -> dict[str, TrainedModule]:
+        if self.config.proximal_outputs == "full":
+            if not getattr(ctx.backend, "extra_output_channels", 0):
+                raise ValueError(f"algo.proximal_outputs=full needs a backend whose network has outputs beyond the "
+                                 f"model output (extra_output_channels, denoise_full); {ctx.backend.name!r} has none: use 'model'")
+            ctx.record_full_outputs = True  # the sampling pass keeps the anchor's extra half
         if not self.config.flow_correction:
             return {}
         text_dim = ctx.uncond.tokens.shape[-1]
@@ -175,9 +184,11 @@ class NablaGFN(AlgorithmBase):
         return grad
 
     def transition(self, ctx: Pipeline, model_fn, traj, step: int, prompts, cameras,
-                   cond=None, generator: torch.Generator | None = None) -> dict[str, Tensor]:
+                   cond=None, generator: torch.Generator | None = None, full_fn=None) -> dict[str, Tensor]:
         """All terms of one transition's loss for the whole batch (``loss`` carries the LoRA graph, and the
-        flow correction's when it is on; ``cond`` are the prompts' embeddings, needed by g_phi)."""
+        flow correction's when it is on; ``cond`` are the prompts' embeddings, needed by g_phi). ``full_fn``
+        (``proximal_outputs=full``): the guided whole network output, whose proximal term then also covers
+        the channels sampling ignores, against the trajectory's ``extra_outputs``."""
         x_t, x_next = traj.latents[:, step], traj.latents[:, step + 1]
         t = traj.timesteps[step].to(x_t.device).expand(x_t.shape[0])
         grad, reward = self.reward_grad(ctx, model_fn, x_next, step, prompts, cameras, generator)
@@ -185,7 +196,15 @@ class NablaGFN(AlgorithmBase):
         with torch.no_grad(), adapters_disabled(ctx.backend.denoiser):
             mean_ref, std = ctx.sampler.step_mean_std(x_t, model_fn(x_t, t), step)
             score_ref = -(x_next - mean_ref) / std**2
-        out = model_fn(x_t, t)
+        if full_fn is None:
+            out = reg_out = model_fn(x_t, t)
+            anchor = traj.model_outputs[:, step]
+        else:
+            if traj.extra_outputs is None:
+                raise ValueError("proximal_outputs=full needs trajectories sampled with their extra outputs recorded")
+            reg_out = full_fn(x_t, t)
+            out = reg_out[:, : x_t.shape[1]]
+            anchor = torch.cat([traj.model_outputs[:, step], traj.extra_outputs[:, step]], dim=1)
         mean, std = ctx.sampler.step_mean_std(x_t, out, step)
         score = -(x_next - mean) / std**2
         target = score_ref + drive
@@ -196,7 +215,7 @@ class NablaGFN(AlgorithmBase):
             target = target + flow
             terms["flow_norm"] = flow.detach().flatten(1).norm(dim=1).mean()
         loss_score = (score - target).square().mean()
-        loss_reg = (out - traj.model_outputs[:, step]).square().mean()
+        loss_reg = (reg_out - anchor).square().mean()
         loss = loss_score + self.config.reg_scale * loss_reg
         if self.config.reverse_loss_scale > 0:
             rev_residual = self.reverse_residual(ctx, model_fn, x_t, x_next, step)
@@ -221,6 +240,7 @@ class NablaGFN(AlgorithmBase):
         per_transition = self.config.cameras_per_transition
         cameras = None if per_transition else ctx.cameras(len(batch), generator)
         model_fn = ctx.model_fn(batch.cond)
+        full_fn = ctx.model_fn(batch.cond, full=True) if self.config.proximal_outputs == "full" else None
         totals = {"loss": 0.0, "loss_score": 0.0, "loss_reg": 0.0, "score_residual_norm": 0.0,
                   "target_norm": 0.0, "reward_grad_norm": 0.0, "reward_at_x0hat": 0.0}
         extra: dict[str, float] = {}
@@ -231,7 +251,7 @@ class NablaGFN(AlgorithmBase):
         for j in steps:
             if per_transition:
                 cameras = ctx.cameras(len(batch), generator)
-            terms = self.transition(ctx, model_fn, traj, j, batch.prompts, cameras, batch.cond, generator)
+            terms = self.transition(ctx, model_fn, traj, j, batch.prompts, cameras, batch.cond, generator, full_fn=full_fn)
             (terms["loss"] * scale / len(steps)).backward()
             for key in ("flow_norm", "loss_reverse"):
                 if key in terms:

@@ -170,8 +170,30 @@ class DiffSplatBackend:
 
     def denoise(self, x: Tensor, t: Tensor, cond: PromptEmbeds) -> Tensor:
         """``[B, V*4, h, w]`` -> epsilon ``[B, V*4, h, w]`` (the learned-variance half is dropped)."""
+        return self._views_out(x, t, cond)[:, :LATENT_CHANNELS].reshape(x.shape)
+
+    @property
+    def extra_output_channels(self) -> int:
+        """Channels of :meth:`denoise_full` beyond the model output: the learned-variance half (PixArt-Σ's
+        8-channel output), 0 for a 4-channel denoiser (SD1.5)."""
+        cfg = self.denoiser.config
+        learned_variance = (cfg.out_channels or cfg.in_channels) == 2 * LATENT_CHANNELS
+        return self.num_views * LATENT_CHANNELS if learned_variance else 0
+
+    def denoise_full(self, x: Tensor, t: Tensor, cond: PromptEmbeds) -> Tensor:
+        """The network's whole output ``[B, 2 * V*4, h, w]``: epsilon (as :meth:`denoise`), then the
+        learned-variance half in the same view order. What the reference code's proximal term regularises
+        (``algo.proximal_outputs=full``); a denoiser with a 4-channel output has no such half."""
+        if not self.extra_output_channels:
+            raise ValueError(f"{self.name}'s denoiser has no learned-variance half: its full output is the model "
+                             f"output (use algo.proximal_outputs=model)")
+        out = self._views_out(x, t, cond)
+        return torch.cat([out[:, :LATENT_CHANNELS].reshape(x.shape), out[:, LATENT_CHANNELS:].reshape(x.shape)], 1)
+
+    def _views_out(self, x: Tensor, t: Tensor, cond: PromptEmbeds) -> Tensor:
+        """The denoiser's per-view output ``[(B V), C, h, w]`` in ``x``'s dtype."""
         if x.ndim != 4 or tuple(x.shape[1:]) != self.latent_shape:
-            raise ValueError(f"diffsplat denoiser expects latents [B, {', '.join(map(str, self.latent_shape))}], "
+            raise ValueError(f"{self.name} denoiser expects latents [B, {', '.join(map(str, self.latent_shape))}], "
                              f"got {tuple(x.shape)}")
         b, v = x.shape[0], self.num_views
         dtype = self.denoiser.dtype
@@ -181,7 +203,7 @@ class DiffSplatBackend:
         out = self._network(torch.cat([views, plucker], dim=1).to(dtype),
                             cond.tokens.to(x.device, dtype).repeat_interleave(v, dim=0),
                             cond.mask.to(x.device).repeat_interleave(v, dim=0), t.repeat_interleave(v))
-        return out[:, :LATENT_CHANNELS].to(x.dtype).reshape(x.shape)
+        return out.to(x.dtype)
 
     def _network(self, inputs: Tensor, tokens: Tensor, mask: Tensor, t: Tensor) -> Tensor:
         """One denoiser call on per-view inputs ``[(B V), 10, h, w]`` with per-view prompt tokens."""

@@ -13,6 +13,8 @@ Shapes (written once here; B trajectories, K sampling steps, S the latent shape,
 ``noises``         ``[B, K, *S]``      standard-normal z_j, with ``latents[:, j+1] = means[:, j] + stds[j]·z_j``
 ``log_probs``      ``[B, K]`` or None  log N(x_{j+1}; μ_j, σ_j²) summed over S; None if some σ_j = 0
 ``scores``         ``[B, K, *S]``/None ∇_{x_{j+1}} log p = -(x_{j+1} - μ_j)/σ_j²; only when requested
+``extra_outputs``  ``[B, K, ...]``/None the CFG-combined network output beyond the model output (DiffSplat-PixArt-Σ's
+                                       learned-variance half); only when an algorithm regularises the full output
 =================  ==================  ==========================================================
 
 Everything except ``latents`` is detached; ``latents`` keeps the autograd graph of the steps sampled
@@ -27,7 +29,7 @@ from dataclasses import dataclass, fields, replace
 import torch
 from torch import Tensor
 
-_PER_SAMPLE = ("latents", "model_outputs", "means", "noises", "log_probs", "scores", "clean_final")
+_PER_SAMPLE = ("latents", "model_outputs", "means", "noises", "log_probs", "scores", "clean_final", "extra_outputs")
 _PER_STEP = ("timesteps", "next_timesteps", "step_indices", "stds")
 
 
@@ -47,6 +49,7 @@ class Trajectory:
     scores: Tensor | None = None
     #: ``[B, *S]`` x̂_0 predicted at the last state, for models whose last noise level is far from clean
     clean_final: Tensor | None = None
+    extra_outputs: Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.latents.ndim < 2:
@@ -67,6 +70,8 @@ class Trajectory:
         if self.clean_final is not None and tuple(self.clean_final.shape) != (batch, *latent_shape):
             raise ValueError(f"Trajectory.clean_final must have shape {[batch, *latent_shape]}, "
                              f"got {list(self.clean_final.shape)}")
+        if self.extra_outputs is not None and tuple(self.extra_outputs.shape[:2]) != (batch, steps):
+            raise ValueError(f"Trajectory.extra_outputs must be [{batch}, {steps}, ...], got {list(self.extra_outputs.shape)}")
         if self.log_probs is not None and tuple(self.log_probs.shape) != (batch, steps):
             raise ValueError(f"Trajectory.log_probs must have shape [{batch}, {steps}], got {list(self.log_probs.shape)}")
 

@@ -242,7 +242,7 @@ def _buffer_tensors(batch: SampleBatch) -> dict[str, torch.Tensor]:
     t = batch.trajectory
     out = {"latents": t.latents, "model_outputs": t.model_outputs, "means": t.means, "noises": t.noises,
            "rewards": batch.rewards, "cond_tokens": batch.cond.tokens, "cond_mask": batch.cond.mask}
-    for name in ("log_probs", "clean_final"):
+    for name in ("log_probs", "clean_final", "extra_outputs"):
         if getattr(t, name) is not None:
             out[name] = getattr(t, name)
     return {k: v.detach().cpu() for k, v in out.items()}
@@ -256,7 +256,8 @@ def _buffer_from_tensors(ctx: Pipeline, data: dict[str, torch.Tensor], prompts: 
                       model_outputs=data["model_outputs"].to(dev), means=data["means"].to(dev),
                       stds=s.stds.clone(), noises=data["noises"].to(dev),
                       log_probs=data["log_probs"].to(dev) if "log_probs" in data else None,
-                      clean_final=data["clean_final"].to(dev) if "clean_final" in data else None)
+                      clean_final=data["clean_final"].to(dev) if "clean_final" in data else None,
+                      extra_outputs=data["extra_outputs"].to(dev) if "extra_outputs" in data else None)
     cond = PromptEmbeds(data["cond_tokens"].to(dev), data["cond_mask"].to(dev))
     return SampleBatch(traj, prompts, cond, data["rewards"].to(dev))
 
