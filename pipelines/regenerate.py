@@ -68,7 +68,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                  "mesh_resolution": g.mesh_resolution, "turntable": [g.turntable_frames,
                                                                                      g.turntable_size],
                                  "preview_size": g.preview_size,
-                                 "export": [g.frame, g.sh_degree, g.min_opacity, g.unlit]})
+                                 # (ply_rgb only when set: libraries made before it keep their ids)
+                                 "export": [g.frame, g.sh_degree, g.min_opacity, g.unlit] + ["ply_rgb"] * g.ply_rgb})
     settings = RegenSettings(out=g.out, checkpoints=specs,
                              ids={c.name: checkpoint_id(c, generation) for c in specs},
                              sources=dict(zip(names, [c.partition("=")[2] if "=" in c and not c.startswith("s3://")
@@ -77,7 +78,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                              render=config.render, device=a.device, turntable_frames=g.turntable_frames,
                              turntable_size=g.turntable_size, preview_size=g.preview_size, mesh=g.mesh,
                              mesh_resolution=g.mesh_resolution, frame=g.frame, sh_degree=g.sh_degree,
-                             min_opacity=g.min_opacity, unlit=g.unlit)
+                             min_opacity=g.min_opacity, ply_rgb=g.ply_rgb, unlit=g.unlit)
     try:
         summary = run_regeneration(settings, prompts, g.seeds, bad_prompts=bad, actors=a.num,
                                    batch_size=a.batch_size, cpus_per_actor=a.cpus, gpus_per_actor=a.gpus,

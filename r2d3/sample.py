@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
     for i, (prompt, seed) in enumerate((p, s) for p in o.prompts for s in o.seeds):
         stem = Path(o.out) / f"{slug(prompt, 'prompt')}_{seed}"
         asset = made.gaussians[i].detach().to("cpu")
-        write_ply(asset, stem.with_suffix(".ply"), frame=o.frame, sh_degree=o.sh_degree)
+        write_ply(asset, stem.with_suffix(".ply"), frame=o.frame, sh_degree=o.sh_degree, rgb_columns=o.ply_rgb)
         views = render_turntable(asset, num_frames=4, size=o.resolution)  # framed to fit the asset
         save_preview_grid(views, stem.with_suffix(".png"), row_labels=[prompt])
         written += [stem.with_suffix(".ply"), stem.with_suffix(".png")]

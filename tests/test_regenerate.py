@@ -103,6 +103,23 @@ def test_outputs_comparison_gallery_and_idempotent_rerun(tmp_path, models):
     assert other["made"] == 8 and len(new_ids) == 2
 
 
+def test_ply_rgb_adds_diffsplats_colour_columns_under_a_new_id(tmp_path, models):
+    """--ply-rgb writes the uint8 red/green/blue columns; it is an export setting, so the assets get their
+    own ids, while a library made without it keeps the ids it had."""
+    import regenerate
+    from plyfile import PlyData
+
+    prompts = _prompt_file(tmp_path / "p.parquet", PROMPTS[:1])
+    args = ["--prompts", prompts, "--weights", models["weights"], "--seeds", "0", "--out", str(tmp_path / "out"),
+            "--actors", "0", "--no-mesh", *FAST]
+    regenerate.main(args)
+    regenerate.main(args + ["--ply-rgb"])
+    plain, rgb = _manifest(tmp_path / "out")
+    assert plain["checkpoint_id"] != rgb["checkpoint_id"]
+    names = lambda r: [p.name for p in PlyData.read(str(tmp_path / "out" / r["ply_path"])).elements[0].properties]  # noqa: E731
+    assert names(rgb)[-3:] == ["red", "green", "blue"] and "red" not in names(plain)
+
+
 def test_bad_rows_land_in_errors_and_the_job_continues(tmp_path, models, monkeypatch):
     import regenerate
 

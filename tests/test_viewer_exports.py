@@ -195,6 +195,23 @@ def test_sh_degree_3_ply_loads_the_way_inria_3dgs_loads_it(shipped_samples, tmp_
     torch.testing.assert_close(read_ply(path).colors, read_ply(write_ply(gaussians[0], tmp_path / "b.ply")).colors)
 
 
+def test_ply_rgb_columns_are_diffsplats_uint8_colours(shipped_samples, tmp_path):
+    """``rgb_columns`` appends DiffSplat's ``red green blue`` (its save_ply: ``(rgb * 255).clip(0, 255)`` cast to
+    uint8, truncating) after the float columns, which stay byte-identical; r2d3's reader ignores them."""
+    _, gaussians = shipped_samples
+    plain = PlyData.read(str(write_ply(gaussians[0], tmp_path / "a.ply")))
+    with_rgb = PlyData.read(str(write_ply(gaussians[0], tmp_path / "b.ply", rgb_columns=True)))
+    vertex = with_rgb.elements[0]
+    assert [p.name for p in vertex.properties][-3:] == ["red", "green", "blue"]
+    colors = gaussians.colors[0].double().numpy()
+    for i, name in enumerate(("red", "green", "blue")):
+        assert vertex[name].dtype == np.uint8
+        np.testing.assert_array_equal(vertex[name], (colors[:, i] * 255.0).clip(0.0, 255.0).astype(np.uint8))
+    for prop in plain.elements[0].properties:
+        np.testing.assert_array_equal(vertex[prop.name], plain.elements[0][prop.name])
+    torch.testing.assert_close(read_ply(tmp_path / "b.ply").means, read_ply(tmp_path / "a.ply").means)
+
+
 def test_min_opacity_leaves_out_faint_splats(tmp_path):
     n = 10
     g = Gaussians(means=torch.randn(1, n, 3), scales=torch.full((1, n, 3), 0.05),

@@ -12,10 +12,17 @@ all properties ``float32``, in this order::
     rot_0 rot_1 rot_2 rot_3  unit quaternion (w, x, y, z)
     f_rest_0 ... f_rest_44   only with ``sh_degree=3``: higher SH coefficients, all zero (view-independent
                              colour), for loaders that require them (INRIA's own, at its default degree 3)
+    red green blue         only with ``rgb_columns``: ``uint8`` colour, ``floor(255 * color)`` as DiffSplat's own
+                             files store it; point-cloud tools (MeshLab, CloudCompare, Open3D) colour points by it
 
 Options: ``frame`` (:mod:`r2d3.export.frame`: ``y-up``, r2d3's and glTF's, or ``y-down`` for
-INRIA/COLMAP-style viewers), ``sh_degree`` (0 or 3) and ``min_opacity`` (drop splats below it: nearly
-transparent ones cost file size and sorting time in viewers without changing the image).
+INRIA/COLMAP-style viewers), ``sh_degree`` (0 or 3), ``min_opacity`` (drop splats below it: nearly
+transparent ones cost file size and sorting time in viewers without changing the image) and
+``rgb_columns``.
+
+DiffSplat's own ``save_ply`` writes the same encoding (logit opacity, log scales, SH-DC colour) without the
+normals, with the ``red green blue`` columns and with the decoder's raw quaternions; r2d3 writes unit
+quaternions (the same rotation: viewers normalise them, and a unit quaternion is what the format means).
 
 :class:`~r2d3.render.gaussians.Gaussians` stores the *activated* values (probabilities, linear
 scales, colours in [0, 1]); the conversions live here and nowhere else. One asset per file.
@@ -69,12 +76,14 @@ def single_asset(gaussians: Gaussians, what: str = "a .ply file holds") -> Gauss
 
 #: SH coefficients beyond degree 0 for a degree-3 file (3 colours x 15)
 F_REST_DEGREE3 = tuple(f"f_rest_{i}" for i in range(45))
+#: the uint8 colour columns of ``rgb_columns``
+RGB_COLUMNS = ("red", "green", "blue")
 
 
 def gaussians_to_ply_array(gaussians: Gaussians, *, frame: str = "y-up", sh_degree: int = 0,
-                           min_opacity: float = 0.0) -> np.ndarray:
-    """The structured ``float32`` vertex array (fields :data:`PLY_PROPERTIES`, then ``f_rest_*`` for
-    ``sh_degree=3``) for one asset ``[1, N]``.
+                           min_opacity: float = 0.0, rgb_columns: bool = False) -> np.ndarray:
+    """The structured vertex array (``float32`` fields :data:`PLY_PROPERTIES`, then ``f_rest_*`` for
+    ``sh_degree=3``, then ``uint8`` ``red green blue`` with ``rgb_columns``) for one asset ``[1, N]``.
 
     Raises :class:`~r2d3.render.gaussians.InvalidGaussiansError` for invalid values (NaN, scales <= 0,
     wrong shapes) and ``ValueError`` for a batch of more than one asset or bad options.
@@ -101,15 +110,20 @@ def gaussians_to_ply_array(gaussians: Gaussians, *, frame: str = "y-up", sh_degr
         **{f"rot_{i}": quats[:, i] for i in range(4)},
     }  # fmt: skip
     names = PLY_PROPERTIES + (F_REST_DEGREE3 if sh_degree == 3 else ())
-    array = np.zeros(g.num_gaussians, dtype=[(name, "<f4") for name in names])
+    rgb = RGB_COLUMNS if rgb_columns else ()
+    array = np.zeros(g.num_gaussians, dtype=[(name, "<f4") for name in names] + [(name, "u1") for name in rgb])
     for name in PLY_PROPERTIES:
         array[name] = columns[name].numpy()
+    for i, name in enumerate(rgb):
+        array[name] = (g.colors[0, :, i] * 255).clamp(0, 255).numpy().astype(np.uint8)  # truncation, as DiffSplat
     return array
 
 
-def encode_ply(gaussians: Gaussians, *, frame: str = "y-up", sh_degree: int = 0, min_opacity: float = 0.0) -> bytes:
+def encode_ply(gaussians: Gaussians, *, frame: str = "y-up", sh_degree: int = 0, min_opacity: float = 0.0,
+               rgb_columns: bool = False) -> bytes:
     """The bytes of a binary little-endian 3DGS ``.ply`` for one asset (for object stores such as s3)."""
-    array = gaussians_to_ply_array(gaussians, frame=frame, sh_degree=sh_degree, min_opacity=min_opacity)
+    array = gaussians_to_ply_array(gaussians, frame=frame, sh_degree=sh_degree, min_opacity=min_opacity,
+                                   rgb_columns=rgb_columns)
     element = PlyElement.describe(array, "vertex")
     buffer = io.BytesIO()
     PlyData([element], text=False, byte_order="<").write(buffer)
@@ -117,14 +131,15 @@ def encode_ply(gaussians: Gaussians, *, frame: str = "y-up", sh_degree: int = 0,
 
 
 def write_ply(gaussians: Gaussians, path: str | os.PathLike[str], *, frame: str = "y-up", sh_degree: int = 0,
-              min_opacity: float = 0.0) -> Path:
+              min_opacity: float = 0.0, rgb_columns: bool = False) -> Path:
     """Write one asset (``B == 1``; pass ``gaussians[i]`` for a batch) to ``path`` atomically.
 
     The file appears complete or not at all. Parent directories are created. Raises
     :class:`~r2d3.storage.OutputError` naming ``path`` if it cannot be written, and the
     :meth:`Gaussians.validate` error for invalid values (nothing is written then).
     """
-    return atomic_write_bytes(path, encode_ply(gaussians, frame=frame, sh_degree=sh_degree, min_opacity=min_opacity))
+    return atomic_write_bytes(path, encode_ply(gaussians, frame=frame, sh_degree=sh_degree, min_opacity=min_opacity,
+                                               rgb_columns=rgb_columns))
 
 
 def _column(vertex, name: str) -> np.ndarray:

@@ -123,6 +123,11 @@ def _frame_option() -> Any:
                choices=FRAMES)
 
 
+def _ply_rgb_option() -> Any:
+    return opt(False, "also write uint8 red/green/blue columns in the .ply (DiffSplat's own files; point-cloud "
+                      "tools such as MeshLab colour points by them)")
+
+
 def _sh_degree_option() -> Any:
     return opt(0, "3: write zero f_rest_* coefficients for loaders that require SH degree 3 (INRIA's)",
                choices=(0, 3))
@@ -149,6 +154,7 @@ class RegenerateOptions(Section):
     sh_degree: int = _sh_degree_option()
     min_opacity: float = opt(0.0, "leave splats below this opacity out of the .ply (0: keep all)",
                              check=(lambda v: 0.0 <= v < 1.0, "must be in [0, 1)"))
+    ply_rgb: bool = _ply_rgb_option()
     unlit: bool = opt(False, ".glb material KHR_materials_unlit (default: PBR, non-metallic)")
     gallery: bool = opt(True, "write gallery.html")
     progress: bool = opt(True, "show a progress bar")
@@ -169,6 +175,7 @@ REGENERATE_FLAGS = {
     "--turntable-frames": "regenerate.turntable_frames", "--turntable-size": "regenerate.turntable_size",
     "--no-mesh": "regenerate.mesh", "--mesh-resolution": "regenerate.mesh_resolution",
     "--frame": "regenerate.frame", "--sh-degree": "regenerate.sh_degree", "--min-opacity": "regenerate.min_opacity",
+    "--ply-rgb": "regenerate.ply_rgb",
     "--unlit": "regenerate.unlit", "--no-gallery": "regenerate.gallery", "--no-progress": "regenerate.progress",
     "--max-assets": "regenerate.max_assets", **SHARED_FLAGS,
 }
@@ -188,6 +195,7 @@ class SampleOptions(Section):
     resolution: int = opt(128, "preview size per view", check=at_least(8))
     frame: str = _frame_option()
     sh_degree: int = _sh_degree_option()
+    ply_rgb: bool = _ply_rgb_option()
 
 
 @dataclass
@@ -204,6 +212,7 @@ class SampleConfig:
 SAMPLE_FLAGS = {
     "--out": "sample.out", "--seeds": "sample.seeds", "--lora": "sample.lora", "--device": "sample.device",
     "--resolution": "sample.resolution", "--frame": "sample.frame", "--sh-degree": "sample.sh_degree",
+    "--ply-rgb": "sample.ply_rgb",
     **{flag: SHARED_FLAGS[flag] for flag in ("--backend", "--weights", "--sampler", "--steps", "--eta",
                                              "--guidance-scale")},
 }

@@ -153,6 +153,7 @@ class RegenSettings:
     frame: str = "y-up"  # exported files' frame (r2d3.export.frame)
     sh_degree: int = 0  # 3: zero-filled f_rest_* in the .ply
     min_opacity: float = 0.0  # splats below it are left out of the .ply
+    ply_rgb: bool = False  # uint8 red/green/blue columns in the .ply
     unlit: bool = False  # .glb material: KHR_materials_unlit instead of non-metallic PBR
 
 
@@ -202,7 +203,8 @@ class AssetWorker:
                                  elevation_deg=s.render.elevation_deg, fov_deg=s.render.fov_deg)
         frames = render_turntable(on_device, num_frames=s.turntable_frames, size=s.turntable_size,
                                   elevation_deg=s.render.elevation_deg, fov_deg=s.render.fov_deg)
-        files = {"ply": encode_ply(gaussians, frame=s.frame, sh_degree=s.sh_degree, min_opacity=s.min_opacity),
+        files = {"ply": encode_ply(gaussians, frame=s.frame, sh_degree=s.sh_degree, min_opacity=s.min_opacity,
+                                  rgb_columns=s.ply_rgb),
                  "preview": encode_png(make_grid(views.float().cpu(), row_labels=[prompt])),
                  "turntable": encode_gif(frames.float().cpu(), fps=8)}
         if s.mesh:
@@ -322,7 +324,7 @@ def manifest_metadata(settings: RegenSettings, generation: dict[str, Any] | None
             "rewards": settings.rewards, "reward_columns": ["reward", *[f"reward_{reward_name(r)}"
                                                                        for r in settings.rewards[1:]]],
             "mesh": settings.mesh, "mesh_resolution": settings.mesh_resolution, "frame": settings.frame,
-            "sh_degree": settings.sh_degree, "min_opacity": settings.min_opacity, "unlit": settings.unlit,
+            "sh_degree": settings.sh_degree, "min_opacity": settings.min_opacity, "ply_rgb": settings.ply_rgb, "unlit": settings.unlit,
             "turntable": {"frames": settings.turntable_frames, "size": settings.turntable_size},
             "preview_size": settings.preview_size,
             "checkpoints": checkpoints}
