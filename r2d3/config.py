@@ -181,6 +181,14 @@ class RenderConfig(Section):
                                          "must be three values in [0, 1]"))
     backend: str = opt("auto", "rasteriser: auto (gsplat for float32 CUDA tensors when installed, else torch) | "
                                "torch | gsplat", choices=RENDER_BACKENDS)
+    quaternions: str = opt("unit", "rotation of each splat's covariance: unit (the quaternion normalised, as 3DGS "
+                                   "and gsplat) | raw (the 3DGS formula at the decoder's raw quaternion, as the "
+                                   "DiffSplat renderer the reference code trains with)", choices=("unit", "raw"))
+
+    def raster_options(self) -> dict[str, Any]:
+        """The keyword arguments of :func:`r2d3.render.render_gaussians` this section sets."""
+        return {"background": tuple(self.background), "backend": self.backend,
+                "raw_quaternions": self.quaternions == "raw"}
 
 
 @dataclass

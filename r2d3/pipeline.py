@@ -138,8 +138,7 @@ class Pipeline:
         return cams.to(self.backend.device)
 
     def render_views(self, gaussians: Gaussians, cameras: Cameras) -> RenderOutput:
-        return render_gaussians(gaussians, cameras, background=tuple(self.render.background),
-                                backend=self.render.backend)
+        return render_gaussians(gaussians, cameras, **self.render.raster_options())
 
     def score(self, gaussians: Gaussians, cameras: Cameras, prompts: Sequence[str], image_noise: float = 0.0,
               generator: torch.Generator | None = None) -> tuple[RenderOutput | None, Tensor]:

@@ -185,9 +185,11 @@ def check_gaussians(g: Gaussians, batch: int, device: torch.device, what: str) -
     assert g.batch_size == batch and g.num_gaussians > 0, f"{what}: {tuple(g.means.shape)}"
     assert g.means.dtype == torch.float32, f"{what}: dtype {g.means.dtype}"
     assert g.means.device.type == device.type, f"{what}: on {g.means.device}, latents on {device}"
-    g.validate()  # shapes, dtypes, finite, scales > 0, opacities in [0, 1], non-zero quaternions
-    norm_err = max_diff(g.quats.norm(dim=-1), torch.ones_like(g.quats[..., 0]))
-    assert norm_err < UNIT_QUAT_TOL, f"{what}: quaternions are not unit as returned (|q| off by {norm_err:.2e})"
+    # shapes, dtypes, finite, scales > 0, opacities in [0, 1], non-zero quaternions. Quaternions may be returned
+    # unnormalised (DiffSplat keeps its decoder's raw ones for render.quaternions=raw): validate() normalises
+    unit = g.validate().quats
+    norm_err = max_diff(unit.norm(dim=-1), torch.ones_like(unit[..., 0]))
+    assert norm_err < UNIT_QUAT_TOL, f"{what}: validated quaternions are not unit (|q| off by {norm_err:.2e})"
     assert g.colors.min() >= 0 and g.colors.max() <= 1, \
         f"{what}: colours outside [0, 1] ({g.colors.min():.4f}, {g.colors.max():.4f})"
 

@@ -108,7 +108,8 @@ CHOICE_FIELDS = list(_choice_fields())
 
 def test_the_enum_like_fields_are_all_known():
     assert {k for k, _, _ in CHOICE_FIELDS} == {"run.wandb_mode", "sampler.kind", "render.backend",
-                                                "algo.reward_weighting", "algo.subsampling", "algo.proximal_outputs"}
+                                                "algo.reward_weighting", "algo.subsampling", "algo.proximal_outputs",
+                                                "render.quaternions"}
 
 
 @pytest.mark.parametrize("key,choices,select", CHOICE_FIELDS, ids=[k for k, _, _ in CHOICE_FIELDS])

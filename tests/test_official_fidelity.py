@@ -148,6 +148,7 @@ def test_the_paper_setups_use_the_official_options():
         # learned-variance half; the SD1.5 setup carries the rest over
         pixart = config.model.backend == "diffsplat"
         assert official == ("official", pixart, True, 2e-3, "full" if pixart else "model"), file.name
+        assert config.render.quaternions == "raw", file.name
 
 
 # ------------------------------------------------------------------------------------ reward-image noise
@@ -260,3 +261,27 @@ def test_proximal_term_over_the_full_output_is_the_official_one():
     sd_ctx = Pipeline.build(sd15, sampler, RenderConfig(num_views=2, resolution=16))
     with pytest.raises(ValueError, match="proximal_outputs=full needs a backend"):
         build_algorithm(NablaGFNConfig(proximal_outputs="full"), 4).build_modules(sd_ctx)
+
+
+def test_render_quaternions_raw_reaches_the_reward_renders_in_process_and_in_actors(diffsplat_pipeline):
+    """render.quaternions=raw: the pipeline's reward renders and the render/reward workers' both render the
+    DiffSplat decoder's raw quaternions (r2d3.render's raw_quaternions); unit is the default."""
+    import dataclasses
+
+    from r2d3.render import render_gaussians
+    from r2d3.rewards.remote import score_with_grad
+
+    unit_ctx = diffsplat_pipeline
+    raw_ctx = dataclasses.replace(unit_ctx, render=dataclasses.replace(unit_ctx.render, quaternions="raw"))
+    with torch.no_grad():
+        gaussians = unit_ctx.backend.decode(torch.randn(1, *unit_ctx.backend.latent_shape,
+                                                        generator=torch.Generator().manual_seed(3)))
+    norms = gaussians.quats.norm(dim=-1)
+    assert (norms - 1).abs().max() > 0.05  # the decoder's raw channels
+    cams = unit_ctx.cameras(1, None, jitter=False)
+    raw = render_gaussians(gaussians, cams, background=tuple(unit_ctx.render.background), raw_quaternions=True)
+    torch.testing.assert_close(raw_ctx.render_views(gaussians, cams).rgb, raw.rgb)
+    assert (unit_ctx.render_views(gaussians, cams).rgb - raw.rgb).abs().max() > 1e-4
+    reward = lambda render, prompts: render.rgb.mean((1, 2, 3, 4))  # noqa: E731
+    remote, _ = score_with_grad(gaussians, cams, ["a"], reward, raw_ctx.render, need_grad=False)
+    torch.testing.assert_close(remote, reward(raw, ["a"]))

@@ -21,7 +21,9 @@ Conventions reproduced because the released weights were trained with them: the 
 radius 1.4 and elevation 10 deg with azimuths 0/90/180/270, normalised focal 1422.222 / 1024; Plücker
 rays use DiffSplat's pixel coordinate ``j / (W - 1)`` shifted by half a normalised unit (its "bug = True"
 convention, off-centre rays) while depth unprojection uses ``j / (W - 1)`` centred on 0.5; scales map
-u = (x + 1) / 2 to ``scale_min * u + scale_max * (1 - u)``. Quaternions are normalised before rendering.
+u = (x + 1) / 2 to ``scale_min * u + scale_max * (1 - u)``. Quaternions are the decoder's raw channels, as
+DiffSplat's renderer takes them: rendering normalises them (r2d3's default, ``render.quaternions=unit``) or
+uses them as they are (``render.quaternions=raw``, the paper setups); exported files hold unit quaternions.
 
 Sampling settings of the paper (20-step first-order SDE-DPM-Solver++ on PixArt-Σ's linear schedule,
 CFG 5, empty negative prompt) are this backend's defaults; see ``configs/`` for the alignment setups.
@@ -230,7 +232,7 @@ class DiffSplatBackend:
         return Gaussians(
             means=means,
             scales=flat(scales),
-            quats=F.normalize(flat(g[:, :, 6:10]), dim=-1, eps=1e-8),
+            quats=flat(g[:, :, 6:10]),  # raw (module docstring); Gaussians.validate normalises them
             opacities=flat((g[:, :, 10:11] + 1) / 2)[..., 0],
             colors=flat((g[:, :, 0:3] + 1) / 2),
         )

@@ -66,15 +66,18 @@ def composite_dense(
     return accumulated.reshape(*lead, dim, height, width), cover.reshape(*lead, 1, height, width)
 
 
-def project_dense(g: Gaussians, cams: Cameras, eps2d: float = 0.3, near_plane: float = 0.01):
-    """gsplat's pure-torch EWA projection of validated Gaussians into batched cameras.
+def project_dense(g: Gaussians, cams: Cameras, eps2d: float = 0.3, near_plane: float = 0.01,
+                  covars: Tensor | None = None):
+    """gsplat's pure-torch EWA projection of validated Gaussians into batched cameras (``covars``
+    ``[B, N, 3, 3]`` in place of the quaternions' and scales', as gsplat takes them).
 
     Returns ``means2d [B, V, N, 2]``, ``conics [B, V, N, 3]``, ``depths [B, V, N]``, ``keep [B, V, N]``
     (gsplat's culling: in front of the near plane, non-degenerate, 3.33-sigma box on the image).
     """
     from gsplat.cuda._torch_impl import _fully_fused_projection, _quat_scale_to_covar_preci
 
-    covars, _ = _quat_scale_to_covar_preci(g.quats, g.scales, compute_preci=False)
+    if covars is None:
+        covars, _ = _quat_scale_to_covar_preci(g.quats, g.scales, compute_preci=False)
     radii, means2d, depths, conics, _ = _fully_fused_projection(
         g.means, covars, cams.viewmats, cams.Ks, cams.width, cams.height, eps2d=eps2d, near_plane=near_plane
     )

@@ -67,6 +67,7 @@ def project_gaussians(
     eps2d: float = 0.3,
     near_plane: float = 0.01,
     far_plane: float = 1e10,
+    raw_quats: Tensor | None = None,
 ) -> ProjectedGaussians:
     """Project ``[B, N]`` Gaussians into ``[B, V]`` pinhole views (EWA, differentiable).
 
@@ -80,6 +81,8 @@ def project_gaussians(
         width, height: image size in pixels.
         eps2d: low-pass variance (pixels^2) added to every projected covariance.
         near_plane, far_plane: Gaussians whose centre depth is outside (near, far) are culled.
+        raw_quats: ``[B, N, 4]`` the quaternions before normalisation: the covariance then uses the 3DGS
+            rotation formula at them (DiffSplat's renderer), the normals still ``quats``' rotation.
     """
     rot_view = viewmats[..., :3, :3]  # [B, V, 3, 3]
     means_c = torch.einsum("bvij,bnj->bvni", rot_view, means) + viewmats[..., None, :3, 3]
@@ -106,8 +109,9 @@ def project_gaussians(
     ).reshape(*z.shape, 2, 3)
 
     rot_gauss = quat_to_rotmat(quats)  # [B, N, 3, 3]
+    rot_cov = rot_gauss if raw_quats is None else quat_to_rotmat(raw_quats)
     # J W R S: the 2x3 matrix whose Gram matrix is the projected covariance.
-    jwrs = jac @ torch.einsum("bvij,bnjk->bvnik", rot_view, rot_gauss * scales[..., None, :])
+    jwrs = jac @ torch.einsum("bvij,bnjk->bvnik", rot_view, rot_cov * scales[..., None, :])
     cov2d = jwrs @ jwrs.transpose(-1, -2)
     cov_xx = cov2d[..., 0, 0] + eps2d
     cov_xy = cov2d[..., 0, 1]

@@ -65,6 +65,7 @@ def render_gaussians(
     chunk_size: int = 16,
     min_transmittance: float = 1e-6,
     max_chunk_elements: int = 1 << 21,
+    raw_quaternions: bool = False,
 ) -> RenderOutput:
     """Render ``B`` Gaussian-splat assets from ``V`` cameras each (differentiable).
 
@@ -87,6 +88,9 @@ def render_gaussians(
         chunk_size, min_transmittance, max_chunk_elements: torch backend only; Gaussians composited per
             tile per step, the transmittance below which a whole tile stops early (the image then
             differs from exhaustive compositing by at most this), and the memory bound per step.
+        raw_quaternions: build each covariance's rotation with the 3DGS formula at the quaternion as given
+            (not normalised), as DiffSplat's renderer does: for ``q = n u`` (``|u| = 1``) that matrix is
+            ``(1 - n²) I + n² R(u)``, so footprints change with ``n``. Normals keep ``R(u)``.
 
     Returns:
         :class:`~r2d3.render.output.RenderOutput` with ``rgb [B, V, 3, H, W]`` composited over the
@@ -97,7 +101,10 @@ def render_gaussians(
     """
     if not isinstance(gaussians, Gaussians):
         raise TypeError(f"gaussians must be r2d3.render.Gaussians, got {type(gaussians).__name__}")
+    raw_quats = gaussians.quats if raw_quaternions else None
     gaussians = gaussians.validate()
+    if raw_quats is not None:
+        raw_quats = raw_quats.to(gaussians.quats)
     dtype, device = gaussians.means.dtype, gaussians.means.device
     cameras = validate_cameras(cameras, gaussians.batch_size, dtype=dtype, device=device)
     bg = background_tensor(background, gaussians.batch_size, cameras.num_views, dtype, device)
@@ -110,7 +117,7 @@ def render_gaussians(
     name = select_backend(backend, device, dtype)
     if tile_size is None:
         tile_size = DEFAULT_TILE_SIZE[name]
-    common = dict(eps2d=eps2d, near_plane=near_plane, far_plane=far_plane, tile_size=tile_size)
+    common = dict(eps2d=eps2d, near_plane=near_plane, far_plane=far_plane, tile_size=tile_size, raw_quats=raw_quats)
     if name == "torch":
         return render_torch(
             gaussians, cameras, bg, chunk_size=chunk_size, min_transmittance=min_transmittance,

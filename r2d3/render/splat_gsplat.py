@@ -20,6 +20,7 @@ from r2d3.render.features import resolve_features, stack_features
 from r2d3.render.gaussians import Gaussians
 from r2d3.render.output import RenderOutput
 from r2d3.render.projection import project_gaussians
+from r2d3.render.quaternions import quat_to_rotmat
 
 
 def gsplat_available() -> bool:
@@ -36,11 +37,13 @@ def render_gsplat(
     far_plane: float = 1e10,
     tile_size: int = 16,
     rasterize: Callable[..., tuple[Tensor, Tensor, dict]] | None = None,
+    raw_quats: Tensor | None = None,
 ) -> RenderOutput:
     """gsplat backend of :func:`r2d3.render.render_gaussians` (validated, batched, float32 CUDA inputs).
 
     ``rasterize`` stands in for ``gsplat.rasterization`` (same signature and return value); it exists so
-    the glue around it can be tested on machines without CUDA.
+    the glue around it can be tested on machines without CUDA. gsplat normalises quaternions, so
+    ``raw_quats`` (see :func:`r2d3.render.render_gaussians`) reach it as the covariances they give.
     """
     if rasterize is None:
         if gaussians.means.device.type != "cuda" or gaussians.means.dtype != torch.float32:
@@ -54,9 +57,13 @@ def render_gsplat(
     width, height = cameras.width, cameras.height
     proj = project_gaussians(
         gaussians.means, gaussians.quats, gaussians.scales, gaussians.opacities,
-        cameras.viewmats, cameras.Ks, width, height, eps2d, near_plane, far_plane,
+        cameras.viewmats, cameras.Ks, width, height, eps2d, near_plane, far_plane, raw_quats,
     )  # fmt: skip
     features = stack_features(gaussians.colors, proj.normals, proj.depths)  # [B, V, N, 7]
+    covariance = {}
+    if raw_quats is not None:
+        m = quat_to_rotmat(raw_quats) * gaussians.scales[..., None, :]
+        covariance["covars"] = m @ m.transpose(-1, -2)
     accumulated, alpha, _ = rasterize(
         gaussians.means,
         gaussians.quats,
@@ -74,6 +81,7 @@ def render_gsplat(
         packed=False,
         render_mode="RGB",
         rasterize_mode="classic",
+        **covariance,
     )  # [B, V, H, W, 7], [B, V, H, W, 1]
     return resolve_features(
         accumulated.permute(0, 1, 4, 2, 3), alpha.permute(0, 1, 4, 2, 3), background, cameras

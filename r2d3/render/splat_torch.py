@@ -242,13 +242,15 @@ def render_torch(
     chunk_size: int = 16,
     min_transmittance: float = 1e-6,
     max_chunk_elements: int = 1 << 21,
+    raw_quats: Tensor | None = None,
 ) -> RenderOutput:
-    """Torch backend of :func:`r2d3.render.render_gaussians` (inputs already validated and batched)."""
+    """Torch backend of :func:`r2d3.render.render_gaussians` (inputs already validated and batched;
+    ``raw_quats``: the quaternions as given, for the covariance of ``raw_quaternions``)."""
     b, v, n = gaussians.batch_size, cameras.num_views, gaussians.num_gaussians
     width, height = cameras.width, cameras.height
     proj = project_gaussians(
         gaussians.means, gaussians.quats, gaussians.scales, gaussians.opacities,
-        cameras.viewmats, cameras.Ks, width, height, eps2d, near_plane, far_plane,
+        cameras.viewmats, cameras.Ks, width, height, eps2d, near_plane, far_plane, raw_quats,
     )  # fmt: skip
     features = stack_features(gaussians.colors, proj.normals, proj.depths)
     bins = bin_gaussians(

@@ -48,18 +48,18 @@ def score_with_grad(gaussians: Gaussians, cameras: Cameras, prompts: Sequence[st
                     need_grad: bool) -> tuple[Tensor, Gaussians | None]:
     """Render ``gaussians`` from ``cameras`` and score them: what a render/reward worker computes.
 
-    ``render_cfg`` is a :class:`~r2d3.config.RenderConfig` (only ``background`` and ``backend`` are
-    read). Returns the detached rewards ``[B]`` and, if ``need_grad``, the gradient of their sum w.r.t.
+    ``render_cfg`` is a :class:`~r2d3.config.RenderConfig` (its :meth:`~r2d3.config.RenderConfig.raster_options`
+    are read). Returns the detached rewards ``[B]`` and, if ``need_grad``, the gradient of their sum w.r.t.
     each Gaussian tensor (zeros for a tensor the reward does not depend on), on the input's device.
     """
-    background, backend = tuple(render_cfg.background), render_cfg.backend
+    options = render_cfg.raster_options()
     if not need_grad:
         with torch.no_grad():
-            render = render_gaussians(gaussians, cameras, background=background, backend=backend)
+            render = render_gaussians(gaussians, cameras, **options)
             return reward_fn(render, prompts).detach(), None
     leaves = [getattr(gaussians, name).detach().requires_grad_(True) for name in GAUSSIAN_FIELDS]
     with torch.enable_grad():
-        render = render_gaussians(Gaussians(*leaves), cameras, background=background, backend=backend)
+        render = render_gaussians(Gaussians(*leaves), cameras, **options)
         rewards = reward_fn(render, prompts)
         grads = torch.autograd.grad(rewards.sum(), leaves, allow_unused=True)
     grads = [torch.zeros_like(leaf) if g is None else g for leaf, g in zip(leaves, grads)]
