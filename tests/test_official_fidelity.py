@@ -149,6 +149,8 @@ def test_the_paper_setups_use_the_official_options():
         pixart = config.model.backend == "diffsplat"
         assert official == ("official", pixart, True, 2e-3, "full" if pixart else "model"), file.name
         assert config.render.quaternions == "raw", file.name
+        if config.reward.get("name") == "dnc":
+            assert config.reward["kwargs"] == {"detach_depth": True, "definition": "official", "fov_deg": 40.0}
 
 
 # ------------------------------------------------------------------------------------ reward-image noise

@@ -151,6 +151,50 @@ def test_dnc_matches_a_float64_hand_computation():
         assert got[0, view].item() == pytest.approx(want, abs=1e-10)
 
 
+def _official_dnc_by_hand(depth, normal, alpha, fov_deg, threshold=0.5):
+    """Transcribed in float64 from the reference code: ``rewards_normal.normal_d2n_cons`` (depth_ratio 0)
+    over RaDe-GS's alpha-weighted ``raw_depth`` / ``raw_normal``, ``geo_util.depths_double_to_points`` (square
+    pixels, f = H / (2 tan(fov / 2)), centre W/2, H/2) and ``point_double_to_normal`` (zero border)."""
+    h, w = depth.shape
+    raw_depth, raw_normal = depth * alpha, normal * alpha
+    f = h / (2 * math.tan(math.radians(fov_deg) / 2))
+    inv = torch.tensor([[1 / f, 0.0, -w / (2 * f)], [0.0, 1 / f, -h / (2 * f)], [0.0, 0.0, 1.0]], dtype=torch.float64)
+
+    def point(v, u):
+        return raw_depth[v, u] * (inv @ torch.tensor([u + 0.5, v + 0.5, 1.0], dtype=torch.float64))
+
+    total, count = 0.0, 0
+    for v in range(h):
+        for u in range(w):
+            if alpha[v, u] <= threshold:
+                continue
+            count += 1  # every masked pixel counts, the border's too
+            if 0 < v < h - 1 and 0 < u < w - 1:
+                n_d = torch.linalg.cross(point(v + 1, u) - point(v - 1, u), point(v, u + 1) - point(v, u - 1))
+                total += float(raw_normal[:, v, u] @ (n_d / n_d.norm()))
+    return total / count
+
+
+def test_official_dnc_matches_the_reference_transcription():
+    """dnc definition=official: alpha-weighted depth and unnormalised normals, the reference's fixed 40-degree
+    pinhole, the border in the denominator; differs from r2d3's definition on the same render."""
+    g = torch.Generator().manual_seed(4)
+    h, w = 7, 6
+    cams = _cameras(2, width=w, height=h, fov=39.6)
+    depth = 2.0 + 0.3 * torch.rand(1, 2, 1, h, w, generator=g, dtype=torch.float64)
+    normal = F.normalize(torch.randn(1, 2, 3, h, w, generator=g, dtype=torch.float64), dim=2)
+    alpha = torch.rand(1, 2, 1, h, w, generator=g, dtype=torch.float64)
+    render = RenderOutput(torch.ones(1, 2, 3, h, w, dtype=torch.float64), alpha, depth, normal, cams)
+    official = build_reward({"name": "dnc", "kwargs": {"definition": "official", "fov_deg": 40.0}})
+    got = official.per_view(render, ["x"])
+    for view in range(2):
+        want = _official_dnc_by_hand(depth[0, view, 0], normal[0, view], alpha[0, view, 0], 40.0)
+        assert got[0, view].item() == pytest.approx(want, abs=1e-10)
+    assert (got - build_reward("dnc").per_view(render, ["x"])).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="definition"):
+        build_reward({"name": "dnc", "kwargs": {"definition": "offical"}})
+
+
 @pytest.mark.parametrize("detach_depth", [True, False])
 def test_dnc_of_an_empty_render_is_zero_without_nan_gradients(detach_depth):
     render = _plane_render()

@@ -31,10 +31,19 @@ Choices stated here:
   used by the central differences to be inside the mask, which drops silhouette pixels whose depth
   difference straddles foreground and background.
 - Views are averaged with equal weight; a view with an empty mask contributes 0 to that average.
+
+``definition="official"``: the reference code's DNC (its ``normal_d2n_cons`` with ``depth_ratio=0``), for the
+paper setups: the *alpha-weighted* depth and normal maps (RaDe-GS's ``raw_depth`` / ``raw_normal``: not
+divided by alpha, normals not normalised), back-projection with a square-pixel pinhole of field of view
+``fov_deg`` centred on the image (the reference hard-codes 40 deg while rendering at 39.6 deg; ``None``: the
+cameras' intrinsics), and the score ``Σ M ⟨N_raw, N_d⟩ / Σ M`` with the mask counted over every pixel,
+border included. Not reproduced: RaDe-GS rasterises a per-pixel *planar* depth (each splat's depth varies
+across its footprint); r2d3 composites each splat's centre depth.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -86,11 +95,20 @@ def _interior(mask: Tensor) -> Tensor:
     return mask & border
 
 
+def _square_pinhole(fov_deg: float, b: int, v: int, h: int, w: int, like: Tensor) -> Tensor:
+    """The reference's fixed intrinsics: ``f = H / (2 tan(fov / 2))`` for both axes, centre ``(W/2, H/2)``."""
+    f = h / (2 * math.tan(math.radians(fov_deg) / 2))
+    K = like.new_tensor([[f, 0.0, w / 2], [0.0, f, h / 2], [0.0, 0.0, 1.0]])
+    return K.expand(b, v, 3, 3)
+
+
 def depth_normal_consistency(
     render: RenderOutput,
     detach_depth: bool = True,
     alpha_threshold: float = 0.5,
     erode_mask: bool = False,
+    definition: str = "r2d3",
+    fov_deg: float | None = None,
 ) -> Tensor:
     """Per-view DNC scores ``[B, V]`` in [−1, 1] (see the module docstring for the exact definition)."""
     depth, normal, alpha = render.depth, render.normal, render.alpha
@@ -100,7 +118,9 @@ def depth_normal_consistency(
     b, v, _, h, w = depth.shape
     if h < 3 or w < 3:
         raise ValueError(f"dnc needs images of at least 3x3 pixels (central differences), got {h}x{w}")
-    Ks = _batched_Ks(render.cameras, b, v)
+    Ks = _batched_Ks(render.cameras, b, v) if fov_deg is None else _square_pinhole(fov_deg, b, v, h, w, depth)
+    if definition == "official":
+        return _official_dnc(depth * alpha, normal * alpha, alpha, Ks, detach_depth, alpha_threshold)
     target = depth_to_normal(depth.detach() if detach_depth else depth, Ks)
     mask = alpha.detach() > alpha_threshold  # hard mask, [B, V, 1, H, W]
     if erode_mask:
@@ -117,17 +137,36 @@ def depth_normal_consistency(
     return masked.sum(dim=(2, 3, 4)) / count.clamp(min=1.0)
 
 
+def _official_dnc(raw_depth: Tensor, raw_normal: Tensor, alpha: Tensor, Ks: Tensor, detach_depth: bool,
+                  alpha_threshold: float) -> Tensor:
+    """The reference DNC on alpha-weighted maps (module docstring); an empty view scores 0, not NaN."""
+    target = depth_to_normal(raw_depth.detach() if detach_depth else raw_depth, Ks)
+    mask = alpha.detach() > alpha_threshold
+    dot = torch.where(mask, (raw_normal * target).sum(dim=2, keepdim=True), torch.zeros_like(alpha))
+    return dot.sum(dim=(2, 3, 4)) / mask.sum(dim=(2, 3, 4)).to(dot.dtype).clamp(min=1.0)
+
+
 @register_reward("dnc")
 class DepthNormalConsistency(Reward):
     """Depth–normal consistency reward (no weights, prompt-independent); per-view scores in [−1, 1]."""
 
-    def __init__(self, detach_depth: bool = True, alpha_threshold: float = 0.5, erode_mask: bool = False):
+    def __init__(self, detach_depth: bool = True, alpha_threshold: float = 0.5, erode_mask: bool = False,
+                 definition: str = "r2d3", fov_deg: float | None = None):
         super().__init__()
         if not 0.0 <= alpha_threshold < 1.0:
             raise ValueError(f"dnc alpha_threshold must be in [0, 1), got {alpha_threshold}")
+        if definition not in ("r2d3", "official"):
+            raise ValueError(f"dnc definition must be 'r2d3' or 'official', got {definition!r}")
+        if fov_deg is not None and not 0.0 < fov_deg < 180.0:
+            raise ValueError(f"dnc fov_deg must be in (0, 180) or null (the cameras' intrinsics), got {fov_deg}")
+        if definition == "official" and erode_mask:
+            raise ValueError("dnc erode_mask is an option of the r2d3 definition; the official one has no erosion")
         self.detach_depth = detach_depth
         self.alpha_threshold = alpha_threshold
         self.erode_mask = erode_mask
+        self.definition = definition
+        self.fov_deg = fov_deg
 
     def per_view(self, render: RenderOutput, prompts: Sequence[str] | None = None) -> Tensor:
-        return depth_normal_consistency(render, self.detach_depth, self.alpha_threshold, self.erode_mask)
+        return depth_normal_consistency(render, self.detach_depth, self.alpha_threshold, self.erode_mask,
+                                        self.definition, self.fov_deg)
