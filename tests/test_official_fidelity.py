@@ -287,3 +287,38 @@ def test_render_quaternions_raw_reaches_the_reward_renders_in_process_and_in_act
     reward = lambda render, prompts: render.rgb.mean((1, 2, 3, 4))  # noqa: E731
     remote, _ = score_with_grad(gaussians, cams, ["a"], reward, raw_ctx.render, need_grad=False)
     torch.testing.assert_close(remote, reward(raw, ["a"]))
+
+
+# ------------------------------------------------------------------------------------ half precision
+
+
+def test_bf16_model_attends_in_float32_and_the_chain_stays_float32():
+    """A bfloat16 DiffSplat: the cross-view attention upcasts queries, keys and values to float32 (the
+    reference's Transformer_FP32_Softmax, transcribed: bf16 projections, fp32 SDPA, cast back), and the sampling
+    chain, its step coefficients and x0_hat stay float32 (r2d3 does not quantise alpha_bar to bf16)."""
+    import math
+
+    pytest.importorskip("transformers")
+    from r2d3.backends.diffsplat import tiny_diffsplat
+    from r2d3.backends.diffsplat_modules import MultiViewAttnProcessor
+
+    backend = tiny_diffsplat(vocab=["a", "red", "chair"], seed=2)
+    backend.denoiser.to(torch.bfloat16)
+    attn = backend.denoiser.transformer_blocks[0].attn1
+    x = torch.randn(2 * 4, 5, attn.to_q.in_features, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    joint = x.reshape(2, 20, -1)
+    q, k, v = (f(joint).view(2, 20, attn.heads, -1).transpose(1, 2).float() for f in (attn.to_q, attn.to_k, attn.to_v))
+    w = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]), dim=-1)
+    ref = attn.to_out[0]((w @ v).transpose(1, 2).reshape(2, 20, -1).to(torch.bfloat16)).reshape(8, 5, -1)
+    out = MultiViewAttnProcessor(4)(attn, x)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref.float(), atol=2e-2, rtol=0)
+
+    sampler = SamplerConfig(kind="sde-dpmsolver++", num_steps=3, eta=1.0, guidance_scale=5.0)
+    ctx = Pipeline.build(backend, sampler, RenderConfig(num_views=2, resolution=16))
+    gen = ctx.generate(["a red chair"], ctx.noise(1, torch.Generator().manual_seed(1)), render=False, score=False)
+    traj = gen.trajectory
+    assert traj.latents.dtype == traj.model_outputs.dtype == torch.float32  # the network's output cast up
+    assert ctx.sampler.alpha_bar.dtype in (torch.float32, torch.float64)
+    x0 = ctx.sampler.predict_x0(traj.latents[:, 1], traj.model_outputs[:, 1], 1, at="current")
+    assert x0.dtype == torch.float32

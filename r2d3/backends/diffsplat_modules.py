@@ -52,7 +52,12 @@ class MultiViewAttnProcessor:
 
     Why: DiffSplat's views are one object; joint attention lets each view's Gaussians agree with the
     others. The self-attention of PixArt's and of SD1.5's transformer blocks has no mask, norms or
-    residual inside the processor, which this checks rather than silently ignoring."""
+    residual inside the processor, which this checks rather than silently ignoring.
+
+    A half-precision model (``backend.json`` ``dtype: bfloat16``) computes the attention itself in float32
+    (queries, keys and values upcast, the result cast back), as the reference code's ``Transformer_FP32_Softmax``
+    trick, which its HPSv2 and normal training scripts turn on: over 4 views x 256 tokens the bf16 logits
+    would lose the small differences the softmax turns into weights."""
 
     def __init__(self, num_views: int):
         if num_views < 1:
@@ -72,7 +77,10 @@ class MultiViewAttnProcessor:
         b, heads = bv // self.num_views, attn.heads
         x = hidden_states.reshape(b, self.num_views * n, dim)
         split = lambda y: y.view(b, -1, heads, y.shape[-1] // heads).transpose(1, 2)  # noqa: E731
-        out = F.scaled_dot_product_attention(split(attn.to_q(x)), split(attn.to_k(x)), split(attn.to_v(x)))
+        q, k, v = (split(proj(x)) for proj in (attn.to_q, attn.to_k, attn.to_v))
+        if q.dtype in (torch.float16, torch.bfloat16):
+            q, k, v = q.float(), k.float(), v.float()
+        out = F.scaled_dot_product_attention(q, k, v)
         out = out.transpose(1, 2).reshape(b, self.num_views * n, -1).to(x.dtype)
         out = attn.to_out[1](attn.to_out[0](out))
         return out.reshape(bv, n, -1) / attn.rescale_output_factor
