@@ -149,8 +149,10 @@ def test_dnc_config_runs_end_to_end_on_a_tiny_diffsplat(tmp_path):
 def test_paper_setups_of_both_diffsplat_backends_run_through_ray_job_submit(tmp_path, _ray_session):
     """The README's cluster command on a local Ray cluster: `ray job submit --runtime-env
     cluster/runtime_env.yaml -- python pipelines/align.py --config cluster/configs/<setup>.yaml` for the
-    PixArt-Σ and the SD1.5 aesthetic setups, on tiny models of both backends and a tiny CLIP + aesthetic
-    head, with only paths and sizes overridden; each trains through Ray Train and writes its summary."""
+    PixArt-Σ aesthetic, HPSv2 and DNC setups and the SD1.5 aesthetic one, on tiny models of both backends and
+    a tiny CLIP (+ aesthetic head, + tokenizer), with only paths and sizes overridden; each trains through Ray
+    Train and writes its summary. (The normal-estimator setup needs an estimator model; its reward runs in
+    tests/test_normal_reward.py.)"""
     import json
     import os
     import subprocess
@@ -162,6 +164,7 @@ def test_paper_setups_of_both_diffsplat_backends_run_through_ray_job_submit(tmp_
     from r2d3.backends.diffsplat import tiny_diffsplat
     from r2d3.backends.diffsplat_sd15 import tiny_diffsplat_sd15
     from r2d3.rewards.clip_models import AESTHETIC_HEAD_FILE, AestheticHead
+    from r2d3.text import hf_word_tokenizer
 
     if _ray_session.is_initialized():
         _ray_session.shutdown()  # one Ray per machine here: the in-process one is restarted by ray_local later
@@ -170,9 +173,12 @@ def test_paper_setups_of_both_diffsplat_backends_run_through_ray_job_submit(tmp_
     tiny_diffsplat_sd15(vocab=words).save_pretrained(tmp_path / "sd15")
     clip = tmp_path / "clip"
     torch.manual_seed(0)
+    tokenizer = hf_word_tokenizer(words, bos="<|startoftext|>", eos="<|endoftext|>", model_max_length=16)
+    tokenizer.save_pretrained(clip)
     transformers.CLIPModel(transformers.CLIPConfig(
         text_config={"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
-                     "vocab_size": 64, "max_position_embeddings": 16},
+                     "vocab_size": len(tokenizer), "max_position_embeddings": 16, "eos_token_id": 3, "bos_token_id": 2,
+                     "pad_token_id": 0},
         vision_config={"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
                        "image_size": 32, "patch_size": 8}, projection_dim=8)).save_pretrained(clip)
     save_file(AestheticHead(8).state_dict(), str(clip / AESTHETIC_HEAD_FILE))
@@ -186,11 +192,14 @@ def test_paper_setups_of_both_diffsplat_backends_run_through_ray_job_submit(tmp_
                     f"--dashboard-port={dash}", "--disable-usage-stats"], env=env, check=True, capture_output=True,
                    timeout=120)
     try:
-        for setup, weights in (("diffsplat_aesthetic", "pas"), ("diffsplat_sd15_aesthetic", "sd15")):
+        setups = {"diffsplat_aesthetic": "pas", "diffsplat_hpsv2": "pas", "diffsplat_dnc": "pas",
+                  "diffsplat_sd15_aesthetic": "sd15"}
+        for setup, weights in setups.items():
+            reward = [] if setup.endswith("dnc") else [f"reward.kwargs.weights={clip}"]
             cmd = [str(ray_bin), "job", "submit", f"--address=http://127.0.0.1:{dash}", "--runtime-env",
                    "cluster/runtime_env.yaml", "--", sys.executable, "pipelines/align.py",
                    "--config", f"cluster/configs/{setup}.yaml", f"model.weights={tmp_path / weights}",
-                   f"reward.kwargs.weights={clip}", f"data.prompts={prompts}", f"data.heldout_prompts={prompts}",
+                   *reward, f"data.prompts={prompts}", f"data.heldout_prompts={prompts}",
                    "train.epochs=1", "train.sample_batch_size=2", "train.sample_batches_per_epoch=1",
                    "train.grad_accum=1", "sampler.num_steps=4", "render.resolution=16", "render.num_views=2",
                    "eval.num_prompts=2", "eval.seeds_per_prompt=1", "scale.num_workers=1", "scale.use_gpu=false",
@@ -201,6 +210,7 @@ def test_paper_setups_of_both_diffsplat_backends_run_through_ray_job_submit(tmp_
             summary = json.loads((tmp_path / "runs" / setup / "summary.json").read_text())
             assert [h["epoch"] for h in summary["history"]] == [1] and "reward_mean" in summary["after"], setup
             resolved = (tmp_path / "runs" / setup / "config.yaml").read_text()
-            assert f"backend: {setup.removesuffix('_aesthetic')}" in resolved and "laion_aesthetic" in resolved
+            assert f"backend: diffsplat{'_sd15' if weights == 'sd15' else ''}\n" in resolved
+            assert f"name: {PAPER.get(setup, ('laion_aesthetic',))[0]}" in resolved
     finally:
         subprocess.run([str(ray_bin), "stop", "--force"], env=env, capture_output=True, timeout=120)

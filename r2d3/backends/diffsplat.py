@@ -256,6 +256,13 @@ class DiffSplatBackend:
         (path / BACKEND_FILE).write_text(json.dumps(meta, indent=2))
 
     @classmethod
+    def load(cls, weights: str | None = None, device: str = "cpu") -> "DiffSplatBackend":
+        """The registry's factory: :meth:`from_pretrained`, with an error naming the layout without weights."""
+        if weights is None:
+            raise WeightsError(f"the {cls.name} backend needs model.weights=<directory>. {cls.layout_help}")
+        return cls.from_pretrained(weights, device=device)
+
+    @classmethod
     def from_pretrained(cls, path: str | os.PathLike, device: str = "cpu", dtype: str | None = None) -> "DiffSplatBackend":
         """Load DiffSplat from a local directory (layout in :attr:`layout_help`); strict key/shape matching.
 
@@ -307,20 +314,22 @@ def tiny_diffsplat(text_dim: int = 16, vocab: Sequence[str] = (), seed: int = 0,
     tokenizer = hf_word_tokenizer(vocab, eos="</s>")  # T5 appends EOS
     encoder = T5EncoderModel(T5Config(vocab_size=len(tokenizer), d_model=text_dim, d_kv=8, d_ff=32, num_layers=1,
                                       num_heads=2, pad_token_id=0, eos_token_id=2)).eval().requires_grad_(False)
-    geometry = {"num_views": num_views, "azimuths_deg": [360.0 * i / num_views for i in range(num_views)],
-                "input_res": 8 * sample_size, **geometry}
-    return DiffSplatBackend(transformer.eval().requires_grad_(False), gsvae, encoder, tokenizer, geometry=geometry)
+    return DiffSplatBackend(transformer.eval().requires_grad_(False), gsvae, encoder, tokenizer,
+                            geometry=tiny_geometry(num_views, sample_size, geometry))
+
+
+def tiny_geometry(num_views: int, sample_size: int, geometry: dict[str, Any]) -> dict[str, Any]:
+    """Input cameras for a tiny model: ``num_views`` evenly spaced azimuths, splatter images of
+    ``8 * sample_size`` pixels, then the caller's overrides."""
+    return {"num_views": num_views, "azimuths_deg": [360.0 * i / num_views for i in range(num_views)],
+            "input_res": 8 * sample_size, **geometry}
 
 
 #: the paper's sampling: 20-step first-order SDE-DPM-Solver++, CFG 5 (module docstring)
 SAMPLER_DEFAULTS = {"kind": "sde-dpmsolver++", "num_steps": 20, "eta": 1.0, "guidance_scale": 5.0}
 
 
-@register_backend("diffsplat", sampler_defaults=SAMPLER_DEFAULTS)
-def _load_diffsplat(weights: str | None = None, device: str = "cpu") -> DiffSplatBackend:
-    if weights is None:
-        raise WeightsError("the diffsplat backend needs model.weights=<directory>. " + LAYOUT_HELP)
-    return DiffSplatBackend.from_pretrained(weights, device=device)
+register_backend(DiffSplatBackend.name, sampler_defaults=SAMPLER_DEFAULTS)(DiffSplatBackend.load)
 
 
 __all__ = ["DiffSplatBackend", "tiny_diffsplat"]

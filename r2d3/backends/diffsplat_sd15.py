@@ -28,11 +28,10 @@ import torch
 from torch import Tensor
 
 from r2d3.backends.base import register_backend
-from r2d3.backends.diffsplat import DiffSplatBackend
+from r2d3.backends.diffsplat import DiffSplatBackend, tiny_geometry
 from r2d3.backends.diffsplat_modules import (GSVAE, LATENT_CHANNELS, PLUCKER_CHANNELS, SD15_SCHEDULER_CONFIG,
                                              MultiViewUNet)
 from r2d3.backends.diffsplat_weights import SD15_LAYOUT_HELP, UNET_DIR, load_unet
-from r2d3.pretrained import WeightsError
 from r2d3.text import PromptEmbeds, hf_word_tokenizer, module_fingerprint
 
 #: PEFT targets: the transformer blocks' attention and feed-forward layers, their in/out projections and the
@@ -97,21 +96,15 @@ def tiny_diffsplat_sd15(text_dim: int = 16, vocab: Sequence[str] = (), seed: int
         vocab_size=len(tokenizer), hidden_size=text_dim, intermediate_size=32, num_hidden_layers=1,
         num_attention_heads=2, max_position_embeddings=max_tokens, pad_token_id=0, bos_token_id=2,
         eos_token_id=3)).eval().requires_grad_(False)
-    geometry = {"num_views": num_views, "azimuths_deg": [360.0 * i / num_views for i in range(num_views)],
-                "input_res": 8 * sample_size, **geometry}
     return DiffSplatSD15Backend(unet.eval().requires_grad_(False), GSVAE(vae, tiny), encoder, tokenizer,
-                                geometry=geometry)
+                                geometry=tiny_geometry(num_views, sample_size, geometry))
 
 
 #: DiffSplat's own SD1.5 sampling: 20-step SDE-DPM-Solver++, CFG 7.5 (module docstring)
 SAMPLER_DEFAULTS = {"kind": "sde-dpmsolver++", "num_steps": 20, "eta": 1.0, "guidance_scale": 7.5}
 
 
-@register_backend("diffsplat_sd15", sampler_defaults=SAMPLER_DEFAULTS)
-def _load_diffsplat_sd15(weights: str | None = None, device: str = "cpu") -> DiffSplatSD15Backend:
-    if weights is None:
-        raise WeightsError("the diffsplat_sd15 backend needs model.weights=<directory>. " + SD15_LAYOUT_HELP)
-    return DiffSplatSD15Backend.from_pretrained(weights, device=device)
+register_backend(DiffSplatSD15Backend.name, sampler_defaults=SAMPLER_DEFAULTS)(DiffSplatSD15Backend.load)
 
 
 __all__ = ["DiffSplatSD15Backend", "tiny_diffsplat_sd15"]
