@@ -3,7 +3,8 @@
 - ``sampling``: wall time of sampling 4 assets x 20 steps and rendering 4 views at 64^2;
 - ``prior``: prompt-following of the shipped model over held-out prompts (independent classifiers);
 - ``methods``: Nabla-R2D3 vs DDPO / ReFL / DRaFT-K, rewards x seeds, equal sample budgets, plus the
-  cost of one update of each (writes docs/results.md and PNG plots under docs/).
+  cost of one update of each (writes docs/results.md and PNG plots under docs/);
+- ``updates``: one optimizer update of every method and mode on the same batch (s, memory, passes).
 """
 
 from __future__ import annotations
@@ -235,13 +236,48 @@ def run_methods(args: argparse.Namespace) -> str:
         lines += ["", f"Updates Nabla-R2D3 needs to reach DDPO's {args.ddpo_updates}-update held-out reward "
                   f"({ddpo_final:.4f}), per seed: {reach} (target <= 20; None: not reached in {args.updates}).", ""]
     cost = update_cost(replace(base, reward=rewards[0]), methods=all_methods())
-    ddpo_t = cost["ddpo"]["update_s"]
-    lines += ["### Cost of one update (same batch, same machine, one run)", "",
-              "| method | s / update | vs DDPO | peak extra memory (MB) | denoiser fwd / bwd per trained transition |",
-              "|---|---|---|---|---|"]
-    for method, c in cost.items():
-        lines.append(f"| {method} | {c['update_s']:.2f} | {c['update_s'] / ddpo_t:.2f}x | {c['peak_mem_mb']:.0f} | "
-                     f"{c['denoiser_fwd_per_transition']:.1f} / {c['denoiser_bwd_per_transition']:.1f} |")
-    lines += ["", "Targets: one Nabla-R2D3 update <= 2x a DDPO update (Jacobian-free <= 1.3x).",
-              f"Total wall time of this suite: {time.time() - start:.0f} s."]
+    lines += ["### Cost of one update (same batch, same machine, one run)", "", *cost_table(cost),
+              "", f"Total wall time of this suite: {time.time() - start:.0f} s."]
     return "\n".join(lines)
+
+
+def cost_table(cost: dict[str, dict]) -> list[str]:
+    """Markdown rows of :func:`r2d3.jobs.compare.update_cost`'s results, with the ratio to DDPO."""
+    ddpo_t = cost["ddpo"]["update_s"]
+    lines = ["| method | s / update | vs DDPO | precompute s / batch | peak extra memory (MB) | "
+             "denoiser fwd / bwd per trained transition |", "|---|---|---|---|---|---|"]
+    for method, c in cost.items():
+        lines.append(f"| {method} | {c['update_s']:.3f} | {c['update_s'] / ddpo_t:.2f}x | "
+                     f"{c['precompute_s']:.3f} | {c['peak_mem_mb']:.0f} | "
+                     f"{c['denoiser_fwd_per_transition']:.1f} / {c['denoiser_bwd_per_transition']:.1f} |")
+    return lines
+
+
+# ---------------------------------------------------------------------------------------------- updates
+def add_updates_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--output", type=Path, default=REPO_ROOT / "docs" / "benchmarks.md")
+    p.add_argument("--no-write", action="store_true")
+
+
+def run_updates(args: argparse.Namespace) -> str:
+    """Time one optimizer update of every method and mode on the same batch (the default alignment config)."""
+    from benchmark import machine_description
+
+    from r2d3.jobs.compare import all_methods, update_cost
+
+    base = build_config(AlignConfig, overrides=["run.wandb_mode=disabled", "scale.in_process=true"])
+    cost = update_cost(base, methods=all_methods(), repeats=args.repeats)
+    t = base.train
+    return "\n".join([
+        f"Machine: {machine_description()}", "",
+        f"Command: `python pipelines/benchmark.py updates` (default alignment config: {t.train_batch_size} "
+        f"trajectories per update, {base.sampler.num_steps} steps, {base.algo.timestep_fraction:g} of them "
+        f"trained, {base.render.num_views} views at {base.render.resolution}², reward {base.reward['name']}; "
+        f"median of {args.repeats} updates on one sampled batch, all methods in one run). *precompute*: the "
+        "work `nabla_gfn+precomputed` does once per sampled batch, right after sampling and without a LoRA "
+        "graph (reference scores, reward gradients at the sampling policy's x0_hat), timed for one update's "
+        "batch.", "",
+        *cost_table(cost), "",
+        "Targets: Nabla-R2D3 with precomputed targets <= 1.3x a DDPO update; exact mode <= 2x.",
+    ])

@@ -28,3 +28,12 @@ def random_render(b: int = 2, v: int = 2, size: int = 20, seed: int = 0, dtype: 
     rgb = (0.2 + 0.6 * torch.rand(b, v, 3, size, size, generator=g)).to(dtype)
     zeros = torch.zeros(b, v, 1, size, size, dtype=dtype)
     return RenderOutput(rgb=rgb, alpha=zeros + 1, depth=zeros, normal=torch.zeros_like(rgb), cameras=None)
+
+
+def rows_at(trajectory, step: int, prompts, cond=None, cameras=None):
+    """Every trajectory's transition ``step`` as the rows the Nabla-GFlowNet loss takes."""
+    from r2d3.algos import SampleBatch
+    from r2d3.algos.base import Transitions
+
+    batch = SampleBatch(trajectory, list(prompts), cond, torch.zeros(len(prompts)))
+    return Transitions.step_major(batch, [step], cameras)

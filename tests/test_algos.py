@@ -21,6 +21,8 @@ from r2d3.diffusion import StochasticSampler, make_scheduler
 from r2d3.rewards import build_reward
 from r2d3.backends.lora import add_lora
 from r2d3.pipeline import Pipeline
+from r2d3.render.cameras import Cameras
+from helpers import rows_at
 
 # ---------------------------------------------------------------- a toy 1-D diffusion with an analytic reward
 
@@ -103,7 +105,7 @@ def test_nabla_gfn_target_matches_hand_derivation():
     ctx, batch, algo = toy_setup()
     traj = batch.trajectory
     for j in range(traj.num_steps):
-        terms = algo.transition(ctx, ctx.model_fn(batch.cond), traj, j, batch.prompts, None)
+        terms = algo.transition(ctx, ctx.model_fn(batch.cond), rows_at(traj, j, batch.prompts, batch.cond))
         x_t, x_next = traj.latents[:, j, 0], traj.latents[:, j + 1, 0]
         # the base model: mu = a x_t + b x0(x_t), x0 = (x - sqrt(1 - abar) w x) / sqrt(abar)
         abar = float(ctx.sampler.alpha_bar[j])
@@ -126,7 +128,7 @@ def test_nabla_gfn_target_matches_hand_derivation():
 
 def test_sqrt_weighting_and_gradient_clip():
     ctx, batch, algo = toy_setup({"reward_weighting": "sqrt", "reward_grad_clip": 1e-3})
-    terms = algo.transition(ctx, ctx.model_fn(batch.cond), batch.trajectory, 1, batch.prompts, None)
+    terms = algo.transition(ctx, ctx.model_fn(batch.cond), rows_at(batch.trajectory, 1, batch.prompts, batch.cond))
     assert terms["drive"].abs().max() <= 1e-3 + 1e-12
     with pytest.raises(ValueError, match="reward_weighting"):
         build_algorithm(NablaGFNConfig(reward_weighting="cubed"), 4)
@@ -239,22 +241,27 @@ def test_reward_gradient_matches_finite_differences_through_render():
 @pytest.mark.parametrize("per_transition", [False, True])
 def test_reward_cameras_drawn_per_batch_or_per_transition(per_transition, monkeypatch):
     """r2d3 draws the reward cameras once per train batch; algo.cameras_per_transition redraws them for
-    every trained transition, as the reference code does."""
+    every trained transition, as the reference code does. Every row of the stacked transitions carries
+    its own trajectory's camera of its draw."""
     ctx, batch, algo = toy_setup({"cameras_per_transition": per_transition, "timestep_fraction": 1.0})
     draws, seen = [], []
     real_transition = algo.transition
 
-    def cameras(batch_size, generator, jitter=True):
-        draws.append(object())
-        return draws[-1]
+    def cameras(batch_size, generator, jitter=True):  # camera b of draw d is marked 100 * d + b
+        marks = 100.0 * len(draws) + torch.arange(batch_size, dtype=torch.float32)
+        draws.append(marks)
+        return Cameras(marks.view(-1, 1, 1, 1).expand(-1, 1, 4, 4), torch.zeros(batch_size, 1, 3, 3), 8, 8)
 
-    def transition(ctx_, model_fn, traj, step, prompts, cams, cond=None, generator=None, **kw):
-        seen.append(cams)
-        return real_transition(ctx_, model_fn, traj, step, prompts, None, cond, generator, **kw)
+    def transition(ctx_, model_fn, rows, generator=None, **kw):
+        seen.append(rows.cameras.viewmats[:, 0, 0, 0])
+        rows.cameras = None  # the toy reward does not render
+        return real_transition(ctx_, model_fn, rows, generator, **kw)
 
     monkeypatch.setattr(ctx, "cameras", cameras)
     monkeypatch.setattr(algo, "transition", transition)
     algo.accumulate(ctx, batch, 1.0, torch.Generator().manual_seed(0))
-    steps = batch.trajectory.num_steps
-    assert len(seen) == steps and len(draws) == (steps if per_transition else 1)
-    assert len({id(c) for c in seen}) == (steps if per_transition else 1)
+    steps, size = batch.trajectory.num_steps, len(batch)
+    assert len(draws) == (steps if per_transition else 1)
+    draw = torch.arange(steps).repeat_interleave(size) if per_transition else torch.zeros(steps * size)
+    expected = 100.0 * draw + torch.arange(size).repeat(steps)  # rows step by step, trajectories within
+    torch.testing.assert_close(torch.cat(seen), expected.float())

@@ -22,6 +22,7 @@ from r2d3.algos.flow import FlowCorrection
 from r2d3.text import PromptEmbeds
 from r2d3.algos.nabla_gfn import NablaGFNConfig
 from r2d3.diffusion import StochasticSampler
+from helpers import rows_at
 
 DIM, STEPS, BETA = 2, 8, 0.5
 A = torch.tensor([1.0, -0.5], dtype=torch.float64)
@@ -126,7 +127,7 @@ def test_trained_flow_correction_approaches_the_closed_form_residual_flow(revers
         opt.zero_grad()
         loss = nabla.terminal_loss(ctx, traj, conds)
         for j in range(STEPS):
-            loss = loss + nabla.transition(ctx, ctx.backend.denoiser, traj, j, [""] * batch, None, conds)["loss"]
+            loss = loss + nabla.transition(ctx, ctx.backend.denoiser, rows_at(traj, j, [""] * batch, conds))["loss"]
         loss.backward()
         opt.step()
     traj = sample(ctx, 64, gen)
@@ -147,7 +148,7 @@ def test_residuals_of_the_tilted_policy_are_the_exact_flow_gradients():
     nabla = algo()
     traj = sample(ctx, 16, torch.Generator().manual_seed(1))
     for j in range(STEPS):
-        terms = nabla.transition(ctx, ctx.backend.denoiser, traj, j, [""] * 16, None, None)
+        terms = nabla.transition(ctx, ctx.backend.denoiser, rows_at(traj, j, [""] * 16))
         forward = terms["score"] - terms["score_ref"]
         assert torch.allclose(forward, c[j + 1].expand_as(forward), rtol=1e-6, atol=1e-9), j
         residual = nabla.reverse_residual(ctx, ctx.backend.denoiser, traj.latents[:, j], traj.latents[:, j + 1], j)
@@ -199,7 +200,7 @@ def test_zero_initialised_flow_leaves_the_lora_gradient_of_the_no_flow_objective
         for p in offsets.values():
             p.grad = None
         for j in range(STEPS):
-            nabla.transition(ctx, ctx.backend.denoiser, traj, j, [""] * 4, None, conds)["loss"].backward()
+            nabla.transition(ctx, ctx.backend.denoiser, rows_at(traj, j, [""] * 4, conds))["loss"].backward()
         grads.append(torch.stack([p.grad.clone() for p in offsets.values()]))
     assert grads[0].abs().max() > 0
     torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)
@@ -222,7 +223,7 @@ def test_flow_terms_gradients_match_their_closed_forms():
         captured["g"] = output
 
     hook = nabla.flow.register_forward_hook(keep)
-    terms = nabla.transition(ctx, ctx.backend.denoiser, traj, j, [""] * 5, None, conds)
+    terms = nabla.transition(ctx, ctx.backend.denoiser, rows_at(traj, j, [""] * 5, conds))
     terms["loss_score"].backward()
     g = captured.pop("g")
     expected = -2 * (terms["score"] - terms["target"]).detach() / terms["score"].numel()

@@ -6,6 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from r2d3.algos.nabla_gfn import NablaGFN
 from r2d3.backends import TinySplatBackend
 from r2d3.config import build_config
 from r2d3.train.config import AlignConfig
@@ -38,16 +39,32 @@ def final_lora(run_dir):
     return load_file(latest_checkpoint(run_dir) / "lora.safetensors")
 
 
-@pytest.mark.parametrize("flow", [False, True], ids=["nabla_gfn", "nabla_gfn+flow"])
-def test_resume_reproduces_the_uninterrupted_run_exactly(weights, tmp_path, flow):
+VARIANT_OVERRIDES = {"nabla_gfn": [], "nabla_gfn+flow": ["algo.flow_correction=true", "algo.reverse_loss_scale=0.1"],
+                     "nabla_gfn+precomputed": ["algo.jacobian_free=true", "algo.precompute_targets=true"]}
+
+
+@pytest.mark.parametrize("variant", list(VARIANT_OVERRIDES))
+def test_resume_reproduces_the_uninterrupted_run_exactly(weights, tmp_path, variant):
     # nabla_gfn with the off-policy lag: the resumed run must also restore the sample buffer; with the
-    # flow correction, g_phi's weights and its AdamW state too
-    config = tiny_config(weights, *(["algo.flow_correction=true", "algo.reverse_loss_scale=0.1"] if flow else []))
+    # flow correction, g_phi's weights and its AdamW state too; with precomputed targets, the buffer's targets
+    flow = variant == "nabla_gfn+flow"
+    config = tiny_config(weights, *VARIANT_OVERRIDES[variant])
     run(config, LocalSession(tmp_path / "full", keep_checkpoints=5))
     # the same run stopped after 2 epochs, then resumed to 3
     run(replace(config, train=replace(config.train, epochs=2)), LocalSession(tmp_path / "split", keep_checkpoints=5))
+    calls = []
+    real = NablaGFN.precompute
+    monkeypatch = pytest.MonkeyPatch()
+    monkeypatch.setattr(NablaGFN, "precompute", lambda self, *a: calls.append(1) or real(self, *a))
     out = run(config, LocalSession(tmp_path / "split", keep_checkpoints=5))
+    monkeypatch.undo()
     assert [h["epoch"] for h in out["history"]] == [1, 2, 3]
+    assert len(calls) == 1  # the resumed epoch's fresh samples only: the buffer's targets come from the checkpoint
+    buffers = [load_file(tmp_path / name / "checkpoint_000002" / "buffer.safetensors") for name in ("full", "split")]
+    assert buffers[0].keys() == buffers[1].keys()
+    assert ("targets.drive" in buffers[0]) == (variant == "nabla_gfn+precomputed")
+    for key in buffers[0]:
+        assert torch.equal(buffers[0][key], buffers[1][key]), key
     full, split = final_lora(tmp_path / "full"), final_lora(tmp_path / "split")
     assert full.keys() == split.keys()
     for key in full:
@@ -130,12 +147,14 @@ def test_update_cost_counts_the_denoiser_passes_of_each_method(weights):
     from r2d3.jobs.compare import update_cost
 
     cost = update_cost(tiny_config(weights, "algo.timestep_fraction=0.5", "sampler.num_steps=6"), repeats=1,
-                       methods=("nabla_gfn", "ddpo", "refl", "nabla_gfn+jacobian_free"))
+                       methods=("nabla_gfn", "ddpo", "refl", "nabla_gfn+jacobian_free", "nabla_gfn+precomputed"))
     passes = {m: (c["denoiser_fwd_per_transition"], c["denoiser_bwd_per_transition"]) for m, c in cost.items()}
     # Nabla-R2D3: base (LoRA off), policy at x_t, policy at x_{t-1} for the reward gradient; backward
-    # through the reward-gradient pass and the loss. Jacobian-free skips the first of those backwards.
+    # through the reward-gradient pass and the loss. Jacobian-free skips the first of those backwards;
+    # precomputed targets leave the policy's own forward and backward, as DDPO (the rest ran before the update).
     assert passes == {"nabla_gfn": (3.0, 2.0), "ddpo": (1.0, 1.0), "refl": (1.0, 1.0),
-                      "nabla_gfn+jacobian_free": (3.0, 1.0)}
+                      "nabla_gfn+jacobian_free": (3.0, 1.0), "nabla_gfn+precomputed": (1.0, 1.0)}
+    assert cost["nabla_gfn+precomputed"]["precompute_s"] > 0
     assert cost["nabla_gfn"]["transitions"] == cost["ddpo"]["transitions"] == 3  # half of 6 steps (carried over)
     assert all(c["update_s"] > 0 for c in cost.values())
 

@@ -16,6 +16,7 @@ from r2d3.algos.nabla_gfn import NablaGFNConfig
 from r2d3.config import ConfigError, RenderConfig, SamplerConfig, build_config
 from r2d3.pipeline import Pipeline
 from r2d3.train.config import AlignConfig
+from helpers import rows_at
 
 K, FRACTION = 20, 0.4
 
@@ -251,10 +252,10 @@ def test_proximal_term_over_the_full_output_is_the_official_one():
         new = _official_cfg_output(backend, traj.latents[:, j], t, cond.tokens, cond.mask, ctx.uncond, 5.0)
     official = (new - old).square().mean()  # over B, V, all 8 channels, h, w
     eps_only = (new - old)[:, :, :4].square().mean()
-    got_full = full.transition(ctx, ctx.model_fn(cond), traj, j, prompts, cams, cond,
+    got_full = full.transition(ctx, ctx.model_fn(cond), rows_at(traj, j, prompts, cond, cams),
                                full_fn=ctx.model_fn(cond, full=True))["loss_reg"]
     got_model = build_algorithm(NablaGFNConfig(timestep_fraction=1.0), 4).transition(
-        ctx, ctx.model_fn(cond), traj, j, prompts, cams, cond)["loss_reg"]
+        ctx, ctx.model_fn(cond), rows_at(traj, j, prompts, cond, cams))["loss_reg"]
     assert float(official) > 0 and abs(float(official) - float(eps_only)) > 1e-3 * float(official)
     assert got_full.item() == pytest.approx(official.item(), rel=1e-4)
     assert got_model.item() == pytest.approx(eps_only.item(), rel=1e-4)

@@ -9,17 +9,50 @@ samples, calls it, clips and steps is shared (:mod:`r2d3.train.loop`).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, Protocol
 
 import torch
 from torch import Tensor
 
-from r2d3.config import AlgoConfig, Variants, opt, within
+from r2d3.config import AlgoConfig, Variants, at_least, opt, within
 from r2d3.diffusion import Trajectory
 from r2d3.pipeline import Generation, Pipeline
 from r2d3.plugins import load_plugins
+from r2d3.render.cameras import Cameras
 from r2d3.text import PromptEmbeds
+
+
+@dataclass
+class Targets:
+    """Per-transition regression targets computed once, right after sampling, without any LoRA graph
+    (``nabla_gfn`` with ``algo.precompute_targets``): row ``b`` holds trajectory ``b``'s trained steps.
+
+    They travel with their trajectories through the off-policy buffer and checkpoints, so a resumed
+    run trains on the very targets the interrupted one computed."""
+
+    steps: Tensor  # [B, n] long: the transitions each trajectory trains
+    score_ref: Tensor  # [B, n, *S] the reference model's score of x_{t-1} (LoRA off)
+    drive: Tensor  # [B, n, *S] beta * w * grad r at x_{t-1} (clipped), from the sampling policy's x0_hat
+    reward: Tensor  # [B, n] reward at that x0_hat (a metric)
+    reward_grad_norm: Tensor  # [B, n] |grad r| before scaling (a metric)
+
+    def select(self, index: Tensor) -> Targets:
+        return Targets(*(getattr(self, f.name)[index] for f in fields(self)))
+
+    @staticmethod
+    def cat(items: Sequence[Targets]) -> Targets:
+        return Targets(*(torch.cat([getattr(t, f.name) for t in items]) for f in fields(Targets)))
+
+    def tensors(self) -> dict[str, Tensor]:
+        """Flat ``targets.<field>`` tensors, for the buffer in a checkpoint."""
+        return {f"targets.{f.name}": getattr(self, f.name) for f in fields(self)}
+
+    @staticmethod
+    def from_tensors(data: dict[str, Tensor], device: torch.device) -> Targets | None:
+        if "targets.steps" not in data:
+            return None
+        return Targets(*(data[f"targets.{f.name}"].to(device) for f in fields(Targets)))
 
 
 @dataclass
@@ -31,6 +64,7 @@ class SampleBatch:
     cond: PromptEmbeds
     rewards: Tensor  # [B] reward of the final sample (logged; DDPO's advantage source)
     advantages: Tensor | None = None  # [B], set by algorithms that need them (DDPO)
+    targets: Targets | None = None  # set by algorithms that precompute them (Algorithm.precompute)
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -43,12 +77,85 @@ class SampleBatch:
         idx = index.tolist()
         return SampleBatch(self.trajectory.select(index), [self.prompts[i] for i in idx],
                            PromptEmbeds(self.cond.tokens[index], self.cond.mask[index]), self.rewards[index],
-                           None if self.advantages is None else self.advantages[index])
+                           None if self.advantages is None else self.advantages[index],
+                           None if self.targets is None else self.targets.select(index))
 
     @staticmethod
     def concat(batches: Sequence[SampleBatch]) -> SampleBatch:
+        targets = [b.targets for b in batches]
         return SampleBatch(Trajectory.concat([b.trajectory for b in batches]), sum((b.prompts for b in batches), []),
-                           PromptEmbeds.cat([b.cond for b in batches]), torch.cat([b.rewards for b in batches]))
+                           PromptEmbeds.cat([b.cond for b in batches]), torch.cat([b.rewards for b in batches]),
+                           targets=Targets.cat(targets) if all(t is not None for t in targets) else None)
+
+
+@dataclass
+class Transitions:
+    """Trained transitions stacked as rows, so that the denoiser, decoder, renderer and reward see them
+    as one batch: row ``r`` is step ``steps[r]`` of trajectory ``index[r]`` of ``trajectory``, with that
+    trajectory's prompt, embedding and reward cameras (and precomputed targets, when there are any)."""
+
+    trajectory: Trajectory
+    index: Tensor  # [N] long
+    steps: Tensor  # [N] long
+    prompts: list[str]
+    cond: PromptEmbeds | None
+    cameras: Cameras | None
+    targets: dict[str, Tensor] | None = None  # the rows of Targets' per-transition tensors
+
+    @staticmethod
+    def of(batch: SampleBatch, index: Tensor, steps: Tensor, cameras: Cameras | None = None) -> Transitions:
+        """Rows ``(index[r], steps[r])`` of ``batch``; ``cameras`` are per row (None: the toy contexts')."""
+        device = batch.trajectory.latents.device
+        index, steps = index.to(device), steps.to(device)
+        return Transitions(batch.trajectory, index, steps, [batch.prompts[i] for i in index.tolist()],
+                           None if batch.cond is None else batch.cond[index], cameras)
+
+    @staticmethod
+    def step_major(batch: SampleBatch, steps: Sequence[int], cameras: Cameras | Sequence[Cameras] | None = None
+                   ) -> Transitions:
+        """Steps ``steps`` of every trajectory of ``batch``, step by step (rows ``j * B .. j * B + B - 1`` are
+        step ``steps[j]``). ``cameras``: one set for the batch ``[B, ...]``, one per step, or None."""
+        size = len(batch)
+        index = torch.arange(size).repeat(len(steps))
+        step_rows = torch.tensor(steps, dtype=torch.long).repeat_interleave(size)
+        if isinstance(cameras, Cameras):
+            cameras = cameras[index.to(cameras.viewmats.device)]
+        elif cameras is not None:
+            cameras = None if any(c is None for c in cameras) else Cameras.cat(list(cameras))
+        return Transitions.of(batch, index, step_rows, cameras)
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def take(self, per_step: Tensor) -> Tensor:
+        """The rows of a per-sample, per-step tensor ``[B, K, ...]``."""
+        return per_step[self.index, self.steps]
+
+    @property
+    def x_t(self) -> Tensor:
+        return self.trajectory.latents[self.index, self.steps]
+
+    @property
+    def x_next(self) -> Tensor:
+        return self.trajectory.latents[self.index, self.steps + 1]
+
+    @property
+    def t(self) -> Tensor:
+        """``[N]`` the model-conditioning timestep of each row's x_t."""
+        return self.trajectory.timesteps.to(self.steps.device)[self.steps]
+
+    def chunks(self, rows: int) -> list[Transitions]:
+        """Consecutive groups of at most ``rows`` rows (``rows`` <= 0: one group)."""
+        if rows <= 0 or rows >= len(self):
+            return [self]
+        out = []
+        for lo in range(0, len(self), rows):
+            part = slice(lo, lo + rows)
+            out.append(Transitions(self.trajectory, self.index[part], self.steps[part], self.prompts[part],
+                                   None if self.cond is None else self.cond[part],
+                                   None if self.cameras is None else self.cameras[part],
+                                   None if self.targets is None else {k: v[part] for k, v in self.targets.items()}))
+        return out
 
 
 @dataclass
@@ -74,6 +181,11 @@ class Algorithm(Protocol):
         """Annotate a whole epoch's samples before training on them (DDPO's advantages); usually identity."""
         ...
 
+    def precompute(self, ctx: Pipeline, batch: SampleBatch, generator: torch.Generator) -> SampleBatch:
+        """Annotate freshly sampled trajectories while the LoRA is still the sampling policy (the targets
+        of ``nabla_gfn`` with ``precompute_targets``); usually identity."""
+        ...
+
     def accumulate(self, ctx: Pipeline, batch: SampleBatch, scale: float,
                    generator: torch.Generator) -> dict[str, float]:
         """Add ``scale`` times this batch's loss gradient into the trained parameters; return its metrics."""
@@ -89,6 +201,9 @@ class AlgorithmBase:
         return {}
 
     def prepare(self, batch: SampleBatch) -> SampleBatch:
+        return batch
+
+    def precompute(self, ctx: Pipeline, batch: SampleBatch, generator: torch.Generator) -> SampleBatch:
         return batch
 
 
@@ -107,6 +222,9 @@ class TransitionOptions(AlgoConfig):
                                          "subsampling: the last step, then steps drawn without replacement from "
                                          "4 equal blocks in turn, int(fraction*K) in all; the last may repeat; "
                                          "needs K divisible by 4)", choices=SUBSAMPLINGS)
+    transition_batch: int = opt(32, "trained transitions per pass through the denoiser, decoder, renderer and "
+                                    "reward (rows; 0: all of a train batch at once); the memory bound, not the "
+                                    "loss: every value gives the same gradient", check=at_least(0))
 
     def check_steps(self, num_steps: int) -> None:
         """Refuse a schedule the subsampling is not defined for (before anything loads)."""

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from r2d3.algos.base import (AlgorithmBase, SampleBatch, TransitionOptions, as_dict, register_algorithm)
+from r2d3.algos.base import AlgorithmBase, SampleBatch, TransitionOptions, Transitions, as_dict, register_algorithm
 from r2d3.config import opt, positive
 from r2d3.pipeline import Pipeline
 
@@ -59,23 +59,23 @@ class DDPO(AlgorithmBase):
             raise ValueError("DDPO needs stochastic sampling steps (eta > 0) to have log-probabilities")
         adv = batch.advantages if batch.advantages is not None else per_prompt_advantages(batch.rewards, batch.prompts)
         steps = self.config.transitions(traj.num_steps, generator)
-        model_fn = ctx.model_fn(batch.cond)
+        rows = Transitions.step_major(batch, steps)
         size = traj.latents[0, 0].numel()
         totals = {"loss": 0.0, "approx_kl": 0.0, "clip_frac": 0.0, "ratio_mean": 0.0}
-        for j in steps:
-            x_t, x_next = traj.latents[:, j], traj.latents[:, j + 1]
-            t = traj.timesteps[j].to(x_t.device).expand(x_t.shape[0])
-            mean, std = ctx.sampler.step_mean_std(x_t, model_fn(x_t, t), j)
-            log_prob = ctx.sampler.log_prob(x_next, mean, std)
-            log_ratio = (log_prob - traj.log_probs[:, j]) / size
+        for part in rows.chunks(self.config.transition_batch):
+            share = len(part) / len(rows)
+            mean, std = ctx.sampler.step_mean_std(part.x_t, ctx.model_fn(part.cond)(part.x_t, part.t), part.steps)
+            log_prob = ctx.sampler.log_prob(part.x_next, mean, std)
+            log_ratio = (log_prob - part.take(traj.log_probs)) / size
             ratio = log_ratio.exp()
-            unclipped = -adv * ratio
-            clipped = -adv * ratio.clamp(1 - self.config.clip_range, 1 + self.config.clip_range)
+            adv_rows = adv[part.index]
+            unclipped = -adv_rows * ratio
+            clipped = -adv_rows * ratio.clamp(1 - self.config.clip_range, 1 + self.config.clip_range)
             loss = torch.maximum(unclipped, clipped).mean()
-            (loss * scale / len(steps)).backward()
-            totals["loss"] += loss.item()
-            totals["approx_kl"] += 0.5 * log_ratio.detach().square().mean().item()
-            totals["clip_frac"] += ((ratio.detach() - 1).abs() > self.config.clip_range).float().mean().item()
-            totals["ratio_mean"] += ratio.detach().mean().item()
-        return as_dict({k: v / len(steps) for k, v in totals.items()} | {"transitions": len(steps)})
+            (loss * scale * share).backward()
+            totals["loss"] += loss.item() * share
+            totals["approx_kl"] += 0.5 * log_ratio.detach().square().mean().item() * share
+            totals["clip_frac"] += ((ratio.detach() - 1).abs() > self.config.clip_range).float().mean().item() * share
+            totals["ratio_mean"] += ratio.detach().mean().item() * share
+        return as_dict(totals | {"transitions": len(steps)})
 

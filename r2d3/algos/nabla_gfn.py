@@ -10,7 +10,13 @@ For a stored transition x_t -> x_{t-1} sampled by an earlier policy:
 
 The residual score_theta - score_ref is regressed onto the scaled reward gradient at the *next* state,
 so the fine-tuned sampler targets p_ref(x_0) exp(beta * r(x_0)) while the proximal term keeps each update
-close to the sampling policy. Gradients are accumulated per transition (one graph alive at a time).
+close to the sampling policy. The trained transitions of a train batch are stacked as rows and go
+through the denoiser, decoder, renderer and reward together, ``algo.transition_batch`` rows at a time.
+
+``precompute_targets`` computes ``score_ref`` and the drive right after sampling, in batch and without
+any LoRA graph, with the reward gradient in its Jacobian-free form at the *sampling* policy's x0_hat
+(stored in the trajectory where the sampler evaluated the network at that state): training then pays one
+denoiser forward and one backward per transition, as DDPO does.
 
 ``flow_correction`` adds the 2D paper's learned residual log-flow gradient g_phi (:mod:`r2d3.algos.flow`)
 to the target, ``target += g_phi(x_{t-1}, t-1, c)``, with the terminal loss |g_phi(x_0)|^2; and
@@ -33,8 +39,10 @@ from torch import Tensor
 from r2d3.algos.base import (
     AlgorithmBase,
     SampleBatch,
+    Targets,
     TrainedModule,
     TransitionOptions,
+    Transitions,
     as_dict,
     register_algorithm,
 )
@@ -58,6 +66,10 @@ class NablaGFNConfig(TransitionOptions):
                                 choices=("model", "full"))
     reward_grad_clip: Optional[float] = opt(None, "clip |beta * w * grad r| per sample (None: off)", check=positive())
     jacobian_free: bool = opt(False, "treat eps as constant in the reward gradient (cheaper)")
+    precompute_targets: bool = opt(False, "compute score_ref and the reward drive once, right after sampling, "
+                                          "without a LoRA graph, from the sampling policy's x0_hat (needs "
+                                          "jacobian_free); training then costs one forward and one backward "
+                                          "per transition")
     reward_image_noise: float = opt(0.0, "std of Gaussian noise added to the rendered colours the training reward "
                                          "sees (the reference code: 2e-3; needs scale.reward_actors=0)",
                                     check=at_least(0))
@@ -83,6 +95,12 @@ class NablaGFN(AlgorithmBase):
         if config.reverse_loss_scale > 0 and not config.flow_correction:
             raise ValueError("algo.reverse_loss_scale > 0 needs algo.flow_correction=true (the reverse loss trains "
                              "only the flow correction g_phi)")
+        if config.precompute_targets and not config.jacobian_free:
+            raise ValueError("algo.precompute_targets takes the reward gradient in its Jacobian-free form at the "
+                             "sampling policy's x0_hat: set algo.jacobian_free=true as well")
+        if config.precompute_targets and config.reverse_loss_scale > 0:
+            raise ValueError("algo.precompute_targets cannot precompute the reverse loss (it differentiates the "
+                             "current policy at x_t): set algo.reverse_loss_scale=0")
         config.check_steps(num_steps)
         self.config = config
         self.uses_lag = config.off_policy_lag
@@ -121,48 +139,68 @@ class NablaGFN(AlgorithmBase):
         alphas_cumprod = ctx.sampler.scheduler.alphas_cumprod.double()
         return t_next, float(alphas_cumprod[max(t_next - delta, 1)]), float(alphas_cumprod[t_next])
 
-    def reward_weight(self, ctx: Pipeline, step: int, at: str = "next") -> float:
-        """w of the state after step ``step`` (``at="next"``) or before it (``"current"``)."""
-        alpha_bar = self.next_state_timing(ctx, step)[2] if at == "next" else float(ctx.sampler.alpha_bar[step])
-        return alpha_bar if self.config.reward_weighting == "squared" else alpha_bar ** 0.5
+    def _next_tables(self, ctx: Pipeline) -> tuple[Tensor, Tensor | None, Tensor]:
+        """:meth:`next_state_timing` of every step: ``[K]`` timesteps, x0 alpha_bars (None: the sampler's
+        own levels) and weight alpha_bars (float64)."""
+        timings = [self.next_state_timing(ctx, j) for j in range(ctx.sampler.num_steps)]
+        x0_abar = None if timings[0][1] is None else torch.tensor([a for _, a, _ in timings], dtype=torch.float64)
+        return (torch.tensor([t for t, _, _ in timings], dtype=torch.long), x0_abar,
+                torch.tensor([w for _, _, w in timings], dtype=torch.float64))
 
-    def x0_next(self, ctx: Pipeline, model_fn, x_next: Tensor, step: int) -> Tensor:
-        """x0_hat at the next latent, through the current (LoRA) model unless Jacobian-free."""
-        t, alpha_bar, _ = self.next_state_timing(ctx, step)
-        out = model_fn(x_next, torch.full((x_next.shape[0],), t, dtype=torch.long, device=x_next.device))
+    @staticmethod
+    def _steps(steps: int | Tensor, rows: int) -> Tensor:
+        return torch.full((rows,), steps, dtype=torch.long) if isinstance(steps, int) else steps
+
+    def reward_weight(self, ctx: Pipeline, steps: int | Tensor, at: str = "next") -> Tensor:
+        """``[N]`` float64 w of the state after (``at="next"``) or before (``"current"``) each row's step."""
+        steps = self._steps(steps, 1).cpu()
+        table = self._next_tables(ctx)[2] if at == "next" else ctx.sampler.alpha_bar.double()
+        alpha_bar = table[steps]
+        return alpha_bar if self.config.reward_weighting == "squared" else alpha_bar.sqrt()
+
+    def x0_next(self, ctx: Pipeline, model_fn, x_next: Tensor, steps: int | Tensor) -> Tensor:
+        """x0_hat at the next latents (row r after step ``steps[r]``), through the current (LoRA) model
+        unless Jacobian-free."""
+        steps = self._steps(steps, x_next.shape[0]).to(x_next.device)
+        t_table, abar_table, _ = self._next_tables(ctx)
+        out = model_fn(x_next, t_table.to(x_next.device)[steps])
         if self.config.jacobian_free:
             out = out.detach()
-        if alpha_bar is None:
-            return ctx.sampler.predict_x0(x_next, out, step, at="next")
-        return (x_next - (1 - alpha_bar) ** 0.5 * out) / alpha_bar**0.5
+        if abar_table is None:
+            return ctx.sampler.predict_x0(x_next, out, steps, at="next")
+        alpha_bar = abar_table.to(x_next.device)[steps].view(-1, *[1] * (x_next.ndim - 1))
+        return ((x_next - (1 - alpha_bar) ** 0.5 * out) / alpha_bar**0.5).to(x_next.dtype)
 
-    def reward_grad(self, ctx: Pipeline, model_fn, x_next: Tensor, step: int, prompts, cameras,
+    def reward_grad(self, ctx: Pipeline, model_fn, x_next: Tensor, steps: int | Tensor, prompts, cameras,
                     generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
-        """``(g [B, *S], reward [B])``: the view-averaged reward's gradient w.r.t. the next latent
+        """``(g [N, *S], reward [N])``: the view-averaged reward's gradient w.r.t. the next latents
         (``generator`` draws the reward-image noise, when there is any)."""
         x = x_next.detach().requires_grad_(True)
         with torch.enable_grad():
-            reward = ctx.reward_of_latents(self.x0_next(ctx, model_fn, x, step), prompts, cameras,
+            reward = ctx.reward_of_latents(self.x0_next(ctx, model_fn, x, steps), prompts, cameras,
                                            self.config.reward_image_noise, generator)
             (grad,) = torch.autograd.grad(reward.sum(), x)
         return grad, reward.detach()
 
-    def clipped(self, drive: Tensor) -> Tensor:
+    def scaled(self, weight: Tensor, grad: Tensor) -> Tensor:
+        """``beta * w * grad`` per row, clipped per row when ``reward_grad_clip`` is set."""
+        drive = (self.config.beta * weight).to(grad).view(-1, *[1] * (grad.ndim - 1)) * grad
         if self.config.reward_grad_clip is None:
             return drive
         norms = drive.flatten(1).norm(dim=1).clamp(min=1e-12)
         factor = (self.config.reward_grad_clip / norms).clamp(max=1.0)
         return drive * factor.view(-1, *[1] * (drive.ndim - 1))
 
-    def reverse_residual(self, ctx: Pipeline, model_fn, x_t: Tensor, x_next: Tensor, step: int) -> Tensor:
+    def reverse_residual(self, ctx: Pipeline, model_fn, x_t: Tensor, x_next: Tensor, steps: int | Tensor) -> Tensor:
         """rev_theta(x_t) - rev_ref(x_t), rev = grad_{x_t} log p(x_next | x_t): no parameter graph."""
-        t = ctx.sampler.timesteps[step].to(x_t.device).expand(x_t.shape[0])
+        steps = self._steps(steps, x_t.shape[0]).to(x_t.device)
+        t = ctx.sampler.timesteps.to(x_t.device)[steps]
 
         def rev() -> Tensor:
             x = x_t.detach().requires_grad_(True)
             with torch.enable_grad():
-                mean, std = ctx.sampler.step_mean_std(x, model_fn(x, t), step)
-                log_p = -(x_next - mean).square().sum() / (2 * std**2)
+                mean, std = ctx.sampler.step_mean_std(x, model_fn(x, t), steps)
+                log_p = -((x_next - mean).square() / (2 * std**2)).sum()
                 (grad,) = torch.autograd.grad(log_p, x)
             return grad
 
@@ -171,61 +209,115 @@ class NablaGFN(AlgorithmBase):
             residual = residual - rev()
         return residual
 
-    def reward_grad_current(self, ctx: Pipeline, model_fn, x_t: Tensor, step: int, prompts, cameras) -> Tensor:
+    def reward_grad_current(self, ctx: Pipeline, model_fn, x_t: Tensor, steps: Tensor, prompts, cameras) -> Tensor:
         """grad_{x_t} r(x0_hat(x_t)) with x0_hat at x_t's own timestep (the reverse loss's flow term)."""
         x = x_t.detach().requires_grad_(True)
-        t = ctx.sampler.timesteps[step].to(x.device).expand(x.shape[0])
+        t = ctx.sampler.timesteps.to(x.device)[steps]
         with torch.enable_grad():
             out = model_fn(x, t)
             if self.config.jacobian_free:
                 out = out.detach()
-            reward = ctx.reward_of_latents(ctx.sampler.predict_x0(x, out, step, at="current"), prompts, cameras)
+            reward = ctx.reward_of_latents(ctx.sampler.predict_x0(x, out, steps, at="current"), prompts, cameras)
             (grad,) = torch.autograd.grad(reward.sum(), x)
         return grad
 
-    def transition(self, ctx: Pipeline, model_fn, traj, step: int, prompts, cameras,
-                   cond=None, generator: torch.Generator | None = None, full_fn=None) -> dict[str, Tensor]:
-        """All terms of one transition's loss for the whole batch (``loss`` carries the LoRA graph, and the
-        flow correction's when it is on; ``cond`` are the prompts' embeddings, needed by g_phi). ``full_fn``
-        (``proximal_outputs=full``): the guided whole network output, whose proximal term then also covers
-        the channels sampling ignores, against the trajectory's ``extra_outputs``."""
-        x_t, x_next = traj.latents[:, step], traj.latents[:, step + 1]
-        t = traj.timesteps[step].to(x_t.device).expand(x_t.shape[0])
-        grad, reward = self.reward_grad(ctx, model_fn, x_next, step, prompts, cameras, generator)
-        drive = self.clipped(self.config.beta * self.reward_weight(ctx, step) * grad)
+    @staticmethod
+    def reference_score(ctx: Pipeline, model_fn, rows: Transitions) -> Tensor:
+        """The reference model's (LoRA off) score of each row's x_{t-1}; no graph."""
+        x_t = rows.x_t
         with torch.no_grad(), adapters_disabled(ctx.backend.denoiser):
-            mean_ref, std = ctx.sampler.step_mean_std(x_t, model_fn(x_t, t), step)
-            score_ref = -(x_next - mean_ref) / std**2
+            mean_ref, std = ctx.sampler.step_mean_std(x_t, model_fn(x_t, rows.t), rows.steps)
+            return -(rows.x_next - mean_ref) / std**2
+
+    def transition(self, ctx: Pipeline, model_fn, rows: Transitions, generator: torch.Generator | None = None,
+                   full_fn=None) -> dict[str, Tensor]:
+        """All terms of the loss of a group of transitions (``loss`` carries the LoRA graph, and the flow
+        correction's when it is on); ``model_fn`` is the guided model for ``rows.cond``. With precomputed
+        ``rows.targets`` only the policy's side is evaluated. ``full_fn`` (``proximal_outputs=full``): the
+        guided whole network output, whose proximal term then also covers the channels sampling ignores,
+        against the trajectory's ``extra_outputs``."""
+        traj = rows.trajectory
+        x_t, x_next, t, steps = rows.x_t, rows.x_next, rows.t, rows.steps
+        if rows.targets is not None:
+            score_ref, drive = rows.targets["score_ref"], rows.targets["drive"]
+            reward, grad_norm = rows.targets["reward"], rows.targets["reward_grad_norm"]
+        else:
+            grad, reward = self.reward_grad(ctx, model_fn, x_next, steps, rows.prompts, rows.cameras, generator)
+            drive = self.scaled(self.reward_weight(ctx, steps), grad)
+            grad_norm = grad.flatten(1).norm(dim=1)
+            score_ref = self.reference_score(ctx, model_fn, rows)
         if full_fn is None:
             out = reg_out = model_fn(x_t, t)
-            anchor = traj.model_outputs[:, step]
+            anchor = rows.take(traj.model_outputs)
         else:
             if traj.extra_outputs is None:
                 raise ValueError("proximal_outputs=full needs trajectories sampled with their extra outputs recorded")
             reg_out = full_fn(x_t, t)
             out = reg_out[:, : x_t.shape[1]]
-            anchor = torch.cat([traj.model_outputs[:, step], traj.extra_outputs[:, step]], dim=1)
-        mean, std = ctx.sampler.step_mean_std(x_t, out, step)
+            anchor = torch.cat([rows.take(traj.model_outputs), rows.take(traj.extra_outputs)], dim=1)
+        mean, std = ctx.sampler.step_mean_std(x_t, out, steps)
         score = -(x_next - mean) / std**2
         target = score_ref + drive
         terms: dict[str, Tensor] = {}
         if self.flow is not None:
-            t_next = ctx.sampler.next_timesteps[step].to(x_t.device).expand(x_t.shape[0])
-            flow = self.flow(x_next, t_next, cond)
+            t_next = ctx.sampler.next_timesteps.to(x_t.device)[steps]
+            flow = self.flow(x_next, t_next, rows.cond)
             target = target + flow
             terms["flow_norm"] = flow.detach().flatten(1).norm(dim=1).mean()
         loss_score = (score - target).square().mean()
         loss_reg = (reg_out - anchor).square().mean()
         loss = loss_score + self.config.reg_scale * loss_reg
         if self.config.reverse_loss_scale > 0:
-            rev_residual = self.reverse_residual(ctx, model_fn, x_t, x_next, step)
-            rev_drive = self.clipped(self.config.beta * self.reward_weight(ctx, step, at="current")
-                                     * self.reward_grad_current(ctx, model_fn, x_t, step, prompts, cameras))
-            loss_reverse = (rev_residual + rev_drive + self.flow(x_t, t, cond)).square().mean()
+            rev_residual = self.reverse_residual(ctx, model_fn, x_t, x_next, steps)
+            rev_drive = self.scaled(self.reward_weight(ctx, steps, at="current"),
+                                    self.reward_grad_current(ctx, model_fn, x_t, steps, rows.prompts, rows.cameras))
+            loss_reverse = (rev_residual + rev_drive + self.flow(x_t, t, rows.cond)).square().mean()
             loss = loss + self.config.reverse_loss_scale * loss_reverse
             terms["loss_reverse"] = loss_reverse
         return terms | {"loss": loss, "loss_score": loss_score, "loss_reg": loss_reg, "score": score,
-                        "score_ref": score_ref, "target": target, "drive": drive, "reward_grad": grad, "reward": reward}
+                        "score_ref": score_ref, "target": target, "drive": drive, "reward_grad_norm": grad_norm,
+                        "reward": reward}
+
+    def sampling_outputs_at_next(self, ctx: Pipeline, rows: Transitions) -> Tensor:
+        """The sampling policy's guided output at each row's x_{t-1} and next-state timestep: the one the
+        sampler stored for the following step where it evaluated the network there (same state, same
+        timestep), else one no-grad forward with the current LoRA (call it before the policy changes)."""
+        traj = rows.trajectory
+        t_next = self._next_tables(ctx)[0].to(rows.steps.device)[rows.steps]
+        following = (rows.steps + 1).clamp(max=traj.num_steps - 1)
+        stored = (rows.steps + 1 < traj.num_steps) & (traj.timesteps.to(t_next.device)[following] == t_next)
+        out = traj.model_outputs[rows.index, following].clone()
+        missing = (~stored).nonzero()[:, 0]
+        if len(missing):
+            with torch.no_grad():
+                x = rows.x_next[missing]
+                out[missing] = ctx.model_fn(rows.cond[missing])(x, t_next[missing]).to(out)
+        return out
+
+    def precompute(self, ctx: Pipeline, batch: SampleBatch, generator: torch.Generator) -> SampleBatch:
+        """Each trajectory's trained transitions (drawn now, per trajectory) with their ``score_ref`` and drive
+        (see ``precompute_targets``); identity unless that option is on."""
+        if not self.config.precompute_targets:
+            return batch
+        size, num_steps = len(batch), batch.trajectory.num_steps
+        steps = torch.stack([torch.tensor(self.config.transitions(num_steps, generator)) for _ in range(size)])
+        index = torch.arange(size).repeat_interleave(steps.shape[1])
+        cameras = ctx.cameras(len(index) if self.config.cameras_per_transition else size, generator)
+        if cameras is not None and not self.config.cameras_per_transition:
+            cameras = cameras[index.to(cameras.viewmats.device)]
+        rows = Transitions.of(batch, index, steps.flatten(), cameras)
+        parts: dict[str, list[Tensor]] = {"score_ref": [], "drive": [], "reward": [], "reward_grad_norm": []}
+        for part in rows.chunks(self.config.transition_batch):
+            parts["score_ref"].append(self.reference_score(ctx, ctx.model_fn(part.cond), part))
+            out_next = self.sampling_outputs_at_next(ctx, part)
+            grad, reward = self.reward_grad(ctx, lambda x, t, out=out_next: out, part.x_next, part.steps,
+                                            part.prompts, part.cameras, generator)
+            parts["drive"].append(self.scaled(self.reward_weight(ctx, part.steps), grad))
+            parts["reward"].append(reward)
+            parts["reward_grad_norm"].append(grad.flatten(1).norm(dim=1))
+        shaped = {k: torch.cat(v).reshape(size, steps.shape[1], *v[0].shape[1:]) for k, v in parts.items()}
+        batch.targets = Targets(steps.to(batch.rewards.device), **shaped)
+        return batch
 
     def terminal_loss(self, ctx: Pipeline, traj, cond) -> Tensor:
         """|g_phi(x_0)|^2 at the trajectories' final states: the flow correction vanishes at the end."""
@@ -236,11 +328,23 @@ class NablaGFN(AlgorithmBase):
     def accumulate(self, ctx: Pipeline, batch: SampleBatch, scale: float,
                    generator: torch.Generator) -> dict[str, float]:
         traj = batch.trajectory
-        steps = self.config.transitions(traj.num_steps, generator)
-        per_transition = self.config.cameras_per_transition
-        cameras = None if per_transition else ctx.cameras(len(batch), generator)
-        model_fn = ctx.model_fn(batch.cond)
-        full_fn = ctx.model_fn(batch.cond, full=True) if self.config.proximal_outputs == "full" else None
+        if self.config.precompute_targets:
+            if batch.targets is None:
+                raise ValueError("algo.precompute_targets needs trajectories annotated right after sampling "
+                                 "(NablaGFN.precompute)")
+            steps = batch.targets.steps
+            rows = Transitions.of(batch, torch.arange(len(batch)).repeat_interleave(steps.shape[1]), steps.flatten())
+            rows.targets = {k: getattr(batch.targets, k).flatten(0, 1)
+                            for k in ("score_ref", "drive", "reward", "reward_grad_norm")}
+            per_trajectory = steps.shape[1]
+        else:
+            steps = self.config.transitions(traj.num_steps, generator)
+            if self.config.cameras_per_transition:
+                cameras = [ctx.cameras(len(batch), generator) for _ in steps]
+            else:
+                cameras = ctx.cameras(len(batch), generator)
+            rows = Transitions.step_major(batch, steps, cameras)
+            per_trajectory = len(steps)
         totals = {"loss": 0.0, "loss_score": 0.0, "loss_reg": 0.0, "score_residual_norm": 0.0,
                   "target_norm": 0.0, "reward_grad_norm": 0.0, "reward_at_x0hat": 0.0}
         extra: dict[str, float] = {}
@@ -248,21 +352,19 @@ class NablaGFN(AlgorithmBase):
             terminal = self.terminal_loss(ctx, traj, batch.cond)
             (terminal * scale).backward()
             extra["loss_terminal"] = terminal.item()
-        for j in steps:
-            if per_transition:
-                cameras = ctx.cameras(len(batch), generator)
-            terms = self.transition(ctx, model_fn, traj, j, batch.prompts, cameras, batch.cond, generator, full_fn=full_fn)
-            (terms["loss"] * scale / len(steps)).backward()
+        norm = lambda x: x.detach().flatten(1).norm(dim=1).mean().item()
+        for part in rows.chunks(self.config.transition_batch):
+            share = len(part) / len(rows)
+            full_fn = ctx.model_fn(part.cond, full=True) if self.config.proximal_outputs == "full" else None
+            terms = self.transition(ctx, ctx.model_fn(part.cond), part, generator, full_fn=full_fn)
+            (terms["loss"] * scale * share).backward()
             for key in ("flow_norm", "loss_reverse"):
                 if key in terms:
-                    totals[key] = totals.get(key, 0.0) + terms[key].item()
-            norm = lambda x: x.detach().flatten(1).norm(dim=1).mean().item()
-            totals["loss"] += terms["loss"].item()
-            totals["loss_score"] += terms["loss_score"].item()
-            totals["loss_reg"] += terms["loss_reg"].item()
-            totals["score_residual_norm"] += norm(terms["score"] - terms["score_ref"])
-            totals["target_norm"] += norm(terms["drive"])
-            totals["reward_grad_norm"] += norm(terms["reward_grad"])
-            totals["reward_at_x0hat"] += terms["reward"].mean().item()
-        return as_dict({k: v / len(steps) for k, v in totals.items()} | extra | {"transitions": len(steps)})
-
+                    totals[key] = totals.get(key, 0.0) + terms[key].item() * share
+            for key in ("loss", "loss_score", "loss_reg"):
+                totals[key] += terms[key].item() * share
+            totals["score_residual_norm"] += norm(terms["score"] - terms["score_ref"]) * share
+            totals["target_norm"] += norm(terms["drive"]) * share
+            totals["reward_grad_norm"] += terms["reward_grad_norm"].mean().item() * share
+            totals["reward_at_x0hat"] += terms["reward"].mean().item() * share
+        return as_dict(totals | extra | {"transitions": per_trajectory})

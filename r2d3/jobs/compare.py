@@ -30,6 +30,7 @@ from r2d3.train.session import LocalSession
 VARIANTS: dict[str, dict[str, Any]] = {
     "nabla_gfn+jacobian_free": {"name": "nabla_gfn", "jacobian_free": True},
     "nabla_gfn+x0_shift": {"name": "nabla_gfn", "x0_timestep_shift": True},
+    "nabla_gfn+precomputed": {"name": "nabla_gfn", "jacobian_free": True, "precompute_targets": True},
 }
 
 
@@ -119,24 +120,28 @@ class _PeakCUDA:
         self.delta_mb = (torch.cuda.max_memory_allocated(self.device) - self._start) / 2**20
 
 
-def _count_calls(module: torch.nn.Module) -> tuple[dict[str, int], list]:
+def _count_rows(module: torch.nn.Module) -> tuple[dict[str, int], list]:
+    """Rows (batch entries) that go through ``module`` forward and backward: a pass over 8 stacked
+    transitions counts 8 rows, like 8 passes over one."""
     counts = {"forward": 0, "backward": 0}
 
-    def fwd(*_):
-        counts["forward"] += 1
+    def fwd(_, inputs):
+        counts["forward"] += inputs[0].shape[0]
 
-    def bwd(*_):
-        counts["backward"] += 1
+    def bwd(_, grad_input, grad_output):
+        counts["backward"] += grad_output[0].shape[0]
 
-    handles = [module.register_forward_hook(fwd), module.register_full_backward_hook(bwd)]
+    handles = [module.register_forward_pre_hook(fwd), module.register_full_backward_hook(bwd)]
     return counts, handles
 
 
 def update_cost(base: AlignConfig, methods: Sequence[str] | None = None, repeats: int = 3) -> dict[str, dict]:
     """Time, peak memory and denoiser passes of one optimizer update of each method on the same batch.
 
-    A denoiser forward counts a CFG-doubled batch once; backward counts passes that reach the denoiser
-    (input-gradient passes included)."""
+    Passes per trained transition: the denoiser rows a method processes over those of one pass over its
+    trained transitions (a CFG-doubled batch counts once); backward counts passes that reach the denoiser
+    (input-gradient passes included). Work done once per sampled batch before training (precomputed
+    targets) is timed apart as ``precompute_s``, per update's batch."""
     results: dict[str, dict] = {}
     for method in all_methods() if methods is None else methods:
         config = replace(base, algo=algo_for(base, method), run=replace(base.run, progress=False))
@@ -144,8 +149,10 @@ def update_cost(base: AlignConfig, methods: Sequence[str] | None = None, repeats
         gen = torch.Generator().manual_seed(0)
         prompts = worker.prompts[: config.train.train_batch_size]
         batch = loop.sample_batch(worker.ctx, prompts, gen)
-        batch = worker.algorithm.prepare(batch)
-        counts, handles = _count_calls(worker.ctx.backend.denoiser)
+        start = time.perf_counter()
+        batch = worker.algorithm.prepare(worker.algorithm.precompute(worker.ctx, batch, gen))
+        precompute_s = time.perf_counter() - start
+        counts, handles = _count_rows(worker.ctx.backend.denoiser)
         times, mems = [], []
         cuda = worker.device.type == "cuda"
         for _ in range(repeats + cuda):  # on CUDA the first update (kernel compiles, allocator) is not timed
@@ -164,11 +171,13 @@ def update_cost(base: AlignConfig, methods: Sequence[str] | None = None, repeats
         transitions = int(metrics.get("transitions", 1))
         for h in handles:
             h.remove()
+        rows = transitions * len(batch) * (2 if config.sampler.guidance_scale != 1 else 1)
         results[method] = {
             "update_s": statistics.median(times),
+            "precompute_s": precompute_s,
             "peak_mem_mb": max(mems),
             "transitions": transitions,
-            "denoiser_fwd_per_transition": counts["forward"] / transitions,
-            "denoiser_bwd_per_transition": counts["backward"] / transitions,
+            "denoiser_fwd_per_transition": counts["forward"] / rows,
+            "denoiser_bwd_per_transition": counts["backward"] / rows,
         }
     return results

@@ -46,6 +46,16 @@ class Cameras:
             self.height,
         )
 
+    def __getitem__(self, index) -> "Cameras":
+        """The cameras of assets ``index`` (batched cameras ``[B, V, ...]``; a tensor may repeat rows)."""
+        return Cameras(self.viewmats[index], self.Ks[index], self.width, self.height)
+
+    @staticmethod
+    def cat(items: "list[Cameras]") -> "Cameras":
+        """Batched cameras of the same image size, joined along the asset axis."""
+        return Cameras(torch.cat([c.viewmats for c in items]), torch.cat([c.Ks for c in items]),
+                       items[0].width, items[0].height)
+
     def camera_centers(self) -> Tensor:
         """World positions of the camera centres, ``[..., V, 3]``."""
         rot = self.viewmats[..., :3, :3]

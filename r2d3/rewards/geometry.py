@@ -85,7 +85,7 @@ def depth_to_normal(depth: Tensor, Ks: Tensor) -> Tensor:
     points = backproject_depth(depth, Ks)
     d_row = points[..., 2:, 1:-1] - points[..., :-2, 1:-1]  # P[v+1, u] - P[v-1, u]
     d_col = points[..., 1:-1, 2:] - points[..., 1:-1, :-2]  # P[v, u+1] - P[v, u-1]
-    normal = F.normalize(torch.linalg.cross(d_row, d_col, dim=-3), dim=-3, eps=1e-12)
+    normal = _unit(torch.linalg.cross(d_row, d_col, dim=-3), dim=-3, eps=1e-12)
     return F.pad(normal, (1, 1, 1, 1))
 
 
@@ -93,6 +93,12 @@ def _interior(mask: Tensor) -> Tensor:
     border = torch.zeros_like(mask)
     border[..., 1:-1, 1:-1] = True
     return mask & border
+
+
+def _unit(x: Tensor, dim: int, eps: float) -> Tensor:
+    """``F.normalize(x, dim=dim, eps=eps)`` (``x / max(|x|, eps)``) written with elementwise ops: on the CPU,
+    ``F.normalize``'s norm over the channel axis of ``[B, V, 3, H, W]`` maps is about 15x slower."""
+    return x * x.square().sum(dim, keepdim=True).clamp(min=eps * eps).rsqrt()
 
 
 def _square_pinhole(fov_deg: float, b: int, v: int, h: int, w: int, like: Tensor) -> Tensor:
@@ -130,7 +136,7 @@ def depth_normal_consistency(
                                  & m[..., 1:-1, 1:-1])
         mask = core[..., None, :, :]
     mask = _interior(mask)
-    cosine = (F.normalize(normal, dim=2, eps=1e-6) * target).sum(dim=2, keepdim=True)
+    cosine = (_unit(normal, dim=2, eps=1e-6) * target).sum(dim=2, keepdim=True)
     # torch.where (not a product) keeps NaN-free gradients even where unmasked values are degenerate
     masked = torch.where(mask, cosine, torch.zeros_like(cosine))
     count = mask.sum(dim=(2, 3, 4)).to(cosine.dtype)

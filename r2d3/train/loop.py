@@ -17,6 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from r2d3.algos import SampleBatch, build_algorithm
+from r2d3.algos.base import Targets
 from r2d3.backends import available_backends, load_backend
 from r2d3.backends.lora import add_lora, load_lora_state_dict, lora_state_dict
 from r2d3.config import ConfigError, check_finite
@@ -245,6 +246,8 @@ def _buffer_tensors(batch: SampleBatch) -> dict[str, torch.Tensor]:
     for name in ("log_probs", "clean_final", "extra_outputs"):
         if getattr(t, name) is not None:
             out[name] = getattr(t, name)
+    if batch.targets is not None:
+        out.update(batch.targets.tensors())
     return {k: v.detach().cpu() for k, v in out.items()}
 
 
@@ -259,7 +262,7 @@ def _buffer_from_tensors(ctx: Pipeline, data: dict[str, torch.Tensor], prompts: 
                       clean_final=data["clean_final"].to(dev) if "clean_final" in data else None,
                       extra_outputs=data["extra_outputs"].to(dev) if "extra_outputs" in data else None)
     cond = PromptEmbeds(data["cond_tokens"].to(dev), data["cond_mask"].to(dev))
-    return SampleBatch(traj, prompts, cond, data["rewards"].to(dev))
+    return SampleBatch(traj, prompts, cond, data["rewards"].to(dev), targets=Targets.from_tensors(data, dev))
 
 
 def load_modules_state(worker: Worker, state: dict[str, torch.Tensor] | None, path) -> None:
@@ -344,6 +347,8 @@ def run(config: AlignConfig, session: Session, evaluate_fn=None, on_epoch=None) 
             batches.append(sample_batch(worker.ctx, prompts, generator))
         samples = _drop_nonfinite(SampleBatch.concat(batches), state, t.max_bad_batches)
         sample_time = time.time() - start
+        samples = worker.algorithm.precompute(worker.ctx, samples, generator)  # while the LoRA is the sampler's
+        precompute_time = time.time() - start - sample_time
         train_on = buffer if worker.algorithm.uses_lag else samples
         metrics: dict[str, float] = {}
         if train_on is not None:
@@ -369,6 +374,7 @@ def run(config: AlignConfig, session: Session, evaluate_fn=None, on_epoch=None) 
         metrics.update({"epoch": state.epoch, "optimizer_steps": state.optimizer_steps,
                         "reward_mean": float(stats[0]), "reward_std": float(stats[1]),
                         "bad_batches": state.bad_batches, "time/sample_s": sample_time,
+                        "time/precompute_s": precompute_time,
                         "time/epoch_s": time.time() - start})
         every = config.eval.every
         if evaluate_fn is not None and session.rank == 0 and every and state.epoch % every == 0:
