@@ -55,6 +55,8 @@ LEVERS: dict[str, tuple[dict[str, Any], str, list[float]]] = {
                                "algo.beta", [1e5, 3e5, 1e6]),
     "nabla_gfn+flow_lr1e-2": ({"name": "nabla_gfn", "flow_correction": True, "flow_lr": 1e-2}, "algo.beta",
                               [3e4, 1e5, 3e5, 1e6]),
+    "nabla_gfn+precomputed": ({"name": "nabla_gfn", "jacobian_free": True, "precompute_targets": True}, "algo.beta",
+                              [3e4, 1e5, 3e5, 1e6]),
 }
 ALL_METHODS = METHODS | LEVERS
 

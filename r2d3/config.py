@@ -247,7 +247,10 @@ class ScaleConfig(Section):
     key: ClassVar[str] = "scale"
     num_workers: int = opt(1, "Ray Train workers (data-parallel)", check=at_least(1))
     use_gpu: Optional[bool] = opt(None, "true | false | null (auto: a GPU per worker when the driver sees CUDA)")
-    cpus_per_worker: float = opt(1.0, "CPUs reserved per training worker", check=positive())
+    cpus_per_worker: Optional[float] = opt(None, "CPUs reserved per training worker (and its torch threads); "
+                                                 "null: on a Ray instance the job starts itself (one machine), "
+                                                 "its CPUs left by the reward actors, shared by the workers; "
+                                                 "on a running cluster 1", check=positive())
     in_process: bool = opt(False, "run the worker loop in this process without Ray (debugging)")
     storage_path: Optional[str] = opt(None, "Ray Train storage for checkpoints and run outputs: a shared path "
                                             "or s3://bucket/prefix (default: run.output_dir)")

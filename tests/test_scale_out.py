@@ -256,3 +256,20 @@ def test_the_main_command_prints_one_progress_bar_and_the_summary(tmp_path):
         assert noise not in text, noise
     assert "align: 100%" in text and "4/4" in text and "reward=" in text  # the driver's bar reached the end
     assert "paired reward gain vs base" in proc.stdout
+
+
+def test_worker_cpus_default_to_the_machine_a_job_started_and_to_one_on_a_cluster(ray_local):
+    """scale.cpus_per_worker=null: a job that started its own Ray gives its workers the CPUs the reward
+    actors (and Ray Data's readers, for streamed prompts) leave, so a workstation trains on every core;
+    a job on a running cluster reserves 1 per worker; an explicit value is kept."""
+    from r2d3.config import build_config
+    from r2d3.ray.train import with_worker_cpus
+    from r2d3.train.config import AlignConfig
+
+    cpus = lambda *o, here=True: with_worker_cpus(build_config(AlignConfig, overrides=list(o)), here).scale.cpus_per_worker  # noqa: E731
+    assert ray_local.cluster_resources()["CPU"] == 4
+    assert cpus() == 4.0
+    assert cpus("scale.num_workers=2", "scale.reward_actors=1") == 1.0  # (4 - 1) // 2
+    assert cpus("data.prompts=s3://bucket/prompts") == 3.0
+    assert cpus(here=False) == 1.0
+    assert cpus("scale.cpus_per_worker=0.5") == 0.5

@@ -13,6 +13,7 @@ import logging
 import os
 import shutil
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -237,6 +238,22 @@ def prompt_dataset(config: AlignConfig) -> tuple[ray.data.Dataset, list[tuple[st
     return ds, shards.skipped
 
 
+def with_worker_cpus(config: AlignConfig, started_here: bool) -> AlignConfig:
+    """``config`` with ``scale.cpus_per_worker`` resolved when it is null: on a Ray instance this job
+    started (one machine), the CPUs the reward actors leave, split over the workers (Ray sets each worker's
+    OMP_NUM_THREADS, hence its torch threads, from them: with 1 CPU a 2-core machine trains at half speed);
+    on a running cluster 1 CPU, so the job fits next to others."""
+    s = config.scale
+    if s.cpus_per_worker is not None:
+        return config
+    cpus = 1.0
+    if started_here:  # one CPU stays free for Ray Data's read tasks when prompts stream from shards
+        free = (ray.cluster_resources().get("CPU", 1.0) - s.reward_actors * s.reward_actor_cpus
+                - (1.0 if is_parquet_source(config.data.prompts) else 0.0))
+        cpus = max(1.0, float(int(free // s.num_workers)))
+    return replace(config, scale=replace(s, cpus_per_worker=cpus))
+
+
 def fit_on_ray(config: AlignConfig, run_dir: Path, storage_path: str, callbacks: list | None = None,
                verbose: bool = False) -> Any:
     """Run the alignment as a Ray Train job; returns the ``ray.train.Result``.
@@ -252,6 +269,7 @@ def fit_on_ray(config: AlignConfig, run_dir: Path, storage_path: str, callbacks:
     own log lines reach it only with ``verbose`` (they are always in Ray's log directory).
     """
     started_here = init_ray(log_to_driver=verbose)
+    config = with_worker_cpus(config, started_here)
     gpus = devices.use_gpu(config.scale.use_gpu)
     s = config.scale
     need = {"CPU": s.num_workers * s.cpus_per_worker + s.reward_actors * s.reward_actor_cpus,

@@ -66,7 +66,7 @@ def baseline_resources(config: AlignConfig) -> dict[str, float]:
     ``scale.use_gpu`` asks for one, as the trials' Train workers do)."""
     from r2d3.devices import use_gpu  # imports torch: not at import time (pipelines/sweep.py --help)
 
-    return {"num_cpus": config.scale.cpus_per_worker, "num_gpus": int(use_gpu(config.scale.use_gpu))}
+    return {"num_cpus": config.scale.cpus_per_worker or 1.0, "num_gpus": int(use_gpu(config.scale.use_gpu))}
 
 
 def start_baseline(config: AlignConfig, local_dir: Path, evaluation: str | None = None) -> Any:
