@@ -165,3 +165,16 @@ def test_a_batch_without_its_targets_is_refused_in_precomputed_mode(ctx):
     algo = build_algorithm(NablaGFNConfig(precompute_targets=True, jacobian_free=True), STEPS)
     with pytest.raises(ValueError, match="annotated right after sampling"):
         algo.accumulate(ctx, sampled(ctx), 1.0, torch.Generator())
+
+
+def test_precomputed_targets_through_the_render_reward_seam_equal_in_process_ones(ctx):
+    """With scale.reward_actors > 0 the precompute's renders and reward gradients run behind the
+    RemoteScorer seam (here in this process, as the actors do): the same targets."""
+    from r2d3.rewards.remote import in_process_scorer
+
+    algo = build_algorithm(NablaGFNConfig(beta=3e2, jacobian_free=True, precompute_targets=True), STEPS)
+    local = algo.precompute(ctx, sampled(ctx), torch.Generator().manual_seed(7)).targets
+    ctx.scorer = in_process_scorer(ctx.reward_fn, ctx.render)
+    remote = algo.precompute(ctx, sampled(ctx), torch.Generator().manual_seed(7)).targets
+    for name in ("steps", "score_ref", "drive", "reward"):
+        torch.testing.assert_close(getattr(remote, name), getattr(local, name), rtol=1e-5, atol=1e-6)
