@@ -13,8 +13,11 @@ reward; its other sections are read past) and section.key=value overrides; a bad
 key before any asset is made. --reward is the score named 'reward'; --score adds more columns.
 
 Rerunning with the same --out skips finished (prompt, seed, checkpoint) assets and rewrites the
-manifest without duplicates; a killed run resumes where it stopped. Bad prompt rows and failed assets
-go to errors.parquet with the reason; the job carries on. See r2d3/jobs/regenerate.py for the layout.
+manifest without duplicates; a killed run resumes where it stopped. Prompts are streamed from the
+shards in parts (--part-size rows), never held whole by the driver; finished parts are found from their
+records, not by listing the library (--verify does list it, to remake deleted assets). Bad prompt rows
+and failed assets go to errors.parquet with the run and the reason; the job carries on. --dry-run does
+everything but the model. See r2d3/jobs/regenerate.py for the layout.
 """
 
 from __future__ import annotations
@@ -29,7 +32,6 @@ from typing import Any
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from r2d3.cli import parse_cli
-    from r2d3.data.prompts import PromptSourceError, load_prompts
     from r2d3.jobs.configs import REGENERATE_FLAGS, RegenerateConfig
     from r2d3.jobs.evaluate import BASE
     from r2d3.jobs.regenerate import RegenSettings, checkpoint_id, generation_key, resolve
@@ -55,20 +57,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         rewards = [config.reward, *g.scores]
         for r in rewards:
             reward_terms(r)  # fail on a bad spec before starting any actor
-        loaded = load_prompts(g.prompts, g.prompt_column)
-    except (FileNotFoundError, ValueError, PromptSourceError) as err:
+    except (FileNotFoundError, ValueError) as err:
         sys.exit(f"regenerate: {err}")
-    prompts = loaded.prompts[: g.max_prompts] if g.max_prompts else loaded.prompts
-    bad = [{"source": loaded.source, "row": row, "checkpoint": None, "prompt": None, "seed": None, "reason": reason}
-           for row, reason in loaded.skipped]
-    bad += [{"stage": "shard", "source": shard, "row": None, "checkpoint": None, "prompt": None, "seed": None,
-             "reason": f"shard skipped: {reason}"} for shard, reason in loaded.skipped_shards]
     generation = generation_key({"backend": m.backend, "weights": m.weights, "sampler": asdict(sampler),
                                  "render": asdict(config.render), "mesh": g.mesh,
                                  "mesh_resolution": g.mesh_resolution, "turntable": [g.turntable_frames,
                                                                                      g.turntable_size],
                                  "preview_size": g.preview_size,
-                                 # (ply_rgb only when set: libraries made before it keep their ids)
+                                 # (dry_run and ply_rgb only when set: libraries made before them keep their ids)
+                                 **({"dry_run": True} if g.dry_run else {}),
                                  "export": [g.frame, g.sh_degree, g.min_opacity, g.unlit] + ["ply_rgb"] * g.ply_rgb})
     settings = RegenSettings(out=g.out, checkpoints=specs,
                              ids={c.name: checkpoint_id(c, generation) for c in specs},
@@ -78,11 +75,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                              render=config.render, device=a.device, turntable_frames=g.turntable_frames,
                              turntable_size=g.turntable_size, preview_size=g.preview_size, mesh=g.mesh,
                              mesh_resolution=g.mesh_resolution, frame=g.frame, sh_degree=g.sh_degree,
-                             min_opacity=g.min_opacity, ply_rgb=g.ply_rgb, unlit=g.unlit)
+                             min_opacity=g.min_opacity, ply_rgb=g.ply_rgb, unlit=g.unlit, seeds=g.seeds,
+                             column=g.prompt_column, dry_run=g.dry_run)
     try:
-        summary = run_regeneration(settings, prompts, g.seeds, bad_prompts=bad, actors=a.num,
-                                   batch_size=a.batch_size, cpus_per_actor=a.cpus, gpus_per_actor=a.gpus,
-                                   progress=g.progress, gallery=g.gallery, max_items=g.max_assets)
+        summary = run_regeneration(settings, g.prompts, part_size=g.part_size, max_prompts=g.max_prompts,
+                                   actors=a.num, batch_size=a.batch_size, cpus_per_actor=a.cpus,
+                                   gpus_per_actor=a.gpus, progress=g.progress, gallery=g.gallery,
+                                   gallery_assets=g.gallery_assets, verify=g.verify, max_items=g.max_assets)
     except (WeightsError, ValueError, OutputError) as err:
         sys.exit(f"regenerate: {err}")
     print(json.dumps(summary))

@@ -167,9 +167,14 @@ class Store:
     def exists(self, rel: str) -> bool:
         return self.fs.get_file_info(self.full(rel)).type == pafs.FileType.File
 
-    def listing(self) -> set[str]:
-        """Relative paths of every file below the root (one recursive listing)."""
-        return {i.path[len(self.base) + 1:] for i in files_under(self.fs, self.base)}
+    def listing(self, under: str = "") -> set[str]:
+        """Relative paths of every file below the root, or below its folder ``under`` (one recursive
+        listing)."""
+        return {i.path[len(self.base) + 1:] for i in files_under(self.fs, self.full(under))}
+
+    def delete(self, rel: str) -> None:
+        with suppress(FileNotFoundError):
+            self.fs.delete_file(self.full(rel))
 
     def check_writable(self) -> None:
         """Write and remove a probe object, so an output that is a file, read-only or unreachable fails
@@ -192,6 +197,28 @@ class Store:
 
     def read_table(self, rel: str) -> Any:
         return pq.read_table(io.BytesIO(self.read_bytes(rel)))
+
+    def batches(self, rel: str) -> Iterator[pa.RecordBatch]:
+        """The record batches of a Parquet file, read one row group at a time (a large table is never
+        held whole)."""
+        with self.fs.open_input_file(self.full(rel)) as f:
+            yield from pq.ParquetFile(f).iter_batches()
+
+    @contextmanager
+    def table_writer(self, rel: str, schema: pa.Schema) -> Iterator[pq.ParquetWriter]:
+        """A Parquet writer for a table written piece by piece; the file appears whole or not at all
+        (written to a local temporary first: renamed at the end, or uploaded to S3 once complete)."""
+        if not self.is_s3:
+            with atomic_path(self.full(rel)) as tmp:
+                with pq.ParquetWriter(str(tmp), schema) as writer:
+                    yield writer
+            return
+        with tempfile.TemporaryDirectory(prefix="r2d3-table-") as tmp:
+            local = os.path.join(tmp, "table.parquet")
+            with pq.ParquetWriter(local, schema) as writer:
+                yield writer
+            with open(local, "rb") as src, self.fs.open_output_stream(self.full(rel)) as dst:
+                shutil.copyfileobj(src, dst, 8 << 20)
 
 
 def rows_to_table(rows: list[dict[str, Any]], schema: pa.Schema, metadata: dict[str, Any] | None = None) -> pa.Table:

@@ -507,7 +507,9 @@ def test_regeneration_remakes_deleted_assets_and_a_narrower_rerun_keeps_the_libr
     rows = pq.read_table(out / "manifest.parquet").to_pylist()
     shutil.rmtree(out / Path(rows[0]["ply_path"]).parent)  # a whole asset directory
     (out / rows[1]["ply_path"]).unlink()  # only one file of another
-    again = regenerate.main(base + ["--seeds", "0", "1"])
+    trusting = regenerate.main(base + ["--seeds", "0", "1"])  # part records are trusted: nothing is listed
+    assert trusting["made"] == 0 and trusting["skipped"] == 6
+    again = regenerate.main(base + ["--seeds", "0", "1", "--verify"])
     assert again["made"] == 2 and again["remade_incomplete"] == 2 and again["manifest_rows"] == 6
     for r in pq.read_table(out / "manifest.parquet").to_pylist():
         assert (out / r["ply_path"]).is_file() and (out / r["preview_path"]).is_file()

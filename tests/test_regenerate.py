@@ -113,8 +113,9 @@ def test_ply_rgb_adds_diffsplats_colour_columns_under_a_new_id(tmp_path, models)
     args = ["--prompts", prompts, "--weights", models["weights"], "--seeds", "0", "--out", str(tmp_path / "out"),
             "--actors", "0", "--no-mesh", *FAST]
     regenerate.main(args)
+    (plain,) = _manifest(tmp_path / "out")
     regenerate.main(args + ["--ply-rgb"])
-    plain, rgb = _manifest(tmp_path / "out")
+    (rgb,) = [r for r in _manifest(tmp_path / "out") if r["checkpoint_id"] != plain["checkpoint_id"]]
     assert plain["checkpoint_id"] != rgb["checkpoint_id"]
     names = lambda r: [p.name for p in PlyData.read(str(tmp_path / "out" / r["ply_path"])).elements[0].properties]  # noqa: E731
     assert names(rgb)[-3:] == ["red", "green", "blue"] and "red" not in names(plain)

@@ -39,14 +39,21 @@ def _row_problem(value: object) -> str | None:
     return None
 
 
-def _clean(values: list[object], source: str) -> PromptList:
+def clean_cells(values: Sequence[object], first_row: int = 0) -> tuple[list[str], list[tuple[int, str]]]:
+    """The usable prompts of ``values`` (stripped) and the ``(row, reason)`` of the others, rows counted
+    from ``first_row``."""
     out, skipped = [], []
-    for row, value in enumerate(values):
+    for row, value in enumerate(values, first_row):
         problem = _row_problem(value)
         if problem:
             skipped.append((row, problem))
         else:
             out.append(value.strip())
+    return out, skipped
+
+
+def _clean(values: list[object], source: str) -> PromptList:
+    out, skipped = clean_cells(values)
     if skipped:
         log.warning("%s: skipped %d bad prompt rows (first: row %d, %s)", source, len(skipped), *skipped[0])
     if not out:

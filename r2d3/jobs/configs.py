@@ -138,7 +138,7 @@ class RegenerateOptions(Section):
     key: ClassVar[str] = "regenerate"
     prompts: Optional[str] = opt(None, "prompt source (required): " + PROMPTS_HELP)
     prompt_column: str = opt("prompt", "column holding prompts in Parquet shards")
-    max_prompts: Optional[int] = opt(None, "use only the first N prompts", check=at_least(1))
+    max_prompts: Optional[int] = opt(None, "use only the first N prompt rows", check=at_least(1))
     checkpoints: list[str] = opt(["base"], CHECKPOINTS_HELP, check=DISTINCT)
     compare: Optional[str] = opt(None, "comparison mode: base and this checkpoint on the same prompts and seeds, "
                                        "side by side in the gallery with reward deltas")
@@ -157,9 +157,16 @@ class RegenerateOptions(Section):
     ply_rgb: bool = _ply_rgb_option()
     unlit: bool = opt(False, ".glb material KHR_materials_unlit (default: PBR, non-metallic)")
     gallery: bool = opt(True, "write gallery.html")
+    gallery_assets: int = opt(1000, "assets shown in gallery.html (the first of the manifest)", check=at_least(1))
     progress: bool = opt(True, "show a progress bar")
-    max_assets: Optional[int] = opt(None, "make at most N new assets, then commit (a partial run)",
+    max_assets: Optional[int] = opt(None, "stop once N new assets are made, then commit (a partial run)",
                                     check=at_least(1))
+    part_size: int = opt(256, "prompt rows per unit of work (one record under parts/; what a rerun skips "
+                              "or redoes)", check=at_least(1))
+    verify: bool = opt(False, "re-check every finished asset's files first (one full listing of --out) and "
+                              "make again those with a file missing")
+    dry_run: bool = opt(False, "everything but the model and the asset files: stream the prompts, plan and "
+                               "record the work, write manifest and errors (assets under their own ids)")
 
 
 @dataclass
@@ -177,7 +184,8 @@ REGENERATE_FLAGS = {
     "--frame": "regenerate.frame", "--sh-degree": "regenerate.sh_degree", "--min-opacity": "regenerate.min_opacity",
     "--ply-rgb": "regenerate.ply_rgb",
     "--unlit": "regenerate.unlit", "--no-gallery": "regenerate.gallery", "--no-progress": "regenerate.progress",
-    "--max-assets": "regenerate.max_assets", **SHARED_FLAGS,
+    "--max-assets": "regenerate.max_assets", "--part-size": "regenerate.part_size", "--verify": "regenerate.verify",
+    "--dry-run": "regenerate.dry_run", **SHARED_FLAGS,
 }
 
 

@@ -10,16 +10,27 @@ Output layout (``out`` is a local directory or an ``s3://bucket/prefix``)::
                                                preview.png    the render views side by side
                                                turntable.gif
                                                done.json      the asset's manifest row, written last
-    <out>/errors.parquet    one row per bad prompt / failed asset: what, where and why
-    <out>/gallery.html      static page, relative image paths (r2d3.export.gallery)
-    <out>/manifest.parquet  one row per (checkpoint_id, prompt, seed), committed last
+    <out>/parts/<part_id>.<rows>[.partial].parquet   the manifest rows of one part of the work
+    <out>/errors.parquet    one row per bad prompt / failed asset / skipped shard, of every run, with the run
+    <out>/gallery.html      static page of the first assets, relative image paths (r2d3.export.gallery)
+    <out>/manifest.parquet  one row per (checkpoint_id, prompt, seed) under <out>, committed last
+
+Work comes in parts: one chunk of prompt rows (:mod:`r2d3.data.chunks`; up to ``part_size`` rows of one
+shard) x every checkpoint x every seed. The driver plans parts from shard footers and never holds the
+prompt list; whoever makes a part reads its rows, makes its missing assets and writes its record. A
+record named ``.partial`` means some asset of the part failed (the next run retries those). A rerun finds
+finished work from one listing of ``parts/`` (part ids hash the chunk, its shard's size and modification
+time, the checkpoint ids and the seeds), so a library of a million assets is not listed file by file;
+``verify`` re-checks every asset's files against one full listing.
 
 Reliability: every file is written atomically (temporary name + rename locally; one PUT per object on
 S3, which is all-or-nothing). An asset counts as finished only once its ``done.json`` exists, and that is
-written after its files. A rerun reads ``manifest.parquet`` plus every ``done.json`` and only works on
-the missing keys, so a killed run resumes to the same manifest as an uninterrupted one and reruns never
-duplicate rows. Each asset is computed alone from noise seeded by ``noise_seed(prompt, seed)`` (the
-evaluation job's scheme, :mod:`r2d3.jobs.evaluate`), so results do not depend on batching or on resumption.
+written after its files; a part's record only after all its assets. A part in progress when a run was
+killed is redone asset by asset, skipping assets with a ``done.json``, so a killed run resumes to the
+same manifest as an uninterrupted one, and the manifest, rebuilt from the part records with each asset
+once, never duplicates rows. Each asset is computed alone from noise seeded by ``noise_seed(prompt,
+seed)`` (the evaluation job's scheme, :mod:`r2d3.jobs.evaluate`), so results do not depend on batching,
+on parts or on resumption.
 """
 
 from __future__ import annotations
@@ -35,12 +46,15 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any, Sequence
 
 import torch
 
 import r2d3
 from r2d3.config import DEFAULT_REWARD, RenderConfig, SamplerConfig, reward_label
+from r2d3.data.chunks import Chunk, read_chunk
+from r2d3.data.prompts import PromptSourceError, clean_cells
 from r2d3.devices import resolve_device
 from r2d3.eval.image_stats import image_stats
 from r2d3.eval.prompt_following import prompt_following
@@ -50,11 +64,12 @@ from r2d3.export.mesh import encode_glb, gaussians_to_mesh
 from r2d3.jobs.evaluate import BASE, CheckpointSpec, ModelBank, resolve_checkpoint
 from r2d3.pipeline import Pipeline, noise_seed
 from r2d3.rewards import load_reward
-from r2d3.storage import Store, atomic_write_bytes, is_uri, slug
+from r2d3.storage import Store, atomic_write_bytes, is_uri, rows_to_table, slug
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.parquet"
+PARTS = "parts"
 ERRORS = "errors.parquet"
 GALLERY = "gallery.html"
 DONE = "done.json"
@@ -155,6 +170,9 @@ class RegenSettings:
     min_opacity: float = 0.0  # splats below it are left out of the .ply
     ply_rgb: bool = False  # uint8 red/green/blue columns in the .ply
     unlit: bool = False  # .glb material: KHR_materials_unlit instead of non-metallic PBR
+    seeds: list[int] = field(default_factory=lambda: [0])
+    column: str = "prompt"  # the prompt column of Parquet shards
+    dry_run: bool = False  # no model and no files: everything else of the job (benchmarks, checking a source)
 
 
 def reward_name(spec: Any) -> str:
@@ -168,6 +186,10 @@ class AssetWorker:
 
     def __init__(self, settings: RegenSettings):
         self.settings = settings
+        self.store = Store(settings.out)
+        self.schema = manifest_schema([reward_name(r) for r in settings.rewards[1:]])
+        if settings.dry_run:
+            return
         self.device = resolve_device(settings.device)
         specs = []
         for spec in settings.checkpoints:  # an S3 checkpoint may not be on this node yet
@@ -177,7 +199,6 @@ class AssetWorker:
         self.specs = {s.name: s for s in specs}
         self.bank = ModelBank(settings.backend, settings.weights, self.device, specs)
         self.rewards = [load_reward(r, self.device) for r in settings.rewards]
-        self.store = Store(settings.out)
         self._pipelines: dict[int, Pipeline] = {}
 
     def _pipeline(self, backend) -> Pipeline:
@@ -234,11 +255,12 @@ class AssetWorker:
 
     def process(self, checkpoint: str, prompt: str, seed: int) -> dict[str, Any]:
         """The manifest row of one asset (written to its ``done.json``), or an error row (``error`` set)."""
-        spec = self.specs[checkpoint]
         key = {"checkpoint": checkpoint, "checkpoint_id": self.settings.ids[checkpoint], "prompt": prompt,
                "prompt_hash": prompt_hash(prompt), "seed": int(seed), "noise_seed": noise_seed(prompt, int(seed))}
+        if self.settings.dry_run:
+            return {**key, "error": None}
         try:
-            row = {**key, **self._make(spec, prompt, int(seed)), "error": None}
+            row = {**key, **self._make(self.specs[checkpoint], prompt, int(seed)), "error": None}
         except Exception as err:  # one bad asset must not end a nightly run
             log.warning("asset %s / %r / seed %s failed: %s", checkpoint, prompt, seed, err)
             return {**key, "error": f"{type(err).__name__}: {err}",
@@ -247,9 +269,54 @@ class AssetWorker:
                                json.dumps(row).encode())  # last: the asset is finished
         return row
 
-    def __call__(self, batch: dict[str, Any]) -> list[dict[str, Any]]:
-        return [self.process(str(c), str(p), int(s))
-                for c, p, s in zip(batch["checkpoint"], batch["prompt"], batch["seed"])]
+    def run_part(self, part: Part) -> Iterator[dict[str, Any]]:
+        """Make the missing assets of ``part`` and write its record; yields progress reports (``made``,
+        ``skipped``, ``failed`` counts and ``errors`` rows since the last report) after each asset made and
+        at the end. Assets with a ``done.json`` are taken as they are (a part a killed run left half done)."""
+        s = self.settings
+        report = _report()
+        try:
+            cells = read_chunk(part.chunk, s.column)
+        except PromptSourceError as err:
+            report["errors"].append(error_row("shard", source=part.chunk.source, reason=str(err)))
+            report["failed_part"] = part.id
+            yield report
+            return
+        prompts, bad = clean_cells(cells, part.chunk.start)
+        report["errors"] += [error_row("prompt", source=part.chunk.source, row=row, reason=reason)
+                             for row, reason in bad]
+        rows, failed = [], 0
+        for name in (c.name for c in s.checkpoints):
+            for prompt in dict.fromkeys(prompts):  # a prompt listed twice is one asset
+                for seed in s.seeds:
+                    done = f"{asset_dir(s.ids[name], prompt, seed)}/{DONE}"
+                    row = json.loads(self.store.read_bytes(done)) if self.store.exists(done) else None
+                    if row is not None:
+                        report["skipped"] += 1
+                        rows.append(row)
+                        continue
+                    row = self.process(name, prompt, seed)
+                    if row.get("error"):
+                        failed += 1
+                        report["failed"] += 1
+                        report["errors"].append(error_row("asset", checkpoint=name, prompt=prompt, seed=seed,
+                                                          reason=row["error"], traceback=row.get("traceback")))
+                        continue
+                    rows.append(row)
+                    report["made"] += 1
+                    if not s.dry_run:
+                        yield report
+                        report = _report()
+        record = part_record(part.id, len(rows), partial=bool(failed))
+        self.store.write_table(record, rows_to_table(rows, self.schema))
+        for old in part.stale:  # earlier runs' partial records of this part are superseded
+            if old != record:
+                self.store.delete(old)
+        yield report
+
+
+def _report() -> dict[str, Any]:
+    return {"made": 0, "skipped": 0, "failed": 0, "errors": []}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -273,7 +340,8 @@ def error_schema():
 
     return pa.schema([("stage", pa.string()), ("source", pa.string()), ("row", pa.int64()),
                       ("checkpoint", pa.string()), ("prompt", pa.string()), ("seed", pa.int64()),
-                      ("reason", pa.string()), ("traceback", pa.string())])
+                      ("reason", pa.string()), ("traceback", pa.string()), ("run", pa.string()),
+                      ("time", pa.string())])
 
 
 def row_key(row: dict[str, Any]) -> tuple[str, str, int]:
@@ -286,29 +354,179 @@ def asset_files(row: dict[str, Any]) -> list[str]:
     return files + [f"{asset_dir(row['checkpoint_id'], row['prompt'], row['seed'])}/{DONE}"]
 
 
-def finished_rows(store: Store) -> tuple[dict[tuple[str, str, int], dict[str, Any]], int]:
-    """Rows of finished assets, keyed by (checkpoint_id, prompt, seed): the committed manifest plus every
-    ``done.json`` (a run killed before it committed the manifest), kept only while all their files are
-    there (one listing of the output), so a deleted or partly deleted asset is made again. Also returns
-    how many rows were dropped for missing files."""
+# ---------------------------------------------------------------------------------------------------------
+# parts: the units of work, and their records
+
+
+@dataclass(frozen=True)
+class Part:
+    """One chunk of prompt rows x every checkpoint x every seed; ``stale`` names the earlier partial
+    records of the same part, removed once its new record is written."""
+
+    chunk: Chunk
+    id: str
+    stale: tuple[str, ...] = ()
+
+
+def part_id(chunk: Chunk, settings: RegenSettings) -> str:
+    """Changes with the rows (source, its version, the row range) and with what is made of them."""
+    key = [chunk.source, chunk.version, chunk.start, chunk.stop, settings.column,
+           [settings.ids[c.name] for c in settings.checkpoints], [int(x) for x in settings.seeds]]
+    return hashlib.sha256(json.dumps(key).encode()).hexdigest()[:20]
+
+
+def part_record(pid: str, rows: int, partial: bool = False) -> str:
+    """The record's name carries its row count (a rerun counts finished assets from one listing) and
+    whether some asset of the part failed."""
+    return f"{PARTS}/{pid}.{rows}{'.partial' if partial else ''}.parquet"
+
+
+@dataclass
+class PartRecords:
+    complete: dict[str, str] = field(default_factory=dict)  # part id -> record path
+    partial: dict[str, list[str]] = field(default_factory=dict)  # part id -> partial record paths
+
+    @staticmethod
+    def rows(record: str) -> int:
+        return int(record.rsplit("/", 1)[-1].split(".")[1])
+
+    def all(self) -> dict[str, list[str]]:
+        """Part id -> the records to read for its rows (the complete one, else its partial ones)."""
+        ids = sorted(set(self.complete) | set(self.partial))
+        return {i: [self.complete[i]] if i in self.complete else self.partial[i] for i in ids}
+
+
+def part_records(store: Store) -> PartRecords:
+    """Every part record under the output, from one listing of ``parts/``."""
+    records = PartRecords()
+    for rel in sorted(store.listing(PARTS)):
+        name = rel.rsplit("/", 1)[-1].split(".")
+        if len(name) < 3 or name[-1] != "parquet" or not name[1].isdigit():
+            continue
+        if name[2] == "partial":
+            records.partial.setdefault(name[0], []).append(rel)
+        else:
+            records.complete[name[0]] = rel
+    return records
+
+
+def verify_library(store: Store) -> int:
+    """Check every recorded asset's files against one full listing of the output; an asset with a file
+    missing loses its ``done.json`` and its part its record, so the next pass makes it again. Returns the
+    number of such assets. Linear in the library: run it when files may have been deleted."""
     listing = store.listing()
-    rows: dict[tuple[str, str, int], dict[str, Any]] = {}
-    if MANIFEST in listing:
-        for r in store.read_table(MANIFEST).to_pylist():
-            if not r.get("error"):
-                rows[row_key(r)] = r
-    for rel in sorted(p for p in listing if p.rsplit("/", 1)[-1] == DONE):
+    records = part_records(store)
+    broken = 0
+    for pid, paths in records.all().items():
+        bad_part = False
+        for rel in paths:
+            for r in store.read_table(rel).to_pylist():
+                if not all(f in listing for f in asset_files(r)):
+                    broken += 1
+                    bad_part = True
+                    store.delete(f"{asset_dir(r['checkpoint_id'], r['prompt'], r['seed'])}/{DONE}")
+        if bad_part:
+            for rel in paths:
+                store.delete(rel)
+    for rel in (p for p in listing if p.rsplit("/", 1)[-1] == DONE):  # markers no record lists yet
         try:
             r = json.loads(store.read_bytes(rel))
-        except (OSError, ValueError) as err:  # cannot happen with atomic writes; redo the asset if it does
-            log.warning("ignoring unreadable marker %s: %s", rel, err)
+        except (OSError, ValueError):
+            store.delete(rel)
             continue
-        rows.setdefault(row_key(r), r)
-    complete = {k: r for k, r in rows.items() if all(f in listing for f in asset_files(r))}
-    if len(complete) < len(rows):
-        log.warning("regenerate: %d finished assets have missing files and will be made again",
-                    len(rows) - len(complete))
-    return complete, len(rows) - len(complete)
+        if not all(f in listing for f in asset_files(r)):
+            broken += 1
+            store.delete(rel)
+    if broken:
+        log.warning("regenerate: %d finished assets have missing files and will be made again", broken)
+    return broken
+
+
+def conform(table, schema):
+    """``table`` with exactly ``schema``'s columns (records of runs with other extra rewards: missing
+    columns are null, others dropped)."""
+    import pyarrow as pa
+
+    cols = [table.column(f.name).cast(f.type) if f.name in table.column_names else pa.nulls(len(table), f.type)
+            for f in schema]
+    return pa.Table.from_arrays(cols, schema=schema)
+
+
+def commit_manifest(store: Store, order: Sequence[str], schema, metadata: dict[str, Any],
+                    keep: int = 0) -> tuple[int, list[dict[str, Any]]]:
+    """Write ``manifest.parquet`` from every part record under the output, the parts in ``order`` first
+    (this run's, in the order of its prompts), each (checkpoint_id, prompt, seed) once, streaming one
+    part at a time (the driver holds one 64-bit hash per asset, not the rows). Returns the number of
+    rows and the first ``keep`` rows (the gallery's)."""
+    records = part_records(store).all()
+    ids = [i for i in dict.fromkeys(order) if i in records] + [i for i in records if i not in set(order)]
+    schema = schema.with_metadata({"r2d3": json.dumps(metadata, sort_keys=True, default=str)})
+    seen: set[int] = set()
+    first: list[dict[str, Any]] = []
+    total = 0
+    with store.table_writer(MANIFEST, schema) as writer:
+        for pid in ids:
+            for rel in records[pid]:
+                table = conform(store.read_table(rel), schema)
+                keys = zip(table.column("checkpoint_id").to_pylist(), table.column("prompt").to_pylist(),
+                           table.column("seed").to_pylist())
+                mask = []
+                for k in keys:
+                    h = hash(k)
+                    mask.append(h not in seen)
+                    seen.add(h)
+                table = table.filter(mask)
+                if len(first) < keep:
+                    first += table.slice(0, keep - len(first)).to_pylist()
+                writer.write_table(table)
+                total += len(table)
+    return total, first
+
+
+# ---------------------------------------------------------------------------------------------------------
+# errors
+
+
+def error_row(stage: str, *, source: str | None = None, row: int | None = None, checkpoint: str | None = None,
+              prompt: str | None = None, seed: int | None = None, reason: str,
+              traceback: str | None = None) -> dict[str, Any]:
+    return {"stage": stage, "source": source, "row": row, "checkpoint": checkpoint, "prompt": prompt,
+            "seed": seed, "reason": reason, "traceback": traceback}
+
+
+class ErrorLog:
+    """This run's error rows, spilled to a local Parquet file as they come (a run in which every asset
+    fails must not hold a million tracebacks in the driver), then added to ``errors.parquet`` after the
+    earlier runs' rows, each row with the run that saw it."""
+
+    def __init__(self, run: str):
+        import pyarrow.parquet as pq
+
+        self.run, self.count = run, 0
+        self.schema = error_schema()
+        self._dir = tempfile.TemporaryDirectory(prefix="r2d3-errors-")
+        self._path = os.path.join(self._dir.name, "errors.parquet")
+        self._writer = pq.ParquetWriter(self._path, self.schema)
+
+    def add(self, rows: Sequence[dict[str, Any]]) -> None:
+        if rows:
+            stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+            self._writer.write_table(rows_to_table([{**r, "run": self.run, "time": stamp} for r in rows],
+                                                   self.schema))
+            self.count += len(rows)
+
+    def commit(self, store: Store) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        self._writer.close()
+        with store.table_writer(ERRORS, self.schema) as writer:
+            if store.exists(ERRORS):
+                for batch in store.batches(ERRORS):
+                    writer.write_table(conform(pa.Table.from_batches([batch]), self.schema))
+            for batch in pq.ParquetFile(self._path).iter_batches():
+                writer.write_table(pa.Table.from_batches([batch], self.schema))
+        self._dir.cleanup()
 
 
 def manifest_metadata(settings: RegenSettings, generation: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -330,7 +548,7 @@ def manifest_metadata(settings: RegenSettings, generation: dict[str, Any] | None
             "checkpoints": checkpoints}
 
 
-__all__ = ["AssetWorker", "DONE", "ERRORS", "GALLERY", "MANIFEST", "RegenSettings",
-           "asset_dir", "asset_files",
-           "checkpoint_id", "error_schema", "finished_rows", "localize", "manifest_metadata", "manifest_schema", "prompt_hash", "resolve",
-           "row_key"]
+__all__ = ["AssetWorker", "DONE", "ERRORS", "ErrorLog", "GALLERY", "MANIFEST", "PARTS", "Part", "PartRecords",
+           "RegenSettings", "asset_dir", "asset_files", "checkpoint_id", "commit_manifest", "conform", "error_row",
+           "error_schema", "localize", "manifest_metadata", "manifest_schema", "part_id", "part_record",
+           "part_records", "prompt_hash", "resolve", "row_key", "verify_library"]
