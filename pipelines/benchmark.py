@@ -30,6 +30,7 @@ import bench_frontier  # noqa: E402  (reward–prior frontiers)
 import bench_gpu  # noqa: E402  (the CUDA suite)
 import bench_ray  # noqa: E402  (Ray Train overhead and scaling)
 import bench_mesh  # noqa: E402  (mesh topology)
+import bench_regen  # noqa: E402  (regeneration at library scale)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_REPORT = REPO_ROOT / "docs" / "benchmarks.md"
@@ -342,6 +343,7 @@ SUITES: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[arg
     "gpu": (bench_gpu.add_gpu_arguments, bench_gpu.run_gpu),
     "ray": (bench_ray.add_ray_arguments, bench_ray.run_ray),
     "mesh": (bench_mesh.add_mesh_arguments, bench_mesh.run_mesh),
+    "regen-scale": (bench_regen.add_regen_scale_arguments, bench_regen.run_regen_scale),
 }
 #: the report heading each suite writes under (in its --output file)
 REPORT_HEADINGS: dict[str, str] = {
@@ -354,6 +356,7 @@ REPORT_HEADINGS: dict[str, str] = {
     "gpu": "## On a GPU",
     "ray": "## Ray Train overhead and data-parallel scaling",
     "mesh": "## Mesh topology of the shipped model's assets",
+    "regen-scale": "## Regeneration at library scale",
 }
 
 

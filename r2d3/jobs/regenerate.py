@@ -453,14 +453,25 @@ def conform(table, schema):
 
 
 def commit_manifest(store: Store, order: Sequence[str], schema, metadata: dict[str, Any],
-                    keep: int = 0) -> tuple[int, list[dict[str, Any]]]:
+                    keep: int = 0, rewrite: bool = False) -> tuple[int, list[dict[str, Any]] | None]:
     """Write ``manifest.parquet`` from every part record under the output, the parts in ``order`` first
     (this run's, in the order of its prompts), each (checkpoint_id, prompt, seed) once, streaming one
     part at a time (the driver holds one 64-bit hash per asset, not the rows). Returns the number of
-    rows and the first ``keep`` rows (the gallery's)."""
+    rows and the first ``keep`` rows (the gallery's), or None for them when the manifest already stands
+    for exactly these records and settings (a rerun with nothing to do rewrites nothing)."""
+    import pyarrow.parquet as pq
+
     records = part_records(store).all()
     ids = [i for i in dict.fromkeys(order) if i in records] + [i for i in records if i not in set(order)]
-    schema = schema.with_metadata({"r2d3": json.dumps(metadata, sort_keys=True, default=str)})
+    digest = hashlib.sha256(json.dumps([[records[i] for i in ids], metadata], sort_keys=True,
+                                       default=str).encode()).hexdigest()
+    if store.exists(MANIFEST) and not rewrite:
+        with store.fs.open_input_file(store.full(MANIFEST)) as f:
+            meta = pq.ParquetFile(f).metadata
+        if json.loads((meta.metadata or {}).get(b"r2d3", b"{}")).get("records_digest") == digest:
+            return meta.num_rows, None
+    schema = schema.with_metadata({"r2d3": json.dumps({**metadata, "records_digest": digest}, sort_keys=True,
+                                                      default=str)})
     seen: set[int] = set()
     first: list[dict[str, Any]] = []
     total = 0

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import resource
 import sys
 import time
 import uuid
@@ -160,8 +161,9 @@ def run_regeneration(settings: RegenSettings, source: str, *, part_size: int = 2
     extra = [reward_name(r) for r in settings.rewards[1:]]
     errors.commit(store)
     rows, first = commit_manifest(store, [p.id for p in parts], manifest_schema(extra), manifest_metadata(settings),
-                                  keep=gallery_assets if gallery else 0)
-    if gallery:
+                                  keep=gallery_assets if gallery else 0,
+                                  rewrite=gallery and not store.exists(GALLERY))
+    if gallery and first is not None:
         keys = ["reward", *[f"reward_{e}" for e in extra]]
         score_help = {k: f"the reward {json.dumps(spec, default=str)} on the views the rewards score"
                       for k, spec in zip(keys, settings.rewards)}
@@ -175,6 +177,7 @@ def run_regeneration(settings: RegenSettings, source: str, *, part_size: int = 2
             "failed": failed, "remade_incomplete": remade, "manifest_rows": rows, "errors": errors.count,
             "parts": len(parts), "parts_worked": len(todo), "seconds": round(seconds, 3),
             "plan_s": round(plan_s, 3), "commit_s": round(time.time() - commit, 3),
+            "driver_peak_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
             "assets_per_min": round(made / max(seconds, 1e-9) * 60, 2) if made else 0.0}
 
 
