@@ -303,3 +303,102 @@ def test_s3_round_trip_on_ray(tmp_path, models, s3_server, ray_local):
     with fs.open("regen/nightly/manifest.parquet", "rb") as f:
         assert _stable(pq.read_table(f).to_pylist()) == _stable(rows)
     assert json.loads(fs.cat(f"regen/nightly/{Path(rows[0]['ply_path']).parent}/done.json"))["seed"] == rows[0]["seed"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# library scale: prompts in parts, finished work from part records, errors of every run
+
+
+def test_chunks_cover_every_row_of_every_row_group_once(tmp_path, monkeypatch):
+    from r2d3.data import chunks as chunks_mod
+    from r2d3.data.chunks import plan_chunks, read_chunk
+
+    root = tmp_path / "shards"
+    root.mkdir()
+    values = [f"prompt {i}" for i in range(23)]
+    values[5] = None
+    pq.write_table(pa.table({"prompt": pa.array(values, pa.string())}), root / "a.parquet", row_group_size=10)
+    pq.write_table(pa.table({"prompt": ["last one"]}), root / "b.parquet")
+    reads = []
+    real = chunks_mod._raw_rows.__wrapped__
+    chunks_mod._raw_rows.cache_clear()
+    monkeypatch.setattr(chunks_mod, "_raw_rows", lambda *a: reads.append(a) or real(*a))
+    chunks, skipped = plan_chunks(str(root), size=4)
+    assert not reads and not skipped, "planning reads footers, never prompt rows"
+    assert [(Path(c.source).name, c.start, c.stop, c.row_group) for c in chunks][:4] == \
+        [("a.parquet", 0, 4, 0), ("a.parquet", 4, 8, 0), ("a.parquet", 8, 10, 0), ("a.parquet", 10, 14, 1)]
+    cells = [cell for c in chunks for cell in read_chunk(c)]
+    assert cells == values + ["last one"]
+    limited, _ = plan_chunks(str(root), size=4, limit=9)
+    assert sum(len(c) for c in limited) == 9 and limited[-1].stop == 9
+
+
+def test_a_rerun_finds_finished_work_without_listing_the_library(tmp_path, models, monkeypatch):
+    """Finished parts come from one listing of parts/; prompts repeated across parts are one asset and
+    one manifest row; a rerun with nothing to do leaves the manifest as it was."""
+    import regenerate
+
+    from r2d3.storage import Store
+
+    prompts = _prompt_file(tmp_path / "p.parquet", [PROMPTS[0], PROMPTS[1], PROMPTS[0], PROMPTS[2]])
+    out = tmp_path / "out"
+    args = ["--prompts", prompts, "--weights", models["weights"], "--seeds", "0", "--out", str(out), "--actors",
+            "0", "--no-mesh", "--part-size", "2", *FAST]
+    first = regenerate.main(args)
+    assert first["parts"] == 2 and first["made"] == 3 and first["skipped"] == 1  # the repeat is found done
+    assert [r["prompt"] for r in _manifest(out)] == [PROMPTS[0], PROMPTS[1], PROMPTS[2]]
+    listed = []
+    real = Store.listing
+    monkeypatch.setattr(Store, "listing", lambda self, under="": listed.append(under) or real(self, under))
+    stamp = (out / "manifest.parquet").stat().st_mtime_ns
+    again = regenerate.main(args)
+    assert again["made"] == 0 and again["skipped"] == 4 and again["parts_worked"] == 0
+    assert set(listed) == {"parts"}, f"listed {listed}"
+    assert (out / "manifest.parquet").stat().st_mtime_ns == stamp
+
+
+def test_errors_accumulate_across_runs_and_a_failed_part_is_retried(tmp_path, models, monkeypatch):
+    import regenerate
+
+    from r2d3.jobs.regenerate import AssetWorker
+
+    make = AssetWorker._make
+
+    def flaky(self, spec, prompt, seed):
+        if prompt == PROMPTS[1]:
+            raise RuntimeError("simulated decoder failure")
+        return make(self, spec, prompt, seed)
+
+    monkeypatch.setattr(AssetWorker, "_make", flaky)
+    prompts = _prompt_file(tmp_path / "p.parquet", [PROMPTS[0], "", PROMPTS[1]])
+    out = tmp_path / "out"
+    args = ["--prompts", prompts, "--weights", models["weights"], "--seeds", "0", "--out", str(out), "--actors", "0",
+            "--no-mesh", *FAST]
+    assert regenerate.main(args)["failed"] == 1
+    assert [p.name.split(".")[-2] for p in (out / "parts").iterdir()] == ["partial"]
+    regenerate.main(args)  # the same failure again, seen by a second run
+    monkeypatch.setattr(AssetWorker, "_make", make)
+    fixed = regenerate.main(args)
+    assert fixed["made"] == 1 and fixed["skipped"] == 1 and fixed["manifest_rows"] == 2
+    assert [p.name.split(".")[-2] for p in (out / "parts").iterdir()] == ["2"], "the partial record is superseded"
+    errors = pq.read_table(out / "errors.parquet").to_pylist()
+    runs = list(dict.fromkeys(e["run"] for e in errors))
+    assert len(runs) == 3 and all(e["time"] for e in errors)
+    by_run = [sorted(e["stage"] for e in errors if e["run"] == r) for r in runs]
+    assert by_run == [["asset", "prompt"], ["asset", "prompt"], ["prompt"]]
+
+
+def test_dry_run_makes_no_files_and_keeps_its_own_ids(tmp_path, models):
+    import regenerate
+
+    prompts = _prompt_file(tmp_path / "p.parquet", PROMPTS)
+    out = tmp_path / "out"
+    args = ["--prompts", prompts, "--weights", models["weights"], "--seeds", "0", "1", "--out", str(out),
+            "--actors", "0", *FAST]
+    dry = regenerate.main(args + ["--dry-run"])
+    assert dry["made"] == 6 and dry["manifest_rows"] == 6
+    assert not list(out.rglob("done.json")) and not list(out.rglob("*.ply"))
+    real = regenerate.main(args + ["--no-mesh"])
+    assert real["made"] == 6, "dry-run records are never taken for real assets"
+    ids = {r["checkpoint_id"] for r in _manifest(out)}
+    assert len(ids) == 2
