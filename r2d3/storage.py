@@ -19,10 +19,11 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -107,6 +108,38 @@ def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
         raise
 
 
+T = TypeVar("T")
+
+#: how object-store calls ride out an outage: attempts, and the first wait (doubled each time, at most 8 s);
+#: the defaults wait 1 + 2 + 4 + 8 + 8 s, about half a minute, before the call fails naming its target
+RETRY_ENV = ("R2D3_STORAGE_ATTEMPTS", "R2D3_STORAGE_BACKOFF_S")
+
+
+def _permanent(err: OSError) -> bool:
+    """Errors no retry can fix: a missing object, a denied request, a missing bucket."""
+    text = str(err)
+    return isinstance(err, (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)) or \
+        any(code in text for code in ("ACCESS_DENIED", "NO_SUCH_BUCKET", "NoSuchBucket"))
+
+
+def retry_io(fn: Callable[[], T], what: str) -> T:
+    """``fn()`` retried with exponential backoff while it raises a transient ``OSError`` (an unreachable
+    or briefly failing S3 endpoint); then an :class:`OutputError` naming ``what`` and the attempts. Only
+    remote storage goes through it: a full local disk is not worth waiting for."""
+    attempts = max(1, int(os.environ.get(RETRY_ENV[0], "6")))
+    wait = float(os.environ.get(RETRY_ENV[1], "1.0"))
+    for attempt in range(1, attempts + 1):
+        try:
+            return fn()
+        except OSError as err:
+            if _permanent(err):
+                raise
+            if attempt == attempts:
+                raise OutputError(f"{what}: storage unavailable after {attempts} attempts: {err}") from err
+            time.sleep(min(wait * 2 ** (attempt - 1), 8.0))
+    raise AssertionError("unreachable")
+
+
 def slug(text: str, default: str = "x") -> str:
     """A file-name-safe form of ``text`` (letters, digits, ``.``, ``_``, ``-``; at most 60 characters)."""
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_")[:60] or default
@@ -153,28 +186,38 @@ class Store:
     def full(self, rel: str) -> str:
         return f"{self.base}/{rel}" if rel else self.base
 
+    def _io(self, fn: Callable[[], T], rel: str) -> T:
+        """S3 calls ride out a brief outage (:func:`retry_io`); local ones run once."""
+        return retry_io(fn, f"{self.uri}/{rel}") if self.is_s3 else fn()
+
     def write_bytes(self, rel: str, data: bytes) -> None:
         if self.is_s3:
-            with self.fs.open_output_stream(self.full(rel)) as f:
-                f.write(data)
+            def put() -> None:
+                with self.fs.open_output_stream(self.full(rel)) as f:
+                    f.write(data)
+            self._io(put, rel)
         else:
             atomic_write_bytes(self.full(rel), data)
 
     def read_bytes(self, rel: str) -> bytes:
-        with self.fs.open_input_stream(self.full(rel)) as f:
-            return f.read()
+        def get() -> bytes:
+            with self.fs.open_input_stream(self.full(rel)) as f:
+                return f.read()
+        return self._io(get, rel)
 
     def exists(self, rel: str) -> bool:
-        return self.fs.get_file_info(self.full(rel)).type == pafs.FileType.File
+        return self._io(lambda: self.fs.get_file_info(self.full(rel)).type == pafs.FileType.File, rel)
 
     def listing(self, under: str = "") -> set[str]:
         """Relative paths of every file below the root, or below its folder ``under`` (one recursive
         listing)."""
-        return {i.path[len(self.base) + 1:] for i in files_under(self.fs, self.full(under))}
+        return self._io(lambda: {i.path[len(self.base) + 1:] for i in files_under(self.fs, self.full(under))}, under)
 
     def delete(self, rel: str) -> None:
-        with suppress(FileNotFoundError):
-            self.fs.delete_file(self.full(rel))
+        def rm() -> None:
+            with suppress(FileNotFoundError):
+                self.fs.delete_file(self.full(rel))
+        self._io(rm, rel)
 
     def check_writable(self) -> None:
         """Write and remove a probe object, so an output that is a file, read-only or unreachable fails
@@ -186,7 +229,7 @@ class Store:
                     raise NotADirectoryError(f"{self.base} is a file")
                 Path(self.base).mkdir(parents=True, exist_ok=True)
             self.write_bytes(probe, b"")
-            self.fs.delete_file(self.full(probe))
+            self.delete(probe)
         except OSError as err:
             raise OutputError(f"output {self.uri} is not writable: {err}") from err
 
@@ -199,10 +242,8 @@ class Store:
         return pq.read_table(io.BytesIO(self.read_bytes(rel)))
 
     def batches(self, rel: str) -> Iterator[pa.RecordBatch]:
-        """The record batches of a Parquet file, read one row group at a time (a large table is never
-        held whole)."""
-        with self.fs.open_input_file(self.full(rel)) as f:
-            yield from pq.ParquetFile(f).iter_batches()
+        """The record batches of a Parquet file (its bytes fetched once, decoded one row group at a time)."""
+        yield from pq.ParquetFile(io.BytesIO(self.read_bytes(rel))).iter_batches()
 
     @contextmanager
     def table_writer(self, rel: str, schema: pa.Schema) -> Iterator[pq.ParquetWriter]:
@@ -217,8 +258,10 @@ class Store:
             local = os.path.join(tmp, "table.parquet")
             with pq.ParquetWriter(local, schema) as writer:
                 yield writer
-            with open(local, "rb") as src, self.fs.open_output_stream(self.full(rel)) as dst:
-                shutil.copyfileobj(src, dst, 8 << 20)
+            def upload() -> None:
+                with open(local, "rb") as src, self.fs.open_output_stream(self.full(rel)) as dst:
+                    shutil.copyfileobj(src, dst, 8 << 20)
+            self._io(upload, rel)
 
 
 def rows_to_table(rows: list[dict[str, Any]], schema: pa.Schema, metadata: dict[str, Any] | None = None) -> pa.Table:

@@ -402,3 +402,82 @@ def test_dry_run_makes_no_files_and_keeps_its_own_ids(tmp_path, models):
     assert real["made"] == 6, "dry-run records are never taken for real assets"
     ids = {r["checkpoint_id"] for r in _manifest(out)}
     assert len(ids) == 2
+
+
+@pytest.mark.slow
+def test_an_s3_outage_is_ridden_out_and_one_that_lasts_fails_cleanly_then_resumes(tmp_path, models, s3_server,
+                                                                                monkeypatch):
+    """The S3 server stopped mid-regeneration and back 1.5 s later: the run waits and finishes with the
+    uninterrupted manifest. Stopped for good: the job ends naming the store, no manifest appears, and the
+    rerun completes."""
+    import threading
+
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    import regenerate
+    from conftest import free_port
+
+    from r2d3.jobs.regenerate import AssetWorker
+
+    port = free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
+    monkeypatch.setenv("R2D3_STORAGE_ATTEMPTS", "8")
+    monkeypatch.setenv("R2D3_STORAGE_BACKOFF_S", "0.2")
+    boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="outage")
+    prompts = _prompt_file(tmp_path / "p.parquet", PROMPTS)
+    args = ["--prompts", prompts, "--weights", models["weights"], "--seeds", "0", "1", "--actors", "0", "--no-mesh",
+            *FAST]
+    make, made = AssetWorker._make, []
+    state = {"server": server, "down_for": 1.5}
+
+    def restart():
+        time.sleep(state["down_for"])
+        state["server"] = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+        state["server"].start()
+
+    def outage_after_two(self, spec, prompt, seed):
+        made.append(prompt)
+        if len(made) == 3:
+            state["server"].stop()
+            if state["down_for"] is not None:
+                threading.Thread(target=restart, daemon=True).start()
+        return make(self, spec, prompt, seed)
+
+    def manifest(prefix):
+        import pyarrow.fs as pafs
+
+        fs = pafs.S3FileSystem(endpoint_override=endpoint, access_key="testing", secret_key="testing")
+        with fs.open_input_file(f"outage/{prefix}/manifest.parquet") as f:
+            return pq.read_table(f).to_pylist()
+
+    monkeypatch.setattr(AssetWorker, "_make", outage_after_two)
+    try:
+        ridden = regenerate.main(args + ["--out", "s3://outage/ridden"])
+        assert ridden["made"] == 6 and ridden["errors"] == 0
+        monkeypatch.setattr(AssetWorker, "_make", make)
+        regenerate.main(args + ["--out", "s3://outage/calm"])
+        assert _stable(manifest("ridden")) == _stable(manifest("calm"))
+
+        made.clear()
+        state["down_for"] = None  # this time it stays down
+        monkeypatch.setattr(AssetWorker, "_make", outage_after_two)
+        monkeypatch.setenv("R2D3_STORAGE_ATTEMPTS", "2")
+        with pytest.raises(SystemExit, match="storage unavailable after 2 attempts"):
+            regenerate.main(args + ["--out", "s3://outage/down"])
+        restart_now = threading.Thread(target=restart)
+        state["down_for"] = 0
+        restart_now.start()
+        restart_now.join()
+        client = boto3.client("s3", endpoint_url=endpoint)
+        keys = [o["Key"] for o in client.list_objects_v2(Bucket="outage", Prefix="down/").get("Contents", [])]
+        assert "down/manifest.parquet" not in keys and not [k for k in keys if "/parts/" in k]
+        monkeypatch.setattr(AssetWorker, "_make", make)
+        resumed = regenerate.main(args + ["--out", "s3://outage/down"])
+        assert resumed["made"] + resumed["skipped"] == 6 and resumed["skipped"] >= 2
+        assert _stable(manifest("down")) == _stable(manifest("calm"))
+    finally:
+        state["server"].stop()

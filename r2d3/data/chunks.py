@@ -18,7 +18,7 @@ from pathlib import Path
 
 from r2d3.data.procedural import split_prompts
 from r2d3.data.prompts import PromptSourceError, check_shards, is_parquet_source, load_prompts
-from r2d3.storage import filesystem
+from r2d3.storage import OutputError, filesystem, is_uri, retry_io
 
 
 @dataclass(frozen=True)
@@ -100,8 +100,11 @@ def _raw_rows(source: str, version: str, column: str = "prompt", group: int = 0)
     import pyarrow.parquet as pq
 
     fs, path = filesystem(source)
-    with fs.open_input_file(path) as f:
-        return pq.ParquetFile(f).read_row_group(group, columns=[column]).column(column).to_pylist()
+
+    def read() -> list[object]:
+        with fs.open_input_file(path) as f:
+            return pq.ParquetFile(f).read_row_group(group, columns=[column]).column(column).to_pylist()
+    return retry_io(read, source) if is_uri(source) else read()
 
 
 def read_chunk(chunk: Chunk, column: str = "prompt") -> list[object]:
@@ -109,6 +112,8 @@ def read_chunk(chunk: Chunk, column: str = "prompt") -> list[object]:
     :class:`PromptSourceError` naming the shard when its data cannot be read or it changed since planning."""
     try:
         rows = _raw_rows(chunk.source, chunk.version, column, chunk.row_group)
+    except OutputError:  # the store is down, not the shard broken: the job stops and a rerun resumes
+        raise
     except Exception as err:
         raise PromptSourceError(f"unreadable Parquet data in column {column!r} of {chunk.source}: {err}") from err
     cells = rows[chunk.start - chunk.group_start: chunk.stop - chunk.group_start]

@@ -64,7 +64,7 @@ from r2d3.export.mesh import encode_glb, gaussians_to_mesh
 from r2d3.jobs.evaluate import BASE, CheckpointSpec, ModelBank, resolve_checkpoint
 from r2d3.pipeline import Pipeline, noise_seed
 from r2d3.rewards import load_reward
-from r2d3.storage import Store, atomic_write_bytes, is_uri, rows_to_table, slug
+from r2d3.storage import OutputError, Store, atomic_write_bytes, is_uri, rows_to_table, slug
 
 log = logging.getLogger(__name__)
 
@@ -261,6 +261,8 @@ class AssetWorker:
             return {**key, "error": None}
         try:
             row = {**key, **self._make(self.specs[checkpoint], prompt, int(seed)), "error": None}
+        except OutputError:  # storage down after its retries: not this asset's fault, stop the job
+            raise
         except Exception as err:  # one bad asset must not end a nightly run
             log.warning("asset %s / %r / seed %s failed: %s", checkpoint, prompt, seed, err)
             return {**key, "error": f"{type(err).__name__}: {err}",
@@ -466,8 +468,10 @@ def commit_manifest(store: Store, order: Sequence[str], schema, metadata: dict[s
     digest = hashlib.sha256(json.dumps([[records[i] for i in ids], metadata], sort_keys=True,
                                        default=str).encode()).hexdigest()
     if store.exists(MANIFEST) and not rewrite:
-        with store.fs.open_input_file(store.full(MANIFEST)) as f:
-            meta = pq.ParquetFile(f).metadata
+        def footer():
+            with store.fs.open_input_file(store.full(MANIFEST)) as f:
+                return pq.ParquetFile(f).metadata
+        meta = store._io(footer, MANIFEST)
         if json.loads((meta.metadata or {}).get(b"r2d3", b"{}")).get("records_digest") == digest:
             return meta.num_rows, None
     schema = schema.with_metadata({"r2d3": json.dumps({**metadata, "records_digest": digest}, sort_keys=True,
