@@ -141,8 +141,9 @@ def retry_io(fn: Callable[[], T], what: str) -> T:
 
 
 def slug(text: str, default: str = "x") -> str:
-    """A file-name-safe form of ``text`` (letters, digits, ``.``, ``_``, ``-``; at most 60 characters)."""
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_")[:60] or default
+    """A file-name-safe form of ``text`` (letters, digits, ``.``, ``_``, ``-``; at most 60 characters; never
+    hidden, ``.`` or ``..``)."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_").lstrip(".")[:60] or default
 
 
 def is_uri(path: str | os.PathLike[str]) -> bool:

@@ -573,6 +573,41 @@ def test_report_md_escapes_prompts():
     assert _md_cell("a | b").count("|") == 1 and "\\|" in _md_cell("a | b")
 
 
+EVIL_PROMPTS = ["a cube <script>alert(1)</script>", "../../../../../tmp/r2d3-evil", 'a "quoted" <img src=x onerror=alert(1)>',
+                "/etc/passwd", "a cone & 'apostrophes' \\ backslash"]
+
+
+def test_hostile_prompts_and_labels_stay_inside_the_output_and_are_escaped(tiny, tmp_path):
+    """File names come from prompt hashes and slugged labels, never from the text; every HTML page the
+    jobs write (gallery, evaluation report) escapes prompts."""
+    import regenerate
+
+    from r2d3.eval.report import to_html
+
+    pq.write_table(pa.table({"prompt": EVIL_PROMPTS}), tmp_path / "p.parquet")
+    out = tmp_path / "lib" / "out"
+    summary = regenerate.main(["--prompts", str(tmp_path / "p.parquet"), "--weights", str(tiny / "w"), "--out",
+                               str(out), "--no-mesh", *FAST])
+    assert summary["made"] == len(EVIL_PROMPTS)
+    assert sorted(p.name for p in (tmp_path / "lib").iterdir()) == ["out"]
+    root = out.resolve()
+    for path in out.rglob("*"):
+        assert path.resolve().is_relative_to(root), path
+    assert not Path("/tmp/r2d3-evil").exists()
+    for row in pq.read_table(out / "manifest.parquet").to_pylist():
+        for key in ("ply_path", "preview_path", "turntable_path"):
+            assert ".." not in row[key] and not row[key].startswith("/")
+    page = (out / "gallery.html").read_text()
+    report = to_html([("h1", EVIL_PROMPTS[0]), ("table", (["prompt"], [[p] for p in EVIL_PROMPTS])),
+                      ("ul", EVIL_PROMPTS)], tmp_path)
+    for text in (page, report):
+        assert "<script>alert" not in text and "<img src=x" not in text
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in report
+    from r2d3.storage import slug  # checkpoint labels become ids through slug: no separators, no dot-dot walk
+
+    assert all("/" not in slug(x) and not slug(x).startswith(".") for x in ("../../x", "/etc", "<b>x</b>..", "..", "."))
+
+
 @pytest.fixture
 def read_only_dir(tmp_path):
     """A read-only file system (a tmpfs mounted ``ro``): permission bits would not stop root."""
