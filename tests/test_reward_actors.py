@@ -190,8 +190,19 @@ def test_ray_pool_matches_in_process_and_is_shared(ray_local, backend):
     assert len({i["actor_id"] for i in first}) == 2
     names = [a["name"] for a in list_named_actors(all_namespaces=True)]
     assert sum(pool_key(config) in n for n in names) == 2
-    # a dead actor is named in the error
+    # an actor process killed from outside (the OOM killer, say) is restarted and the call retried
+    import os
+    import signal
+
     pool = scorer.evaluate
+    os.kill(first[0]["pid"], signal.SIGKILL)
+    x = latents(3, 24, dtype=torch.float32, seed=5).requires_grad_(True)
+    again = ray_ctx.reward_of_latents(x, PROMPTS[:3], cams)
+    torch.testing.assert_close(again.detach(), plain.reward_of_latents(x, PROMPTS[:3], cams).detach(),
+                               rtol=1e-5, atol=1e-6)
+    after = pool.info()
+    assert after[0]["pid"] != first[0]["pid"] and after[0]["actor_id"] == first[0]["actor_id"]
+    # an actor killed for good is named in the error
     ray_local.kill(pool.actors[0], no_restart=True)
     with pytest.raises(RuntimeError, match=f"{pool.names[0]}.*colorfulness"):
         with torch.no_grad():

@@ -67,6 +67,11 @@ def pool_key(config: AlignConfig) -> str:
     return hashlib.sha1(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
+#: a reward actor whose process dies (OOM killer, a lost node) is restarted and its call retried this many
+#: times before the trainer sees an error; scoring is a pure function of its inputs, so a retry is exact
+RESTARTS = 3
+
+
 class RewardActorPool:
     """Handles to the ``scale.reward_actors`` named actors (created if missing); callable as an
     :data:`~r2d3.rewards.remote.Evaluate`."""
@@ -81,7 +86,8 @@ class RewardActorPool:
         self.names = [f"r2d3-reward-{key}-{i}" for i in range(scale.reward_actors)]
         self.actors = [
             RewardActor.options(name=name, get_if_exists=True, num_gpus=scale.reward_actor_gpus,
-                                num_cpus=scale.reward_actor_cpus).remote(config.reward, config.render)
+                                num_cpus=scale.reward_actor_cpus, max_restarts=RESTARTS,
+                                max_task_retries=RESTARTS).remote(config.reward, config.render)
             for name in self.names
         ]
         self._next = 0
