@@ -32,6 +32,7 @@ from r2d3.jobs.regenerate import (
     AssetWorker,
     ErrorLog,
     Part,
+    PartRecords,
     RegenSettings,
     commit_manifest,
     error_row,
@@ -109,13 +110,12 @@ def run_parts(settings: RegenSettings, parts: list[Part], actors: int = 2, batch
 
 
 def plan_parts(settings: RegenSettings, source: str, part_size: int = 256, max_prompts: int | None = None,
-               ) -> tuple[list[Part], list[Part], list[tuple[str, str]]]:
-    """This run's parts, those of them to work on (no complete record), and the shards skipped."""
-    store = Store(settings.out)
+               ) -> tuple[list[Part], PartRecords, list[tuple[str, str]]]:
+    """This run's parts, the records under the output (one listing), and the shards skipped."""
     chunks, skipped = plan_chunks(source, settings.column, part_size, max_prompts)
-    records = part_records(store)
+    records = part_records(Store(settings.out))
     parts = [Part(c, pid, tuple(records.partial.get(pid, ()))) for c in chunks for pid in [part_id(c, settings)]]
-    return parts, [p for p in parts if p.id not in records.complete], skipped
+    return parts, records, skipped
 
 
 def run_regeneration(settings: RegenSettings, source: str, *, part_size: int = 256, max_prompts: int | None = None,
@@ -137,8 +137,8 @@ def run_regeneration(settings: RegenSettings, source: str, *, part_size: int = 2
     store.check_writable()
     start = time.time()
     remade = verify_library(store) if verify else 0
-    parts, todo, skipped_shards = plan_parts(settings, source, part_size, max_prompts)
-    records = part_records(store)
+    parts, records, skipped_shards = plan_parts(settings, source, part_size, max_prompts)
+    todo = [p for p in parts if p.id not in records.complete]
     skipped = sum(records.rows(records.complete[p.id]) for p in parts if p.id in records.complete)
     per_row = len(settings.checkpoints) * len(settings.seeds)
     log.info("regenerate: %d parts (%d assets at most), %d finished already (%d assets), %d to work on",
