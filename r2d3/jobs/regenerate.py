@@ -281,7 +281,6 @@ class AssetWorker:
             cells = read_chunk(part.chunk, s.column)
         except PromptSourceError as err:
             report["errors"].append(error_row("shard", source=part.chunk.source, reason=str(err)))
-            report["failed_part"] = part.id
             yield report
             return
         prompts, bad = clean_cells(cells, part.chunk.start)
@@ -291,8 +290,7 @@ class AssetWorker:
         for name in (c.name for c in s.checkpoints):
             for prompt in dict.fromkeys(prompts):  # a prompt listed twice is one asset
                 for seed in s.seeds:
-                    done = f"{asset_dir(s.ids[name], prompt, seed)}/{DONE}"
-                    row = json.loads(self.store.read_bytes(done)) if self.store.exists(done) else None
+                    row = self._finished(f"{asset_dir(s.ids[name], prompt, seed)}/{DONE}")
                     if row is not None:
                         report["skipped"] += 1
                         rows.append(row)
@@ -315,6 +313,14 @@ class AssetWorker:
             if old != record:
                 self.store.delete(old)
         yield report
+
+
+    def _finished(self, marker: str) -> dict[str, Any] | None:
+        """The row in an asset's ``done.json``, or None: one read per asset, no existence check first."""
+        try:
+            return json.loads(self.store.read_bytes(marker))
+        except FileNotFoundError:
+            return None
 
 
 def _report() -> dict[str, Any]:
