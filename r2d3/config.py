@@ -247,6 +247,12 @@ class ScaleConfig(Section):
     key: ClassVar[str] = "scale"
     num_workers: int = opt(1, "Ray Train workers (data-parallel)", check=at_least(1))
     use_gpu: Optional[bool] = opt(None, "true | false | null (auto: a GPU per worker when the driver sees CUDA)")
+    min_workers: Optional[int] = opt(None, "elastic training: the fewest workers to go on with (null: always "
+                                           "num_workers, waiting for lost nodes to come back). When a restarted "
+                                           "worker group cannot be placed within RAY_TRAIN_WORKER_GROUP_START_"
+                                           "TIMEOUT_S (60 s), it re-forms from the last checkpoint with the "
+                                           "workers the cluster fits, at least min_workers; a later run with the "
+                                           "same run.name uses num_workers again", check=at_least(1))
     cpus_per_worker: Optional[float] = opt(None, "CPUs reserved per training worker (and its torch threads); "
                                                  "null: on a Ray instance the job starts itself (one machine), "
                                                  "its CPUs left by the reward actors, shared by the workers; "
@@ -263,6 +269,12 @@ class ScaleConfig(Section):
     resource_wait_s: float = opt(120.0, "how long to wait for the cluster to offer the requested CPUs/GPUs "
                                         "(an autoscaler may add nodes) before failing with what is missing",
                                  check=positive())
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.min_workers is not None and self.min_workers > self.num_workers:
+            raise ConfigError(f"scale.min_workers ({self.min_workers}) must be <= scale.num_workers "
+                              f"({self.num_workers})")
 
 
 @dataclass

@@ -96,6 +96,8 @@ def test_config_overrides_and_errors(tmp_path):
         build_config(AlignConfig, overrides=["algo.beta=lots"])
     with pytest.raises(ConfigError, match="nosuch"):
         build_config(AlignConfig, overrides=["algo.nosuch=1"])
+    with pytest.raises(ConfigError, match=r"scale.min_workers \(3\) must be <= scale.num_workers \(2\)"):
+        build_config(AlignConfig, overrides=["scale.num_workers=2", "scale.min_workers=3"])
     with pytest.raises(ConfigError, match="section.key=value"):
         build_config(AlignConfig, overrides=["algo.beta"])
     with pytest.raises(ConfigError, match="not found"):

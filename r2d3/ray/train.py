@@ -26,6 +26,8 @@ import torch
 import torch.distributed as dist
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
+from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError
+from ray.train.v2.api.exceptions import ControllerError
 from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 
 from r2d3 import devices
@@ -194,15 +196,17 @@ class ClusterResourcesError(RuntimeError):
     """The cluster does not offer what the job asks for (after waiting for an autoscaler)."""
 
 
-def wait_for_resources(need: dict[str, float], timeout_s: float, poll_s: float = 2.0) -> None:
-    """Return once the cluster's total resources cover ``need``; otherwise fail after ``timeout_s``
-    naming what is missing. Ray itself would wait forever for a placement group it cannot place (a
-    ``scale.use_gpu=true`` job on a machine without a GPU retried its worker group endlessly)."""
+def wait_for_resources(need: dict[str, float], timeout_s: float, poll_s: float = 2.0,
+                       available: bool = False) -> None:
+    """Return once the cluster's total (or, with ``available``, free) resources cover ``need``; otherwise
+    fail after ``timeout_s`` naming what is missing. Ray itself would wait forever for a placement group it
+    cannot place (a ``scale.use_gpu=true`` job on a machine without a GPU retried its worker group
+    endlessly)."""
     import time
 
     deadline = time.monotonic() + timeout_s
     while True:
-        have = ray.cluster_resources()
+        have = ray.available_resources() if available else ray.cluster_resources()
         short = {k: (v, have.get(k, 0.0)) for k, v in need.items() if v > 0 and have.get(k, 0.0) + 1e-9 < v}
         if not short:
             return
@@ -254,6 +258,23 @@ def with_worker_cpus(config: AlignConfig, started_here: bool) -> AlignConfig:
     return replace(config, scale=replace(s, cpus_per_worker=cpus))
 
 
+def regroup_size(config: AlignConfig, workers: int, gpus: bool) -> int:
+    """The worker-group size to go on with after ``workers`` could not be placed (a node was lost): as many
+    as the cluster's free resources fit now, fewer than before, at least ``scale.min_workers`` (waiting up
+    to ``scale.resource_wait_s`` for them). The run resumes from its newest checkpoint at that size."""
+    s = config.scale
+    wait_for_resources({"CPU": s.min_workers * s.cpus_per_worker, "GPU": s.min_workers if gpus else 0},
+                       s.resource_wait_s, available=True)
+    free = ray.available_resources()
+    fits = int(free.get("CPU", 0.0) // s.cpus_per_worker)
+    if gpus:
+        fits = min(fits, int(free.get("GPU", 0.0)))
+    size = max(s.min_workers, min(fits, workers - 1))
+    log.warning("a worker group of %d could not be placed (a node was lost?): going on with %d workers from "
+                "the last checkpoint (scale.min_workers=%d)", workers, size, s.min_workers)
+    return size
+
+
 def fit_on_ray(config: AlignConfig, run_dir: Path, storage_path: str, callbacks: list | None = None,
                verbose: bool = False) -> Any:
     """Run the alignment as a Ray Train job; returns the ``ray.train.Result``.
@@ -263,7 +284,10 @@ def fit_on_ray(config: AlignConfig, run_dir: Path, storage_path: str, callbacks:
     when that is not the local run directory's parent, rank 0 also copies the run outputs (summary,
     previews, samples, metrics) to ``storage_path/<run name>/outputs``. Re-running with the same
     ``run.name`` resumes from the last checkpoint, with any number of workers; ``FailureConfig``
-    restarts a crashed worker group from it as well.
+    restarts a crashed worker group from it as well. With ``scale.min_workers`` a worker group that can no
+    longer be placed at its size (a node was lost) re-forms with the workers that fit (:func:`regroup_size`):
+    Ray Train's own elastic policy sizes the group from the nodes' total resources, counting CPUs and GPUs
+    the reward actors hold, and would retry a group that does not fit forever.
 
     The console shows one progress bar drawn by the driver (``run.progress``); the workers' and Ray's
     own log lines reach it only with ``verbose`` (they are always in Ray's log directory).
@@ -272,15 +296,17 @@ def fit_on_ray(config: AlignConfig, run_dir: Path, storage_path: str, callbacks:
     config = with_worker_cpus(config, started_here)
     gpus = devices.use_gpu(config.scale.use_gpu)
     s = config.scale
-    need = {"CPU": s.num_workers * s.cpus_per_worker + s.reward_actors * s.reward_actor_cpus,
-            "GPU": (s.num_workers if gpus else 0) + s.reward_actors * s.reward_actor_gpus}
+    fewest = s.num_workers if s.min_workers is None else s.min_workers
+    need = {"CPU": fewest * s.cpus_per_worker + s.reward_actors * s.reward_actor_cpus,
+            "GPU": (fewest if gpus else 0) + s.reward_actors * s.reward_actor_gpus}
     wait_for_resources(need, 0.0 if started_here else s.resource_wait_s)
-    scaling = ScalingConfig(num_workers=config.scale.num_workers, use_gpu=gpus,
-                            resources_per_worker={"CPU": config.scale.cpus_per_worker})
     run_config = RunConfig(
         name=run_dir.name, storage_path=storage_path,
         checkpoint_config=CheckpointConfig(num_to_keep=max(config.run.keep_checkpoints, 1)),
-        failure_config=FailureConfig(max_failures=config.scale.max_failures),
+        # elastic runs end a fit whose restarted worker group cannot be placed (Ray Train would wait for
+        # the lost nodes forever) and re-form it below with the workers that fit
+        failure_config=FailureConfig(max_failures=s.max_failures,
+                                     controller_failure_limit=-1 if s.min_workers is None else 0),
         callbacks=callbacks,
     )
     datasets = {}
@@ -300,13 +326,23 @@ def fit_on_ray(config: AlignConfig, run_dir: Path, storage_path: str, callbacks:
     if config.scale.reward_actors > 0:
         # the driver owns the actors, so they outlive any one trainer (and worker-group restarts)
         reward_pool = start_reward_actors(config)
-    # one worker has nothing to all-reduce: no torch.distributed process group (whose rendezvous store
-    # would listen on every interface) and a faster start; several use TorchTrainer's gloo/NCCL group
-    trainer_cls = TorchTrainer if config.scale.num_workers > 1 else DataParallelTrainer
-    trainer = trainer_cls(_worker_loop, train_loop_config=payload, scaling_config=scaling, run_config=run_config,
-                          datasets=datasets or None)
+    workers, regroups = s.num_workers, s.max_failures
     try:
-        result = trainer.fit()
+        while True:
+            # one worker has nothing to all-reduce: no torch.distributed process group (whose rendezvous
+            # store would listen on every interface) and a faster start; several use TorchTrainer's group
+            trainer_cls = TorchTrainer if workers > 1 else DataParallelTrainer
+            scaling = ScalingConfig(num_workers=workers, use_gpu=gpus, resources_per_worker={"CPU": s.cpus_per_worker})
+            trainer = trainer_cls(_worker_loop, train_loop_config=payload, scaling_config=scaling,
+                                  run_config=run_config, datasets=datasets or None)
+            try:
+                result = trainer.fit()
+                break
+            except ControllerError as err:
+                if not isinstance(err.controller_failure, WorkerGroupStartupTimeoutError) or regroups == 0:
+                    raise
+                workers = regroup_size(config, workers, gpus)
+                regroups -= 1
     finally:
         if progress is not None:
             progress.close()

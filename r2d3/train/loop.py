@@ -371,7 +371,7 @@ def run(config: AlignConfig, session: Session, evaluate_fn=None, on_epoch=None) 
         reward = samples.rewards.detach().float()
         stats = torch.stack([reward.mean(), reward.std(unbiased=False)])
         session.all_reduce_mean_([stats])
-        metrics.update({"epoch": state.epoch, "optimizer_steps": state.optimizer_steps,
+        metrics.update({"epoch": state.epoch, "optimizer_steps": state.optimizer_steps, "world_size": session.world_size,
                         "reward_mean": float(stats[0]), "reward_std": float(stats[1]),
                         "bad_batches": state.bad_batches, "time/sample_s": sample_time,
                         "time/precompute_s": precompute_time,
