@@ -70,7 +70,7 @@ def _root_cause(err: BaseException) -> BaseException:
             return err
         inner = getattr(err, "worker_failures", None) or {}
         nxt = next(iter(inner.values()), None) if isinstance(inner, dict) else None
-        nxt = nxt or err.__cause__ or err.__context__
+        nxt = nxt or getattr(err, "controller_failure", None) or err.__cause__ or err.__context__
         if nxt is None:
             break
         err = nxt

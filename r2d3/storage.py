@@ -158,6 +158,102 @@ def filesystem(uri: str | os.PathLike[str]) -> tuple[pafs.FileSystem, str]:
     return pafs.LocalFileSystem(), str(Path(uri).expanduser().resolve())
 
 
+class _RetryingHandler(pafs.FileSystemHandler):
+    """Every call of an object-store filesystem through :func:`retry_io`. Files are read and written whole
+    (a stream cut mid-object cannot be resumed, a whole object can be re-sent): meant for checkpoints and
+    run outputs, not for datasets."""
+
+    def __init__(self, fs: pafs.FileSystem):
+        if isinstance(fs, pafs.S3FileSystem):
+            # writes in the caller's thread: callers such as pyarrow's copy_files run this handler on
+            # arrow's IO threads, and an S3 stream closing there would wait for uploads queued behind
+            # it on the same pool (a deadlock once every IO thread waits)
+            options = dict(fs.__reduce__()[1][0], background_writes=False)
+            fs = pafs.S3FileSystem(**options)
+        self.fs = fs
+
+    def _retry(self, fn: Callable[[], T], what: str) -> T:
+        return retry_io(fn, f"{self.fs.type_name} {what}")
+
+    def get_type_name(self) -> str:
+        return f"retrying-{self.fs.type_name}"
+
+    def normalize_path(self, path: str) -> str:
+        return self.fs.normalize_path(path)
+
+    def equals(self, other: Any) -> bool:
+        return isinstance(other, _RetryingHandler) and self.fs.equals(other.fs)
+
+    def get_file_info(self, paths: list[str]) -> list[pafs.FileInfo]:
+        return self._retry(lambda: self.fs.get_file_info(paths), ", ".join(paths[:3]))
+
+    def get_file_info_selector(self, selector: pafs.FileSelector) -> list[pafs.FileInfo]:
+        return self._retry(lambda: self.fs.get_file_info(selector), f"listing {selector.base_dir}")
+
+    def create_dir(self, path: str, recursive: bool) -> None:
+        self._retry(lambda: self.fs.create_dir(path, recursive=recursive), path)
+
+    def delete_dir(self, path: str) -> None:
+        self._retry(lambda: self.fs.delete_dir(path), path)
+
+    def delete_dir_contents(self, path: str, missing_dir_ok: bool = False) -> None:
+        self._retry(lambda: self.fs.delete_dir_contents(path, missing_dir_ok=missing_dir_ok), path)
+
+    def delete_root_dir_contents(self) -> None:
+        self._retry(lambda: self.fs.delete_dir_contents("/", accept_root_dir=True), "/")
+
+    def delete_file(self, path: str) -> None:
+        self._retry(lambda: self.fs.delete_file(path), path)
+
+    def move(self, src: str, dest: str) -> None:
+        self._retry(lambda: self.fs.move(src, dest), src)
+
+    def copy_file(self, src: str, dest: str) -> None:
+        self._retry(lambda: self.fs.copy_file(src, dest), src)
+
+    def _read(self, path: str) -> pa.BufferReader:
+        def read() -> bytes:
+            with self.fs.open_input_stream(path) as f:
+                return f.read()
+
+        return pa.BufferReader(self._retry(read, path))
+
+    def open_input_stream(self, path: str) -> pa.BufferReader:
+        return self._read(path)
+
+    def open_input_file(self, path: str) -> pa.BufferReader:
+        return self._read(path)
+
+    def open_output_stream(self, path: str, metadata: dict[str, str] | None) -> pa.PythonFile:
+        handler = self
+
+        class Upload(io.BytesIO):
+            def close(self) -> None:
+                if not self.closed:
+                    data = self.getvalue()
+
+                    def put() -> None:
+                        with handler.fs.open_output_stream(path, metadata=metadata) as f:
+                            f.write(data)
+
+                    handler._retry(put, path)
+                super().close()
+
+        return pa.PythonFile(Upload(), mode="w")
+
+    def open_append_stream(self, path: str, metadata: dict[str, str] | None) -> pa.NativeFile:
+        raise NotImplementedError(f"{self.fs.type_name} has no appends ({path})")
+
+
+def retrying_filesystem(uri: str | os.PathLike[str]) -> tuple[pafs.FileSystem, str]:
+    """:func:`filesystem`, with every call of an object store retried through an outage (Ray Train's own
+    checkpoint uploads and bookkeeping writes go through it); local paths as they are."""
+    fs, path = filesystem(uri)
+    if isinstance(fs, pafs.LocalFileSystem):
+        return fs, path
+    return pafs.PyFileSystem(_RetryingHandler(fs)), path
+
+
 def files_under(fs: pafs.FileSystem, path: str) -> list[pafs.FileInfo]:
     """Every file at or below ``path`` (itself when it is a file; empty when nothing is there)."""
     info = fs.get_file_info(path)

@@ -200,6 +200,9 @@ CORRUPTIONS = {
     "state.json without epoch": lambda d: (d / "state.json").write_text(json.dumps({"fingerprint": {}})),
     "truncated optimizer": lambda d: (d / "optimizer.pt").write_bytes((d / "optimizer.pt").read_bytes()[:64]),
     "missing rng": lambda d: (d / "rng.safetensors").unlink(),
+    # an upload cut short: an optional file missing used to be read as "no buffer" and resume went on
+    "upload without the buffer": lambda d: (d / "buffer.safetensors").unlink(),
+    "config.yaml cut short": lambda d: (d / "config.yaml").write_text("algo:"),
 }
 
 

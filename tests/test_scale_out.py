@@ -273,3 +273,159 @@ def test_worker_cpus_default_to_the_machine_a_job_started_and_to_one_on_a_cluste
     assert cpus("data.prompts=s3://bucket/prompts") == 3.0
     assert cpus(here=False) == 1.0
     assert cpus("scale.cpus_per_worker=0.5") == 0.5
+
+
+@pytest.mark.slow
+def test_an_s3_outage_during_checkpointing_is_ridden_out_or_ends_the_job_with_every_checkpoint_whole(
+        tmp_path, _ray_session, monkeypatch):
+    """The S3 server stopped while training writes checkpoints to it. Back within the retries: the run
+    finishes without a restart. Down for good: the job ends naming the store after the worker group's
+    restart; no checkpoint in S3 that resume would take for complete is short of a file; the rerun,
+    with S3 back, resumes from the newest complete one and finishes."""
+    import threading
+
+    import align
+    import boto3
+    import ray
+    from moto.server import ThreadedMotoServer
+
+    from conftest import free_port
+    from r2d3.train.checkpoint import CorruptCheckpointError, load_checkpoint
+
+    port = free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    server = {"s": ThreadedMotoServer(ip_address="127.0.0.1", port=port)}
+    server["s"].start()
+    monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
+    monkeypatch.setenv("R2D3_STORAGE_ATTEMPTS", "5")  # 0.2 + 0.4 + 0.8 + 1.6 s of waiting per call
+    monkeypatch.setenv("R2D3_STORAGE_BACKOFF_S", "0.2")
+    s3 = boto3.client("s3", endpoint_url=endpoint)
+    s3.create_bucket(Bucket="ckpt")
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(num_cpus=4, configure_logging=False, log_to_driver=False)  # workers see this server
+    weights = tiny_weights(tmp_path / "w")
+
+    def args(name, epochs):
+        return tiny_args(weights, tmp_path / "runs", name) + [
+            "scale.storage_path=s3://ckpt/runs", "scale.num_workers=1", "scale.cpus_per_worker=1",
+            "scale.max_failures=1", f"train.epochs={epochs}"]
+
+    def complete_checkpoints(name):
+        keys = [o["Key"] for o in s3.list_objects_v2(Bucket="ckpt", Prefix=f"runs/{name}/").get("Contents", [])]
+        return sorted({k.split("/")[2] for k in keys if k.endswith("/state.json") and "/checkpoint_" in k})
+
+    def outage(name, down_for):
+        while len(complete_checkpoints(name)) < 2:
+            time.sleep(0.05)
+        server["s"].stop()
+        stopped[name] = time.time()
+        if down_for is not None:
+            time.sleep(down_for)
+            server["s"] = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+            server["s"].start()
+
+    stopped = {}
+    try:
+        t0 = time.time()
+        calm = align.main(args("calm", 6))
+        calm_s = time.time() - t0
+        t0 = time.time()
+        blip = threading.Thread(target=outage, args=("blip", 1.5))
+        blip.start()
+        summary = align.main(args("blip", 6))
+        blip.join()
+        assert [h["epoch"] for h in summary["history"]] == list(range(1, 7))
+        assert summary["resumes"] == []  # ridden out inside the uploads: no restart
+        assert [h["epoch"] for h in calm["history"]] == [h["epoch"] for h in summary["history"]]
+        print(f"\n1.5 s outage: {time.time() - t0:.1f} s vs {calm_s:.1f} s without (no restart)")
+
+        down = threading.Thread(target=outage, args=("down", None))
+        down.start()
+        with pytest.raises(SystemExit, match="OutputError: .*storage unavailable after 5 attempts"):
+            align.main(args("down", 30))
+        down.join()
+        print(f"down for good: the job ended {time.time() - stopped['down']:.1f} s after the outage began")
+        server["s"] = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+        server["s"].start()
+        listed = s3.list_objects_v2(Bucket="ckpt", Prefix="runs/down/").get("Contents", [])
+        whole = []
+        for name in sorted({o["Key"].split("/")[2] for o in listed if "/checkpoint_" in o["Key"]}):
+            local = tmp_path / "down" / name
+            for o in listed:
+                if o["Key"].startswith(f"runs/down/{name}/"):
+                    (local / Path(o["Key"]).name).parent.mkdir(parents=True, exist_ok=True)
+                    s3.download_file("ckpt", o["Key"], str(local / Path(o["Key"]).name))
+            try:
+                whole.append(load_checkpoint(local).state.epoch)
+            except CorruptCheckpointError as err:  # cut short by the outage: resume must skip it
+                assert "incomplete" in str(err), err
+        assert len(whole) >= 2 and max(whole) < 30
+        t0 = time.time()
+        resumed = align.main(args("down", max(whole) + 2))
+        print(f"rerun: resumed at epoch {max(whole)} of {len(whole)} whole checkpoints ({len(listed)} objects), "
+              f"finished in {time.time() - t0:.1f} s")
+        assert resumed["resumes"] == [max(whole)]
+        assert [h["epoch"] for h in resumed["history"]] == list(range(1, max(whole) + 3))
+    finally:
+        server["s"].stop()
+        ray.shutdown()  # the next test's Ray sees the shared server again
+
+
+def test_the_retrying_store_rides_out_an_outage_and_copies_directories_on_arrow_threads(tmp_path, monkeypatch):
+    """Ray Train's checkpoint storage on S3: every call retried through a stopped server; ``copy_files``
+    (which runs the handler on arrow's IO threads) copies 40 files without deadlocking; the filesystem
+    survives pickling (it travels to the Train controller and workers)."""
+    import pickle
+    import threading
+
+    import boto3
+    import pyarrow.fs as pafs
+    from moto.server import ThreadedMotoServer
+
+    from conftest import free_port
+    from r2d3.storage import OutputError, retrying_filesystem
+
+    port = free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    for k, v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+                 "AWS_ENDPOINT_URL": endpoint, "R2D3_STORAGE_ATTEMPTS": "6", "R2D3_STORAGE_BACKOFF_S": "0.1"}.items():
+        monkeypatch.setenv(k, v)
+    server = {"s": ThreadedMotoServer(ip_address="127.0.0.1", port=port)}
+    server["s"].start()
+    try:
+        boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="retry")
+        fs, root = retrying_filesystem("s3://retry/run")
+        fs = pickle.loads(pickle.dumps(fs))
+        src = tmp_path / "ckpt"
+        src.mkdir()
+        for i in range(40):
+            (src / f"f{i:02d}.bin").write_bytes(bytes([i]) * 1000)
+        pafs.copy_files(str(src), f"{root}/a", destination_filesystem=fs)
+        assert len(fs.get_file_info(pafs.FileSelector(f"{root}/a"))) == 40
+
+        server["s"].stop()
+
+        def back():
+            time.sleep(0.8)
+            server["s"] = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+            server["s"].start()
+
+        thread = threading.Thread(target=back)
+        thread.start()
+        with fs.open_output_stream(f"{root}/during.json") as f:  # written while the server is down
+            f.write(b'{"epoch": 3}')
+        thread.join()
+        with fs.open_input_stream(f"{root}/during.json") as f:
+            assert f.read() == b'{"epoch": 3}'
+        (tmp_path / "back").mkdir()
+        pafs.copy_files(f"{root}/a", str(tmp_path / "back"), source_filesystem=fs)
+        assert sorted(p.read_bytes() for p in (tmp_path / "back").iterdir()) == \
+            sorted(p.read_bytes() for p in src.iterdir())
+
+        server["s"].stop()
+        monkeypatch.setenv("R2D3_STORAGE_ATTEMPTS", "2")
+        with pytest.raises(OutputError, match=r"during.json: storage unavailable after 2 attempts"):
+            fs.get_file_info(f"{root}/during.json")
+    finally:
+        server["s"].stop()

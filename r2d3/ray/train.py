@@ -37,7 +37,7 @@ from r2d3.data.prompts import PromptStream, check_shards, is_parquet_source
 from r2d3.jobs import align as align_job
 from r2d3.ray.connect import init_ray
 from r2d3.ray.reward_actors import make_remote_scorer, start_reward_actors
-from r2d3.storage import filesystem
+from r2d3.storage import is_uri, retrying_filesystem
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +139,7 @@ class RaySession:
         checkpoint when its controller next polls the worker, so a worker killed right after reporting
         leaves a newer checkpoint in storage than the one Ray restores (or none at all, and the run would
         start over). Partial uploads fail to load and fall back to the next older one."""
-        storage = ray.train.get_context().get_storage()
+        storage = ray.train.get_context().get_storage()  # retried through outages (fit_on_ray)
         fs, root = storage.storage_filesystem, storage.experiment_fs_path
         infos = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
         names = sorted((i.path for i in infos if i.type == pafs.FileType.Directory
@@ -230,7 +230,7 @@ def _worker_loop(payload: dict[str, Any]) -> None:
         session.close()
     outputs = payload.get("outputs_uri")
     if session.rank == 0 and outputs:  # rank 0 may run on another node: publish next to the checkpoints
-        fs, path = filesystem(outputs)
+        fs, path = retrying_filesystem(outputs)
         fs.create_dir(path, recursive=True)
         pafs.copy_files(str(run_dir), path, destination_filesystem=fs)
 
@@ -300,8 +300,11 @@ def fit_on_ray(config: AlignConfig, run_dir: Path, storage_path: str, callbacks:
     need = {"CPU": fewest * s.cpus_per_worker + s.reward_actors * s.reward_actor_cpus,
             "GPU": (fewest if gpus else 0) + s.reward_actors * s.reward_actor_gpus}
     wait_for_resources(need, 0.0 if started_here else s.resource_wait_s)
+    # an object store goes through a filesystem that retries every call (Ray Train's uploads, its
+    # checkpoint-manager snapshot, the resume's listing and downloads) through an outage
+    fs, path = retrying_filesystem(storage_path) if is_uri(storage_path) else (None, storage_path)
     run_config = RunConfig(
-        name=run_dir.name, storage_path=storage_path,
+        name=run_dir.name, storage_path=path, storage_filesystem=fs,
         checkpoint_config=CheckpointConfig(num_to_keep=max(config.run.keep_checkpoints, 1)),
         # elastic runs end a fit whose restarted worker group cannot be placed (Ray Train would wait for
         # the lost nodes forever) and re-form it below with the workers that fit
@@ -356,6 +359,6 @@ def read_summary(run_dir: Path, storage_path: str) -> dict[str, Any]:
     local = run_dir / "summary.json"
     if local.exists():
         return json.loads(local.read_text())
-    fs, path = filesystem(f"{storage_path.rstrip('/')}/{run_dir.name}/{OUTPUTS}/summary.json")
+    fs, path = retrying_filesystem(f"{storage_path.rstrip('/')}/{run_dir.name}/{OUTPUTS}/summary.json")
     with fs.open_input_stream(path) as f:
         return json.loads(f.read())

@@ -6,7 +6,8 @@
     buffer.safetensors     the previous epoch's trajectories (the off-policy lag needs them to resume)
     buffer.json            their prompts
     modules.safetensors    the algorithm's own networks, when it trains any (Nabla-GFlowNet's g_phi)
-    state.json             counters (epoch, optimizer steps, skipped batches) and the config fingerprint
+    state.json             counters (epoch, optimizer steps, skipped batches), the config fingerprint and
+                           every other file's size (written last: a copy that does not match is incomplete)
     config.yaml            the resolved config
 
 Writes go to a temporary sibling directory renamed into place, so a crash mid-save never leaves a
@@ -86,6 +87,11 @@ class TrainState:
     resumes: list[int] = field(default_factory=list)  # the epoch each resumption started from
 
 
+#: written last, listing every other file with its size: a copy (an upload cut short, an optional
+#: buffer file missing) that does not match it is incomplete, and uploads send it last
+STATE = "state.json"
+
+
 def _write_checkpoint(tmp: Path, config: AlignConfig, state: TrainState, lora: dict[str, torch.Tensor],
                       optimizer: torch.optim.Optimizer, generator: torch.Generator,
                       buffer: dict[str, torch.Tensor] | None, buffer_prompts: list[str] | None,
@@ -98,11 +104,12 @@ def _write_checkpoint(tmp: Path, config: AlignConfig, state: TrainState, lora: d
     if buffer is not None:
         save_file({k: v.contiguous() for k, v in buffer.items()}, tmp / "buffer.safetensors")
         (tmp / "buffer.json").write_text(json.dumps({"prompts": buffer_prompts or []}))
+    (tmp / "config.yaml").write_text(to_yaml(config))
     meta = {"epoch": state.epoch, "optimizer_steps": state.optimizer_steps, "bad_batches": state.bad_batches,
             "history": state.history, "before": state.before, "resumes": state.resumes,
-            "fingerprint": training_fingerprint(config)}
-    (tmp / "state.json").write_text(json.dumps(meta, indent=1))
-    (tmp / "config.yaml").write_text(to_yaml(config))
+            "fingerprint": training_fingerprint(config),
+            "files": {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}}
+    (tmp / STATE).write_text(json.dumps(meta, indent=1))
 
 
 def save_checkpoint(
@@ -171,7 +178,12 @@ def load_checkpoint(path: str | os.PathLike) -> LoadedCheckpoint:
     missing = [n for n in needed if not (path / n).is_file()]
     if missing:
         raise CorruptCheckpointError(f"incomplete checkpoint {path}: missing {', '.join(missing)}")
-    meta = _read(path, "state.json", lambda p: json.loads(p.read_text()))
+    meta = _read(path, STATE, lambda p: json.loads(p.read_text()))
+    listed = meta.get("files") if isinstance(meta, dict) else None
+    if isinstance(listed, dict):  # checkpoints written before the list was kept lack it
+        short = [n for n, size in listed.items() if not (path / n).is_file() or (path / n).stat().st_size != size]
+        if short:
+            raise CorruptCheckpointError(f"incomplete checkpoint {path}: {', '.join(short)} missing or cut short")
     try:
         state = TrainState(int(meta["epoch"]), int(meta["optimizer_steps"]), int(meta["bad_batches"]),
                            list(meta.get("history", [])), meta.get("before"), list(meta.get("resumes", [])))
