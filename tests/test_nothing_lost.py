@@ -231,6 +231,9 @@ def test_nan_and_wrong_shape_lora_weights_are_refused(tiny, tmp_path):
     with pytest.raises(CorruptCheckpointError, match="non-finite weights"):
         load_checkpoint(newest)
     save_file({**lora, key: torch.zeros(3, 3)}, newest / "lora.safetensors")
+    state = json.loads((newest / "state.json").read_text())  # as if it had been saved so (sizes agree)
+    state["files"]["lora.safetensors"] = (newest / "lora.safetensors").stat().st_size
+    (newest / "state.json").write_text(json.dumps(state))
     for older in checkpoints_newest_first(run_dir)[1:]:
         shutil.rmtree(older)  # no fallback left: the error names the file
     config = build_config(AlignConfig, overrides=tiny_args(tiny, tmp_path) + ["train.epochs=4"])
