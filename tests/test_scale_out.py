@@ -113,7 +113,7 @@ def test_two_workers_stream_s3_shards_stay_in_sync_and_resume_with_one(tmp_path,
 
 @pytest.mark.slow
 def test_ray_job_submit_runs_align_on_a_local_cluster(tmp_path, _ray_session):
-    """`ray start --head` + the README's `ray job submit --runtime-env cluster/runtime_env.yaml -- python
+    """A client without the cluster's token is refused; then `ray start --head` + the README's `ray job submit --runtime-env cluster/runtime_env.yaml -- python
     pipelines/align.py ...` from the repository root: the recipe's working_dir is shipped (the relative
     script path resolves in it) and its env_vars reach the job."""
     if _ray_session.is_initialized():
@@ -121,7 +121,10 @@ def test_ray_job_submit_runs_align_on_a_local_cluster(tmp_path, _ray_session):
     weights = tiny_weights(tmp_path / "w")
     ray_bin = Path(sys.executable).parent / "ray"
     port, dash = 6479, 8365
-    env = dict(os.environ, RAY_AUTH_MODE="disabled")  # local test cluster only; real clusters keep token auth
+    import secrets
+
+    # token auth as on a real cluster (the README's recipe): a random token the nodes and clients share
+    env = dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32))
     start = [str(ray_bin), "start", "--head", f"--port={port}", "--num-cpus=4", "--dashboard-host=127.0.0.1",
              f"--dashboard-port={dash}", "--disable-usage-stats"]
     subprocess.run(start, env=env, check=True, capture_output=True, timeout=120)
@@ -132,6 +135,10 @@ def test_ray_job_submit_runs_align_on_a_local_cluster(tmp_path, _ray_session):
                "str(os.path.isfile('README.md'))); sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], "
                "run_name='__main__')", "pipelines/align.py", *tiny_args(weights, tmp_path / "runs", "job"),
                "train.epochs=1", "scale.cpus_per_worker=1"]
+        stranger = dict(env, RAY_AUTH_TOKEN=secrets.token_hex(32), HOME=str(tmp_path))  # no ~/.ray/auth_token
+        refused = subprocess.run(cmd, env=stranger, capture_output=True, text=True, timeout=120, cwd=ROOT)
+        assert refused.returncode != 0 and "Invalid authentication token" in refused.stdout + refused.stderr
+        assert not (tmp_path / "runs" / "job").exists()  # nothing ran
         t0 = time.time()
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400, cwd=ROOT)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
