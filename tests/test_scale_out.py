@@ -318,12 +318,12 @@ def test_an_s3_outage_during_checkpointing_is_ridden_out_or_ends_the_job_with_ev
             "scale.storage_path=s3://ckpt/runs", "scale.num_workers=1", "scale.cpus_per_worker=1",
             "scale.max_failures=1", f"train.epochs={epochs}"]
 
-    def complete_checkpoints(name):
+    def begun_checkpoints(name):  # Ray uploads a checkpoint's files in parallel: state.json may come first
         keys = [o["Key"] for o in s3.list_objects_v2(Bucket="ckpt", Prefix=f"runs/{name}/").get("Contents", [])]
         return sorted({k.split("/")[2] for k in keys if k.endswith("/state.json") and "/checkpoint_" in k})
 
-    def outage(name, down_for):
-        while len(complete_checkpoints(name)) < 2:
+    def outage(name, down_for):  # uploads are sequential: once the second has begun the first is whole
+        while len(begun_checkpoints(name)) < 2:
             time.sleep(0.05)
         server["s"].stop()
         stopped[name] = time.time()
@@ -367,7 +367,7 @@ def test_an_s3_outage_during_checkpointing_is_ridden_out_or_ends_the_job_with_ev
                 whole.append(load_checkpoint(local).state.epoch)
             except CorruptCheckpointError as err:  # cut short by the outage: resume must skip it
                 assert "incomplete" in str(err), err
-        assert len(whole) >= 2 and max(whole) < 30
+        assert len(whole) >= 1 and max(whole) < 30
         t0 = time.time()
         resumed = align.main(args("down", max(whole) + 2))
         print(f"rerun: resumed at epoch {max(whole)} of {len(whole)} whole checkpoints ({len(listed)} objects), "
