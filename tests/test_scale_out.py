@@ -316,7 +316,7 @@ def test_an_s3_outage_during_checkpointing_is_ridden_out_or_ends_the_job_with_ev
     def args(name, epochs):
         return tiny_args(weights, tmp_path / "runs", name) + [
             "scale.storage_path=s3://ckpt/runs", "scale.num_workers=1", "scale.cpus_per_worker=1",
-            "scale.max_failures=1", f"train.epochs={epochs}"]
+            "scale.max_failures=1", f"train.epochs={epochs}", "run.wandb_mode=disabled"]
 
     def begun_checkpoints(name):  # Ray uploads a checkpoint's files in parallel: state.json may come first
         keys = [o["Key"] for o in s3.list_objects_v2(Bucket="ckpt", Prefix=f"runs/{name}/").get("Contents", [])]
