@@ -4,6 +4,7 @@
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pyarrow as pa
@@ -18,22 +19,31 @@ FAST = ["--steps", "3", "--views", "2", "--resolution", "24", "--no-mesh", "--tu
 TIMINGS = {"t_sample_s", "t_export_s", "t_score_s", "t_total_s"}
 
 
-@pytest.fixture
-def two_node_cluster(monkeypatch):
-    """A head without CPUs and two 1-CPU worker nodes; jobs join it through RAY_ADDRESS."""
+@contextmanager
+def _cluster(monkeypatch, cpus_per_node: int):
+    """A head without CPUs and two worker nodes of ``cpus_per_node`` CPUs; jobs join it through RAY_ADDRESS."""
     import ray
     from ray.cluster_utils import Cluster
 
     if ray.is_initialized():
         ray.shutdown()
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
-    nodes = [cluster.add_node(num_cpus=1), cluster.add_node(num_cpus=1)]
+    nodes = [cluster.add_node(num_cpus=cpus_per_node), cluster.add_node(num_cpus=cpus_per_node)]
     cluster.wait_for_nodes()
     monkeypatch.setenv("RAY_ADDRESS", cluster.address)
     ray.init(address=cluster.address, log_to_driver=False, configure_logging=False)
-    yield cluster, nodes
-    ray.shutdown()
-    cluster.shutdown()
+    try:
+        yield cluster, nodes
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+@pytest.fixture
+def two_node_cluster(monkeypatch):
+    """Two 1-CPU nodes."""
+    with _cluster(monkeypatch, 1) as c:
+        yield c
 
 
 @pytest.mark.slow
@@ -69,21 +79,10 @@ def test_regeneration_survives_losing_a_node_with_the_uninterrupted_manifest(tmp
 
 @pytest.fixture
 def two_big_nodes(monkeypatch):
-    """A head without CPUs and two 2-CPU nodes: room for two 1-CPU training workers and a reward actor,
-    and, after one node is lost, for one worker and the (restarted) reward actor."""
-    import ray
-    from ray.cluster_utils import Cluster
-
-    if ray.is_initialized():
-        ray.shutdown()
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
-    nodes = [cluster.add_node(num_cpus=2), cluster.add_node(num_cpus=2)]
-    cluster.wait_for_nodes()
-    monkeypatch.setenv("RAY_ADDRESS", cluster.address)
-    ray.init(address=cluster.address, log_to_driver=False, configure_logging=False)
-    yield cluster, nodes
-    ray.shutdown()
-    cluster.shutdown()
+    """Two 2-CPU nodes: room for two 1-CPU training workers and a reward actor, and, after one node is
+    lost, for one worker and the (restarted) reward actor."""
+    with _cluster(monkeypatch, 2) as c:
+        yield c
 
 
 def _node_to_lose(nodes, workers, reward_actor):
